@@ -1,0 +1,157 @@
+"""A hand-written LoRA layer with an on/off switch and named adapters.
+
+LoRA (Hu et al. 2021, arXiv 2106.09685) freezes a linear map W0 (out, in) and learns a low-rank update:
+
+    h = W0 x + (alpha / r) * B A x          A: (r, in)  B: (out, r)  r << min(in, out)
+
+A starts Kaiming-uniform and B at zero, so a new adapter changes nothing. Hydra-RLHF needs two more things:
+- an enable flag: with LoRA off the layer is exactly W0 x, so one frozen trunk doubles as the reference policy
+  and the reward model ("dynamic LoRA", Santacroce et al. 2023, section 3);
+- several named adapters on one layer (Hydra-PPO: "actor" and "critic"), one active at a time.
+
+Public API: LoRALinear, add_lora, lora_off, use_adapter, lora_parameters, lora_state_dict, load_lora_state_dict,
+merge_lora. Learned from microsoft/LoRA (loralib/layers.py) and cccntu/minLoRA.
+"""
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+# Every linear map inside the decoder layers (the paper puts LoRA on all of them), for OPT and Llama.
+# Other families name them differently: Mistral, Qwen2, Gemma use Llama's names; GPT-NeoX/Pythia use
+# query_key_value, dense, dense_h_to_4h, dense_4h_to_h; Phi uses q_proj, k_proj, v_proj, dense, fc1, fc2.
+# (GPT-2 uses Conv1D, not nn.Linear, and is not supported.) lm_head and the embeddings are never targeted.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",  # OPT
+                   "o_proj", "gate_proj", "up_proj", "down_proj")           # Llama (+ q/k/v_proj above)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scaling * dropout(x) @ A.T @ B.T when enabled, else exactly base(x)."""
+
+    def __init__(self, base: nn.Linear, r=8, alpha=16.0, dropout=0.0, adapter="default"):
+        super().__init__()
+        assert isinstance(base, nn.Linear), f"LoRALinear wraps nn.Linear, got {type(base).__name__}"
+        assert r > 0, f"LoRA rank r must be positive, got {r}"
+        self.base = base.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.ParameterDict()  # name -> (r, in_features)
+        self.lora_B = nn.ParameterDict()  # name -> (out_features, r)
+        self.enabled = True               # the switch: False gives back the frozen base layer bit for bit
+        self.active = adapter             # which adapter runs when enabled
+        self.add_adapter(adapter)
+
+    def add_adapter(self, name):
+        assert name not in self.lora_A, f"adapter {name!r} already exists"
+        # Adapters train in fp32 even on a bf16 trunk (as peft does); forward casts around the product.
+        A = torch.empty(self.r, self.base.in_features, device=self.base.weight.device)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear and microsoft/LoRA
+        B = torch.zeros(self.base.out_features, self.r, device=self.base.weight.device)
+        self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
+
+    def forward(self, x):
+        y = self.base(x)  # W0 x
+        if not self.enabled:
+            return y
+        A, B = self.lora_A[self.active], self.lora_B[self.active]
+        return y + (self.scaling * (self.dropout(x).to(A.dtype) @ A.T @ B.T)).to(y.dtype)  # + (alpha/r) B A x
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, adapters={list(self.lora_A)}, active={self.active!r}"
+
+
+def _lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def add_lora(model, targets=DEFAULT_TARGETS, r=8, alpha=16.0, dropout=0.0, adapter="default") -> int:
+    """Wrap every nn.Linear whose name ends with one of `targets` (or add adapter `adapter` to an existing
+    LoRALinear). Afterwards only LoRA parameters are trainable in `model`. Returns how many layers it touched."""
+    touched = 0
+    for name, module in list(model.named_modules()):
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(module, LoRALinear):
+            if (module.r, module.alpha) != (r, alpha):
+                raise ValueError(f"{name}: adapters on one layer share r and alpha; it has r={module.r}, "
+                                 f"alpha={module.alpha}, asked r={r}, alpha={alpha}")
+            module.add_adapter(adapter)
+        elif isinstance(module, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, LoRALinear(module, r, alpha, dropout, adapter))
+        else:
+            continue
+        touched += 1
+    if touched == 0:
+        raise ValueError(f"add_lora found no nn.Linear named like {targets}; pass targets= for this model family")
+    model.requires_grad_(False)  # like peft's get_peft_model: only LoRA trains; the caller unfreezes heads
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+    return touched
+
+
+@contextmanager
+def lora_off(model):
+    """Inside: every LoRALinear computes exactly its frozen base layer. The previous switches come back on exit."""
+    layers = _lora_layers(model)
+    before = [m.enabled for m in layers]
+    try:
+        for m in layers:
+            m.enabled = False
+        yield model
+    finally:
+        for m, e in zip(layers, before):
+            m.enabled = e
+
+
+@contextmanager
+def use_adapter(model, name):
+    """Inside: adapter `name` is the active one in every LoRALinear (and LoRA is on). Restores on exit."""
+    layers = _lora_layers(model)
+    missing = [m for m in layers if name not in m.lora_A]
+    if not layers or missing:
+        raise KeyError(f"adapter {name!r} is not on every LoRA layer of this model")
+    before = [(m.active, m.enabled) for m in layers]
+    try:
+        for m in layers:
+            m.active, m.enabled = name, True
+        yield model
+    finally:
+        for m, (a, e) in zip(layers, before):
+            m.active, m.enabled = a, e
+
+
+def lora_parameters(model, adapter=None):
+    """The LoRA parameters (A and B) of one adapter, or of all adapters when adapter is None."""
+    return [p for m in _lora_layers(model) for d in (m.lora_A, m.lora_B)
+            for name, p in d.items() if adapter is None or name == adapter]
+
+
+def lora_state_dict(model, adapter=None):
+    """{parameter name: tensor} of the LoRA weights only, e.g. '...q_proj.lora_A.actor'."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if (".lora_A." in k or ".lora_B." in k) and (adapter is None or k.endswith("." + adapter))}
+
+
+def load_lora_state_dict(model, state_dict):
+    """Load what lora_state_dict saved into a model that already has the same adapters (add_lora first)."""
+    own = model.state_dict()
+    unknown = [k for k in state_dict if k not in own]
+    if unknown:
+        raise KeyError(f"{len(unknown)} LoRA weights have no place in this model (add_lora first?), e.g. {unknown[0]}")
+    model.load_state_dict(state_dict, strict=False)
+
+
+@torch.no_grad()
+def merge_lora(model, adapter):
+    """Fold W0 += scaling * B A of `adapter` into every LoRALinear and put the plain nn.Linear back (other
+    adapters are dropped). For export: the result is an ordinary transformers model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            W = module.base.weight
+            delta = module.scaling * (module.lora_B[adapter].float() @ module.lora_A[adapter].float())  # (out, in)
+            W.copy_((W.float() + delta).to(W.dtype))
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
+    return model

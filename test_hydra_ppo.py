@@ -1,0 +1,308 @@
+"""Invariant and behaviour tests on tiny CPU models. Run: python -m pytest -q"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hydra_ppo as hp
+from lora import (LoRALinear, add_lora, load_lora_state_dict, lora_off, lora_parameters, lora_state_dict,
+                  merge_lora, use_adapter)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO = os.path.join(HERE, "data", "demo.jsonl")
+FAMILIES = ["tiny", "tiny-opt"]  # Llama and OPT
+
+
+def tiny(family="tiny", seed=0):
+    texts = [p[k] for p in hp.make_demo_pairs(50) for k in ("prompt", "chosen", "rejected")]
+    lm, tok = hp.build_tiny(family, texts, seed, "cpu")
+    return lm.eval(), tok
+
+
+def randomize_lora(model, adapter=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                for name, B in m.lora_B.items():
+                    if adapter in (None, name):
+                        B.copy_(torch.randn(B.shape, generator=g) * 0.1)
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "hydra_ppo.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(4, 40, (3, 9), generator=g)
+
+
+# ---- lora.py -----------------------------------------------------------------------------------------------------
+
+def test_lora_linear_layout():
+    base = nn.Linear(12, 20)
+    layer = LoRALinear(base, r=4, alpha=8.0)
+    assert layer.base is base and not base.weight.requires_grad
+    assert layer.lora_A["default"].shape == (4, 12) and layer.lora_B["default"].shape == (20, 4)
+    assert layer.scaling == 2.0 and layer.enabled and layer.active == "default"
+    assert torch.count_nonzero(layer.lora_B["default"]) == 0 and torch.count_nonzero(layer.lora_A["default"]) > 0
+    x = torch.randn(5, 12)
+    randomize_lora(layer)
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    torch.testing.assert_close(layer(x), base(x) + 2.0 * x @ A.T @ B.T)  # h = W0 x + (alpha/r) B A x
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_new_adapter_changes_nothing_and_lora_off_is_bit_exact(family, batch):
+    lm, _ = tiny(family)
+    before = lm(batch).logits
+    n = add_lora(lm, r=4)
+    assert n == 2 * (6 if family == "tiny-opt" else 7)  # every linear map of the 2 decoder layers
+    assert torch.equal(lm(batch).logits, before)  # B = 0: a new adapter changes nothing
+    randomize_lora(lm)
+    assert not torch.allclose(lm(batch).logits, before)
+    with lora_off(lm):
+        assert torch.equal(lm(batch).logits, before)  # off: the frozen base, bit for bit
+    assert not torch.allclose(lm(batch).logits, before)  # switched back on after the block
+
+
+def test_lora_off_restores_on_exception(batch):
+    lm, _ = tiny()
+    add_lora(lm, r=4)
+    with pytest.raises(RuntimeError):
+        with lora_off(lm):
+            raise RuntimeError("boom")
+    assert all(m.enabled for m in lm.modules() if isinstance(m, LoRALinear))
+
+
+def test_merge_equals_unmerged(batch):
+    lm, _ = tiny()
+    add_lora(lm, r=4, alpha=8.0)
+    randomize_lora(lm)
+    want = lm(batch).logits
+    merge_lora(lm, "default")
+    assert not any(isinstance(m, LoRALinear) for m in lm.modules())
+    torch.testing.assert_close(lm(batch).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_only_lora_parameters_train(batch):
+    lm, _ = tiny()
+    add_lora(lm, r=4)
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    randomize_lora(lm)
+    lm(batch).logits.sum().backward()
+    for n, p in lm.named_parameters():
+        assert (p.grad is not None) == (n in trainable), n
+    assert all(p.grad.abs().sum() > 0 for p in lora_parameters(lm))
+
+
+def test_two_adapters_are_independent(batch):
+    lm, _ = tiny()
+    base = lm(batch).logits
+    add_lora(lm, r=4, adapter="actor")
+    assert add_lora(lm, r=4, adapter="critic") == 14  # a second adapter on the same layers
+    randomize_lora(lm, "actor")
+    with use_adapter(lm, "critic"):
+        assert torch.equal(lm(batch).logits, base)  # critic's B is still 0
+        lm(batch).logits.sum().backward()
+    assert all(p.grad is None for p in lora_parameters(lm, "actor"))  # only the active adapter gets gradients
+    assert all(p.grad is not None for p in lora_parameters(lm, "critic"))
+    with use_adapter(lm, "actor"):
+        actor_out = lm(batch).logits
+    assert not torch.allclose(actor_out, base)
+    with pytest.raises(KeyError):
+        with use_adapter(lm, "nope"):
+            pass
+    with pytest.raises(ValueError, match="share r and alpha"):
+        add_lora(lm, r=8, adapter="third")
+
+
+def test_lora_state_dict_round_trip(batch):
+    lm, _ = tiny()
+    add_lora(lm, r=4, adapter="actor")
+    add_lora(lm, r=4, adapter="critic")
+    randomize_lora(lm)
+    sd = lora_state_dict(lm, "actor")
+    assert sd and all(k.endswith(".actor") for k in sd)
+    assert len(lora_state_dict(lm)) == 2 * len(sd)
+    with use_adapter(lm, "actor"):
+        want = lm(batch).logits
+    fresh, _ = tiny()
+    add_lora(fresh, r=4, adapter="actor")
+    load_lora_state_dict(fresh, sd)
+    torch.testing.assert_close(fresh(batch).logits, want, atol=0, rtol=0)
+    with pytest.raises(KeyError, match="no place"):
+        load_lora_state_dict(tiny()[0], sd)
+
+
+def test_add_lora_rejects_unknown_targets():
+    lm, _ = tiny()
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        add_lora(lm, targets=("c_attn",))
+
+
+# ---- HydraModel --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_hydra_model_heads_match_unpadded(family, side):
+    lm, tok = tiny(family)
+    model = hp.HydraModel(lm)
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
+    ids, mask = hp.pad(seqs, tok.pad_token_id, side)
+    h = model(ids, mask)
+    assert h.shape == (3, 6, lm.config.hidden_size)
+    scores = model.score(h, mask)
+    assert scores.dtype == torch.float32 and scores.shape == (3,)
+    for i, s in enumerate(seqs):
+        one = torch.tensor([s])
+        h1 = model(one, torch.ones_like(one))
+        torch.testing.assert_close(scores[i], model.score(h1, torch.ones_like(one))[0], atol=1e-5, rtol=1e-5)
+        # log-probs of the last 2 tokens; in the padded row they sit at the same columns only when right-padded
+        lp1 = model.logprobs(h1, one, len(s) - 2)
+        full = lm(one).logits.log_softmax(-1)[0, -3:-1].gather(-1, one[0, -2:, None]).squeeze(-1)
+        torch.testing.assert_close(lp1[0], full, atol=1e-5, rtol=1e-5)  # equals the naive full-logits version
+        end = 6 if side == "left" else len(s)
+        row_lp = model.logprobs(h[i:i + 1, :end], ids[i:i + 1, :end], end - 2)
+        torch.testing.assert_close(row_lp[0], lp1[0], atol=1e-5, rtol=1e-5)
+
+
+def test_collate_layout_and_values():
+    lm, tok = tiny()
+    model = hp.HydraModel(lm)
+    ids, mask, P = hp.collate([[1, 5, 6], [1, 7]], [[8, 2], [9, 10, 2]], tok.pad_token_id)
+    assert P == 3 and ids.tolist() == [[1, 5, 6, 8, 2, 0], [0, 1, 7, 9, 10, 2]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
+    h = model(ids, mask)
+    assert model.values(h, P).shape == (2, 3) and model.values(h, P).dtype == torch.float32
+    lp, ent = model.logprobs(h, ids, P, entropy=True)
+    assert lp.shape == ent.shape == (2, 3) and (lp <= 0).all() and (ent >= 0).all()
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+def write(tmp_path, lines, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(l + "\n" for l in lines))
+    return str(path)
+
+
+def test_load_pairs_both_formats(tmp_path):
+    plain = json.dumps(dict(prompt="Q?", chosen=" yes", rejected=" no"))
+    hh = json.dumps(dict(chosen="\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: fine, thanks",
+                         rejected="\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: go away"))
+    pairs = hp.load_pairs(write(tmp_path, [plain, "", hh]))
+    assert pairs[0] == dict(prompt="Q?", chosen=" yes", rejected=" no")
+    assert pairs[1] == dict(prompt="\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:",
+                            chosen=" fine, thanks", rejected=" go away")
+
+
+@pytest.mark.parametrize("lines,message", [
+    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', "{not json"], ":2: invalid JSON"),
+    (['{"prompt": "a", "chosen": "b"}'], ":1: missing field 'rejected'"),
+    (['{"prompt": "a", "chosen": "  ", "rejected": "c"}'], ":1: field 'chosen' is empty"),
+    (['{"prompt": "a", "chosen": 3, "rejected": "c"}'], ":1: field 'chosen' is empty or not a string"),
+    (['["a", "b"]'], ":1: expected a JSON object"),
+    (['{"chosen": "no turn here", "rejected": "x"}'], "no '\\n\\nAssistant:' turn"),
+    (['{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: z\\n\\nAssistant: b"}'],
+     "differ before the last assistant turn"),
+    ([], "no preference pairs (empty file)"),
+])
+def test_load_pairs_bad_input(tmp_path, lines, message):
+    path = write(tmp_path, lines)
+    with pytest.raises(hp.UserError) as e:
+        hp.load_pairs(path)
+    assert str(e.value).startswith(path) and message in str(e.value)
+
+
+def test_bad_data_on_the_command_line_is_one_line(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    r = run_cli("sft", "--data", missing, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {missing}: no such file"
+    bad = write(tmp_path, ['{"prompt": "a", "chosen": "b", "rejected": "c"}', "{oops"])
+    r = run_cli("sft", "--data", bad, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {bad}:2: invalid JSON (Expecting property name enclosed in "
+                                             f"double quotes)"]
+
+
+def test_split_is_deterministic_and_disjoint():
+    pairs = hp.make_demo_pairs(100)
+    a_train, a_eval = hp.split_pairs(pairs, 0.1, seed=3)
+    b_train, b_eval = hp.split_pairs(pairs, 0.1, seed=3)
+    assert a_eval == b_eval and len(a_eval) == 10 and len(a_train) == 90
+    assert not {id(p) for p in a_eval} & {id(p) for p in a_train}
+    assert hp.split_pairs(pairs, 0.1, seed=4)[1] != a_eval
+
+
+def test_bundled_demo_data_is_what_the_generator_makes():
+    pairs = hp.load_pairs(DEMO)
+    assert pairs == hp.make_demo_pairs(len(pairs), seed=0)
+    assert all(hp.gold_score(p["chosen"]) > hp.gold_score(p["rejected"]) for p in pairs)
+
+
+# ---- checkpoints and Hydra-SFT -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_reloads_to_identical_outputs(tmp_path, family, batch):
+    lm, tok = tiny(family)
+    model = hp.HydraModel(lm)
+    nn.init.normal_(model.reward_head.weight)
+    mask = torch.ones_like(batch)
+    h = model(batch, mask)
+    want = (lm(batch).logits, model.score(h, mask))
+    hp.save_checkpoint(str(tmp_path), model, tok, dict(task="hydra"))
+    again, tok2, meta = hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
+    again.eval()
+    h2 = again(batch, mask)
+    assert meta == dict(task="hydra") and tok2("good film")["input_ids"] == tok("good film")["input_ids"]
+    assert torch.equal(again.lm(batch).logits, want[0]) and torch.equal(again.score(h2, mask), want[1])
+
+
+def test_load_checkpoint_rejects_a_plain_folder(tmp_path):
+    with pytest.raises(hp.UserError, match="not a hydra-ppo checkpoint"):
+        hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
+
+
+def test_hydra_sft_learns_and_saves(tmp_path):
+    out = tmp_path / "sft"
+    r = run_cli("sft", "--data", DEMO, "--out", str(out), "--steps", "60", "--log-every", "5", "--seed", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(5, 61, 5))
+    assert log[-1]["lm_loss"] < log[0]["lm_loss"] - 0.3  # the LM loss falls
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["held_out_rm_acc"] >= 0.8  # chance is 0.5 on the held-out pairs
+    assert "pairwise accuracy" in r.stdout
+    # The checkpoint reloads to the same model: re-evaluating it gives the numbers the run printed.
+    model, tok, meta = hp.load_checkpoint(str(out), "cpu", torch.float32)
+    assert meta["task"] == "hydra"
+    cfg = hp.SFTConfig(**summary["config"])
+    held_out = hp.split_pairs(hp.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
+    again = hp.evaluate_sft(model, tok, held_out, cfg, torch.device("cpu"), hp.nullcontext)
+    assert again["rm_acc"] == summary["held_out_rm_acc"]
+    assert again["lm_loss"] == pytest.approx(summary["held_out_lm_loss"], abs=1e-5)
+
+
+def test_sft_with_lora_merges_into_a_plain_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+    cfg = hp.SFTConfig(data=DEMO, out=str(tmp_path), steps=3, lora_r=4, task="sft", model="tiny-opt", device="cpu")
+    summary = hp.sft(cfg)
+    assert "held_out_lm_loss" in summary
+    lm = AutoModelForCausalLM.from_pretrained(str(tmp_path))  # an ordinary transformers model
+    assert not any("lora" in n for n, _ in lm.named_parameters())
+
+
+def test_help_lists_every_field():
+    r = run_cli("sft", "--help")
+    assert r.returncode == 0
+    for f in hp.fields(hp.SFTConfig):
+        assert "--" + f.name.replace("_", "-") in r.stdout
