@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lora import add_lora, merge_lora
+from lora import (add_lora, load_lora_state_dict, lora_off, lora_parameters, lora_state_dict, merge_lora,
+                  use_adapter)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,6 +66,53 @@ class SFTConfig(Common):
     rm_coef: float = arg(1.0, "weight of the pairwise loss -log sigmoid(r_chosen - r_rejected) (not published)")
     lora_r: int = arg(0, "0: full fine-tuning; >0: train LoRA of this rank (+ heads) and merge it at the end")
     lora_alpha: float = arg(16.0, "LoRA alpha (scaling = alpha / r), with --lora-r")
+
+
+@dataclass
+class PPOConfig(Common):
+    mode: str = arg("hydra", "which models PPO holds (paper, Table 2): hydra | jhydra | dlora | lora | full",
+                    choices=("hydra", "jhydra", "dlora", "lora", "full"))
+    sft: str = arg("out/sft", "SFT checkpoint (from `sft`): a Hydra-SFT one for hydra/jhydra, else --task sft or hydra")
+    rm: str = arg("", "reward-model checkpoint (--task rm or hydra), needed by dlora, lora and full")
+    out: str = arg("out/ppo", "output folder: adapters and heads, metrics.jsonl, summary.json")
+    steps: int = arg(20, "PPO iterations (each: one rollout batch, then --ppo-epochs over it)")
+    batch_size: int = arg(16, "prompts per rollout")
+    minibatch_size: int = arg(8, "rollouts per optimizer step")
+    micro_batch_size: int = arg(8, "rollouts per forward pass; minibatch / micro = gradient accumulation")
+    ppo_epochs: int = arg(1, "passes over each rollout batch (paper: 1)")
+    actor_lr: float = arg(5e-4, "actor learning rate (paper's visible config: 5e-4 with LoRA)")
+    critic_lr: float = arg(5e-5, "critic (and value head) learning rate (paper: 5e-5)")
+    lora_r: int = arg(128, "LoRA rank of the actor and critic adapters (paper: 128)")
+    lora_alpha: float = arg(128.0, "LoRA alpha; scaling = alpha / r = 1 as DeepSpeed-Chat's default (not published)")
+    kl_coef: float = arg(0.02, "beta of the per-token KL penalty -beta * (logp - ref_logp) (paper: 0.02)")
+    target_kl: float = arg(0.0, "> 0: adapt beta toward this KL per sequence (Ziegler et al. 2019); 0: fixed beta")
+    kl_horizon: int = arg(10000, "horizon of the adaptive KL controller, in rollouts")
+    gamma: float = arg(1.0, "discount")
+    lam: float = arg(0.95, "GAE lambda (paper: 0.95)")
+    cliprange: float = arg(0.2, "PPO ratio clip epsilon")
+    cliprange_value: float = arg(0.2, "value clip around the rollout's values")
+    vf_coef: float = arg(0.1, "weight of the value loss")
+    max_grad_norm: float = arg(1.0, "gradient clipping over the trained parameters")
+    temperature: float = arg(1.0, "sampling temperature of rollouts")
+    top_k: int = arg(0, "top-k sampling (0: off)")
+    top_p: float = arg(1.0, "nucleus sampling (1.0: off)")
+    missing_eos_penalty: float = arg(0.0, "subtracted from the score of responses that never emit EOS (0: off)")
+    score_clip: float = arg(0.0, "clip reward-model scores to [-c, c] (0: off)")
+    whiten_rewards: bool = arg(False, "whiten the per-token rewards of each batch (without shifting the mean)")
+    eval_every: int = arg(0, "evaluate on held-out prompts every N steps (0: only at the end)")
+    eval_prompts: int = arg(64, "held-out prompts used by each evaluation")
+
+
+@dataclass
+class GenerateConfig:
+    run: str = arg("out/ppo", "a PPO output folder")
+    prompt: str = arg("review of the film :", "the prompt")
+    num_samples: int = arg(1, "responses to sample")
+    max_new_tokens: int = arg(0, "0: the run's --max-response-len")
+    temperature: float = arg(1.0, "sampling temperature")
+    greedy: bool = arg(False, "greedy decoding instead of sampling")
+    seed: int = arg(0, "random seed")
+    device: str = arg("auto", "auto, cpu, cuda, ...")
 
 
 def _flag_type(f):
@@ -353,6 +401,14 @@ def load_checkpoint(path, device, dtype, dropout=True):
         return model, tok, json.load(fh)
 
 
+def checkpointing_on(lm):
+    """Activation (gradient) checkpointing; transformers 5 renamed it. Non-reentrant: works with a frozen trunk."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def log_line(fh, record):
     fh.write(json.dumps(record) + "\n")
     fh.flush()  # a crash loses nothing already logged
@@ -429,7 +485,7 @@ def sft(cfg: SFTConfig):
         model.reward_head.requires_grad_(False)
     model.value_head.requires_grad_(False)  # PPO's head; SFT leaves it alone
     if cfg.grad_checkpointing:
-        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing_on(model.lm)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr or (1e-3 if tiny else 1e-5)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -466,8 +522,6 @@ def sft(cfg: SFTConfig):
           + (f", reward-model pairwise accuracy {metrics['rm_acc']:.3f}" if rm_coef else ""))
     if cfg.lora_r:
         merge_lora(model.lm, "default")  # the checkpoint is a plain transformers model again
-    if cfg.grad_checkpointing:
-        model.lm.gradient_checkpointing_disable()
     save_checkpoint(cfg.out, model, tok, dict(task=cfg.task, base_model=cfg.model))
     summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=len(train), held_out_pairs=len(held_out),
                    **{"held_out_" + k: v for k, v in metrics.items()}, time_s=time.time() - t0, config=asdict(cfg))
@@ -478,9 +532,467 @@ def sft(cfg: SFTConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# PPO building blocks: small pure functions on (B, R) tensors; `mask` is 1 on real response tokens (right-padded).
+
+def masked_whiten(x, mask, shift_mean=True):
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    white = (x - mean) * torch.rsqrt(var + 1e-8)
+    return white if shift_mean else white + mean
+
+
+def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation (Schulman et al. 2015), per token of right-padded responses.
+        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   the value after the last real token is 0
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        returns = A + V
+    -> (advantages, returns), both (B, T) and 0 on padding."""
+    rewards, values = rewards * mask, values * mask  # padding carries no reward and no value
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)  # 0 past the end (masked)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    """Clipped surrogate (Schulman et al. 2017):  L = E[max(-A r, -A clip(r, 1-eps, 1+eps))],  r = pi/pi_old."""
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    with torch.no_grad():
+        stats = dict(pg_loss=pg_loss.item(),
+                     approx_kl=masked_mean((ratio - 1) - logratio, mask).item(),  # k3 estimator, >= 0
+                     clipfrac=masked_mean((pg_losses2 > pg_losses).float(), mask).item(),
+                     ratio=masked_mean(ratio, mask).item())
+    return pg_loss, stats
+
+
+def ppo_value_loss(vpred, old_values, returns, mask, cliprange_value):
+    """Clipped value loss:  0.5 * E[max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)]."""
+    vpred_clipped = old_values + torch.clamp(vpred - old_values, -cliprange_value, cliprange_value)
+    vf_losses = torch.max((vpred - returns) ** 2, (vpred_clipped - returns) ** 2)
+    vf_loss = 0.5 * masked_mean(vf_losses, mask)
+    with torch.no_grad():
+        stats = dict(vf_loss=vf_loss.item(),
+                     vf_clipfrac=masked_mean(((vpred_clipped - returns) ** 2 > (vpred - returns) ** 2).float(),
+                                             mask).item())
+    return vf_loss, stats
+
+
+def explained_variance(values, returns, mask):
+    return 1 - (masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask)
+                / masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)).item()
+
+
+def update_kl_coef(beta, kl, target, n, horizon):
+    """Adaptive KL controller (Ziegler et al. 2019): nudge beta so the KL per sequence approaches `target`."""
+    error = max(-0.2, min(0.2, kl / target - 1))
+    return beta * (1 + error * n / horizon)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The five PPO configurations (paper, Table 2). A role is (trunk, adapter, head); adapter None means LoRA off.
+#
+#   mode     static models  LoRA sets  actor               critic                reference        reward model
+#   full     4              0          SFT copy, trained   RM copy, trained      frozen SFT copy  frozen RM copy
+#   lora     4              2          SFT + LoRA          RM + LoRA             frozen SFT copy  frozen RM copy
+#   dlora    2              2          SFT + LoRA          RM + LoRA             actor, LoRA off  critic, LoRA off
+#   jhydra   1              1          Hydra + shared, LM  same LoRA, value head LoRA off, LM     LoRA off, reward
+#   hydra    1              2          Hydra + actor, LM   Hydra + critic, value LoRA off, LM     LoRA off, reward
+
+class Role(typing.NamedTuple):
+    model: HydraModel
+    adapter: typing.Optional[str]  # None: LoRA off (the frozen checkpoint itself)
+    head: str                      # "lm" | "value" | "reward"
+
+
+def build_roles(cfg, device, dtype):
+    """-> (roles, tokenizer). Loads exactly the models that cfg.mode holds."""
+    def load(path, trained=False):  # full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`
+        model, tok, meta = load_checkpoint(path, device, torch.float32 if trained else dtype, dropout=False)
+        return model.requires_grad_(False), tok, meta
+
+    def lora(model, adapter):
+        add_lora(model.lm, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
+
+    sft_model, tok, _ = load(cfg.sft, trained=cfg.mode == "full")
+    if cfg.mode in ("hydra", "jhydra"):
+        m = sft_model
+        a, c = ("actor", "critic") if cfg.mode == "hydra" else ("shared", "shared")
+        lora(m, a)
+        if c != a:
+            lora(m, c)
+        roles = dict(actor=Role(m, a, "lm"), critic=Role(m, c, "value"), ref=Role(m, None, "lm"),
+                     reward=Role(m, None, "reward"))
+    else:
+        rm_model = load(cfg.rm, trained=cfg.mode == "full")[0]
+        if cfg.mode == "full":
+            roles = dict(actor=Role(sft_model, None, "lm"), critic=Role(rm_model, None, "value"),
+                         ref=Role(load(cfg.sft)[0], None, "lm"), reward=Role(load(cfg.rm)[0], None, "reward"))
+        else:
+            lora(sft_model, "actor")
+            lora(rm_model, "critic")
+            ref = sft_model if cfg.mode == "dlora" else load(cfg.sft)[0]   # dynamic LoRA: LoRA off is the reference
+            reward = rm_model if cfg.mode == "dlora" else load(cfg.rm)[0]  # ... and the reward model
+            roles = dict(actor=Role(sft_model, "actor", "lm"), critic=Role(rm_model, "critic", "value"),
+                         ref=Role(ref, None, "lm"), reward=Role(reward, None, "reward"))
+    critic = roles["critic"].model
+    critic.value_head.load_state_dict(critic.reward_head.state_dict())  # the critic starts from the reward model
+    return roles, tok
+
+
+def trainable_groups(roles, cfg):
+    """Optimizer parameter groups: actor (actor_lr) and critic (critic_lr). Everything else stays frozen."""
+    actor, critic = roles["actor"], roles["critic"]
+    if cfg.mode == "full":
+        a, c = list(actor.model.lm.parameters()), list(critic.model.lm.base_model.parameters())
+    else:
+        a = lora_parameters(actor.model, actor.adapter)
+        c = [] if critic.adapter == actor.adapter else lora_parameters(critic.model, critic.adapter)
+    c += list(critic.model.value_head.parameters())  # the value head is new: it trains in every mode
+    for p in a + c:
+        p.requires_grad_(True)
+    return [dict(params=a, lr=cfg.actor_lr), dict(params=c, lr=cfg.critic_lr)]
+
+
+def adapter_on(role):
+    return use_adapter(role.model, role.adapter) if role.adapter else lora_off(role.model)
+
+
+def passes(roles, names):
+    """Group roles by (trunk, adapter): one decoder pass feeds every head of a group. In hydra the reference and
+    the reward model share one pass; in jhydra the actor and the critic do too."""
+    groups = {}
+    for n in names:
+        r = roles[n]
+        groups.setdefault((id(r.model), r.adapter), (r, []))[1].append(n)
+    return list(groups.values())
+
+
+def read_head(role, h, ids, mask, P):
+    if role.head == "lm":
+        return role.model.logprobs(h, ids, P)  # (B, R)
+    return role.model.values(h, P) if role.head == "value" else role.model.score(h, mask)  # (B, R) / (B,)
+
+
+def models_of(roles):
+    return list({id(r.model): r.model for r in roles.values()}.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout, scoring and the update
+
+@torch.no_grad()
+def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+             greedy=False, min_new_tokens=0):
+    """Sample responses from `role` (its adapter on, or LoRA off). -> ids (B, P+R), mask (B, P+R), has_eos (B,).
+    Responses are cut after their first EOS (kept: the policy learns to stop) and right-padded."""
+    from transformers import GenerationConfig
+    gen = GenerationConfig(do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                           max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    P = prompt_ids.shape[1]
+    with adapter_on(role):
+        out = role.model.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+    resp = out[:, P:]                                            # (B, R)
+    is_eos = resp == tok.eos_token_id
+    has_eos = is_eos.any(1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(1), resp.shape[1])
+    resp_mask = (torch.arange(resp.shape[1], device=resp.device) <= first_eos[:, None]).long()  # EOS included
+    R = int(resp_mask.sum(1).max())
+    resp, resp_mask = resp[:, :R].masked_fill(resp_mask[:, :R] == 0, tok.pad_token_id), resp_mask[:, :R]
+    return torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1), has_eos
+
+
+@torch.no_grad()
+def score_rollout(roles, ids, mask, P, chunk, autocast):
+    """Step 2: old log-probs (actor), reference log-probs, values (critic) and the reward-model score, in chunks
+    of `chunk` rows. -> dict of (B, R) tensors and 'reward' (B,)."""
+    out = {n: [] for n in roles}
+    for i in range(0, ids.shape[0], chunk):
+        ids_c, mask_c = ids[i:i + chunk], mask[i:i + chunk]
+        for role, names in passes(roles, list(roles)):
+            with adapter_on(role), autocast():
+                h = role.model(ids_c, mask_c)  # (b, P+R, H)
+                for n in names:
+                    out[n].append(read_head(roles[n], h, ids_c, mask_c, P).float())
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
+def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
+    """Step 5: ppo_epochs over shuffled minibatches (one optimizer step each) with gradient accumulation over
+    micro-batches. -> a list of stats dicts, one per minibatch, in order."""
+    ids, mask, P = batch["ids"], batch["mask"], batch["P"]
+    B = ids.shape[0]
+    for m in models_of(roles):
+        m.train()  # dropout is off everywhere; in transformers, train() is what turns checkpointing on
+    all_stats = []
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=generator).to(ids.device)
+        for mb in perm.split(cfg.minibatch_size):
+            stats = {}
+            for idx in mb.split(cfg.micro_batch_size):
+                weight = len(idx) / len(mb)
+                m = batch["resp_mask"][idx]  # (b, R)
+                for role, names in passes(roles, ("actor", "critic")):  # 2 passes (1 in jhydra)
+                    # backward() inside the adapter context: gradient checkpointing recomputes with this adapter
+                    with adapter_on(role):
+                        with autocast():
+                            h = role.model(ids[idx], mask[idx])
+                            loss, s = 0.0, {}
+                            if "actor" in names:
+                                logprobs, entropy = role.model.logprobs(h, ids[idx], P, entropy=True)
+                                pg_loss, s = ppo_policy_loss(logprobs.float(), batch["logprobs"][idx],
+                                                             batch["advantages"][idx], m, cfg.cliprange)
+                                s["entropy"] = masked_mean(entropy, m).item()
+                                loss = loss + pg_loss
+                            if "critic" in names:
+                                vpred = role.model.values(h, P)
+                                vf_loss, s2 = ppo_value_loss(vpred, batch["values"][idx], batch["returns"][idx], m,
+                                                             cfg.cliprange_value)
+                                s.update(s2)
+                                loss = loss + cfg.vf_coef * vf_loss
+                        (loss * weight).backward()
+                    for k, v in s.items():
+                        stats[k] = stats.get(k, 0.0) + v * weight
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            all_stats.append(stats)
+    return all_stats
+
+
+def rollout_batch(roles, tok, prompts, cfg, device, autocast, beta, min_new_tokens=0):
+    """Steps 1-4 for one batch of prompt strings. -> batch dict (tensors for the update) and its stats."""
+    # 1. Rollout: sample responses from the actor, prompts left-padded.
+    p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len) for p in prompts], tok.pad_token_id, "left")
+    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+    for m in models_of(roles):
+        m.eval()
+    with autocast():
+        ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
+                                      cfg.top_k, cfg.top_p, min_new_tokens=min_new_tokens)
+    P = p_ids.shape[1]
+    resp_mask = mask[:, P:].float()                               # (B, R) 1 on response tokens up to EOS
+    # 2. Score: old and reference log-probs, values, and the reward model's score at the last response token.
+    s = score_rollout(roles, ids, mask, P, cfg.micro_batch_size, autocast)
+    logprobs, ref_logprobs, values, score = s["actor"], s["ref"], s["critic"], s["reward"]
+    # 3. Rewards: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last response token.
+    if cfg.score_clip:
+        score = score.clamp(-cfg.score_clip, cfg.score_clip)
+    if cfg.missing_eos_penalty:
+        score = torch.where(has_eos, score, score - cfg.missing_eos_penalty)
+    kl = (logprobs - ref_logprobs) * resp_mask                    # (B, R) per-token log-ratio
+    rewards = -beta * kl
+    last = resp_mask.sum(1).long() - 1                            # (B,) index of the last response token
+    rewards[torch.arange(len(last), device=device), last] += score
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, resp_mask, shift_mean=False) * resp_mask
+    # 4. Advantages: GAE over the response tokens, whitened over real tokens.
+    advantages, returns = compute_gae(rewards, values, resp_mask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, resp_mask) * resp_mask
+    batch = dict(ids=ids, mask=mask, P=P, resp_mask=resp_mask, logprobs=logprobs, values=values,
+                 advantages=advantages, returns=returns)
+    stats = dict(score=score.mean().item(), kl=kl.sum(1).mean().item(), beta=beta,
+                 reward=rewards.sum(1).mean().item(), response_len=resp_mask.sum(1).mean().item(),
+                 eos_frac=has_eos.float().mean().item(),
+                 explained_var=explained_variance(values, returns, resp_mask))
+    return batch, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: responses of the trained policy vs the SFT policy (LoRA off / the frozen reference) on held-out
+# prompts, judged by the reward model or any judge(prompts, responses) -> list of floats (the paper used GPT-4).
+
+@torch.no_grad()
+def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
+    out = {}
+    for who in ("policy", "sft"):
+        role = roles["actor" if who == "policy" else "ref"]
+        ids_all, rows = [], []
+        for i in range(0, len(prompts), cfg.eval_batch_size):
+            chunk = prompts[i:i + cfg.eval_batch_size]
+            p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len) for p in chunk], tok.pad_token_id, "left")
+            p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+            with autocast():
+                ids, mask, _ = generate(role, p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
+                                        cfg.top_k, cfg.top_p)
+            P = p_ids.shape[1]
+            s = score_rollout({k: roles[k] for k in ("actor", "ref", "reward")}, ids, mask, P,
+                              cfg.micro_batch_size, autocast)
+            resp_mask = mask[:, P:].float()
+            texts = tok.batch_decode(ids[:, P:].masked_fill(mask[:, P:] == 0, tok.pad_token_id),
+                                     skip_special_tokens=True)
+            rows += [dict(response=t, score=sc, kl=k, length=n) for t, sc, k, n in
+                     zip(texts, s["reward"].tolist(), ((s["actor"] - s["ref"]) * resp_mask).sum(1).tolist(),
+                         resp_mask.sum(1).tolist())]
+        judged = judge(prompts, [r["response"] for r in rows]) if judge else [r["score"] for r in rows]
+        out[who] = [dict(r, judge=j) for r, j in zip(rows, judged)]
+    pol, ref = out["policy"], out["sft"]
+    wins = [1.0 if a["judge"] > b["judge"] else 0.5 if a["judge"] == b["judge"] else 0.0 for a, b in zip(pol, ref)]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
+    metrics = dict(win_rate=sum(wins) / len(wins), judge="custom" if judge else "reward_model",
+                   policy_score=mean(pol, "score"), sft_score=mean(ref, "score"),
+                   policy_judge=mean(pol, "judge"), sft_judge=mean(ref, "judge"),
+                   policy_kl=mean(pol, "kl"), policy_len=mean(pol, "length"), sft_len=mean(ref, "length"))
+    samples = [dict(prompt=p, policy=a["response"], sft=b["response"]) for p, a, b in zip(prompts, pol, ref)]
+    return metrics, samples
+
+
+def print_eval(metrics, samples, n=3):
+    print(f"\n{'':24}{'SFT':>10}{'PPO':>10}")
+    print(f"{'reward-model score':24}{metrics['sft_score']:10.3f}{metrics['policy_score']:10.3f}")
+    if metrics["judge"] != "reward_model":
+        print(f"{'judge score':24}{metrics['sft_judge']:10.3f}{metrics['policy_judge']:10.3f}")
+    print(f"{'KL to reference':24}{0.0:10.3f}{metrics['policy_kl']:10.3f}")
+    print(f"{'response length':24}{metrics['sft_len']:10.1f}{metrics['policy_len']:10.1f}")
+    print(f"win-rate of PPO over SFT ({metrics['judge']} judge): {metrics['win_rate']:.3f}")
+    for s in samples[:n]:
+        print(f"\nprompt: {s['prompt']!r}\n  SFT: {s['sft']!r}\n  PPO: {s['policy']!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The PPO stage
+
+POLICY_FILE, RUN_FILE = "policy.pt", "run.json"
+
+
+def check_ppo_config(cfg):
+    check(cfg.steps > 0 and cfg.batch_size > 0 and cfg.ppo_epochs > 0, "--steps, --batch-size, --ppo-epochs must be > 0")
+    check(cfg.batch_size % cfg.minibatch_size == 0,
+          f"--batch-size {cfg.batch_size} must be a multiple of --minibatch-size {cfg.minibatch_size}")
+    check(cfg.minibatch_size % cfg.micro_batch_size == 0,
+          f"--minibatch-size {cfg.minibatch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
+    check(cfg.max_prompt_len > 0 and cfg.max_response_len > 0, "--max-prompt-len and --max-response-len must be > 0")
+    sft_task = checkpoint_task(cfg.sft, "--sft")
+    if cfg.mode in ("hydra", "jhydra"):
+        check(sft_task == "hydra", f"--mode {cfg.mode} needs a Hydra-SFT checkpoint (sft --task hydra); "
+                                   f"--sft {cfg.sft} was trained with --task {sft_task}")
+        check(not cfg.rm, f"--mode {cfg.mode} uses the Hydra-SFT model's own reward head; drop --rm")
+    else:
+        check(sft_task in ("hydra", "sft"), f"--sft {cfg.sft} was trained with --task {sft_task}, not an SFT model")
+        check(cfg.rm, f"--mode {cfg.mode} needs a reward-model checkpoint: --rm DIR (sft --task rm, or hydra)")
+        rm_task = checkpoint_task(cfg.rm, "--rm")
+        check(rm_task in ("hydra", "rm"), f"--rm {cfg.rm} was trained with --task {rm_task}, not a reward model")
+
+
+def checkpoint_task(path, flag):
+    meta = os.path.join(path, META_FILE)
+    check(os.path.isfile(meta), f"{flag} {path}: not a hydra-ppo checkpoint (no {META_FILE}); "
+                                f"make one with `python hydra_ppo.py sft`")
+    with open(meta) as fh:
+        return json.load(fh)["task"]
+
+
+def setup_ppo(cfg, device, dtype):
+    """-> roles, tokenizer, optimizer, trained parameters. LoRA's A init draws from the seeded RNG."""
+    torch.manual_seed(cfg.seed)
+    roles, tok = build_roles(cfg, device, dtype)
+    groups = trainable_groups(roles, cfg)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    if cfg.grad_checkpointing:
+        for r in (roles["actor"], roles["critic"]):
+            checkpointing_on(r.model.lm)
+    return roles, tok, opt, [p for g in groups for p in g["params"]]
+
+
+def ppo(cfg: PPOConfig, judge=None):
+    check_ppo_config(cfg)
+    device, dtype, autocast = setup_device(cfg.device)
+    train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
+    train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
+    roles, tok, opt, params = setup_ppo(cfg, device, dtype)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    beta, order, t0 = cfg.kl_coef, [], time.time()
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log, \
+            tqdm(range(1, cfg.steps + 1), desc=f"ppo ({cfg.mode})", dynamic_ncols=True) as bar:
+        for step in bar:
+            while len(order) < cfg.batch_size:  # an endless shuffled stream over the training prompts
+                order += rng.sample(range(len(train_prompts)), len(train_prompts))
+            prompts, order = [train_prompts[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
+            batch, stats = rollout_batch(roles, tok, prompts, cfg, device, autocast, beta)     # steps 1-4
+            mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)      # step 5
+            stats.update({k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]})
+            if cfg.target_kl:
+                beta = update_kl_coef(beta, stats["kl"], cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
+            record = dict(step=step, **stats, time=time.time() - t0)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                metrics, _ = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)
+                record.update({"eval_" + k: v for k, v in metrics.items()})
+            if step % cfg.log_every == 0 or step == cfg.steps or "eval_win_rate" in record:
+                log_line(log, record)
+            bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", refresh=False)
+
+    save_policy(cfg, roles, tok)
+    metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)
+    print_eval(metrics, samples)
+    summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=beta,
+                   time_s=time.time() - t0, samples=samples[:5], config=asdict(cfg))
+    with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    print(f"\nsaved the policy to {cfg.out}; sample from it with: python hydra_ppo.py generate --run {cfg.out}")
+    return summary
+
+
+def save_policy(cfg, roles, tok):
+    """LoRA modes: the trained adapters and the value head (the frozen checkpoints stay where they are).
+    full: the whole actor as a checkpoint folder."""
+    actor, critic = roles["actor"], roles["critic"]
+    if cfg.mode == "full":
+        save_checkpoint(os.path.join(cfg.out, "actor"), actor.model, tok, dict(task="sft", base_model=cfg.sft))
+    else:
+        torch.save(dict(actor=lora_state_dict(actor.model.lm, actor.adapter),
+                        critic=lora_state_dict(critic.model.lm, critic.adapter),
+                        value_head=critic.model.value_head.state_dict()), os.path.join(cfg.out, POLICY_FILE))
+    with open(os.path.join(cfg.out, RUN_FILE), "w") as fh:
+        json.dump(asdict(cfg), fh, indent=1)
+
+
+def load_policy(run_dir, device, dtype):
+    """-> (actor Role, tokenizer, PPOConfig of the run) from a PPO output folder."""
+    check(os.path.isfile(os.path.join(run_dir, RUN_FILE)), f"{run_dir}: not a PPO output folder (no {RUN_FILE})")
+    with open(os.path.join(run_dir, RUN_FILE)) as fh:
+        cfg = PPOConfig(**json.load(fh))
+    if cfg.mode == "full":
+        model, tok, _ = load_checkpoint(os.path.join(run_dir, "actor"), device, dtype, dropout=False)
+        return Role(model, None, "lm"), tok, cfg
+    model, tok, _ = load_checkpoint(cfg.sft, device, dtype, dropout=False)
+    adapter = "shared" if cfg.mode == "jhydra" else "actor"
+    add_lora(model.lm, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
+    state = torch.load(os.path.join(run_dir, POLICY_FILE), map_location=device, weights_only=True)
+    load_lora_state_dict(model.lm, state["actor"])
+    return Role(model, adapter, "lm"), tok, cfg
+
+
+def generate_cmd(cfg: GenerateConfig):
+    device, dtype, autocast = setup_device(cfg.device)
+    actor, tok, run = load_policy(cfg.run, device, dtype)
+    actor.model.eval()
+    torch.manual_seed(cfg.seed)
+    p_ids, p_mask = pad([encode_prompt(tok, cfg.prompt, run.max_prompt_len)] * cfg.num_samples,
+                        tok.pad_token_id, "left")
+    with autocast():
+        ids, mask, _ = generate(actor, p_ids.to(device), p_mask.to(device), tok,
+                                cfg.max_new_tokens or run.max_response_len, cfg.temperature, greedy=cfg.greedy)
+    for text in tok.batch_decode(ids[:, p_ids.shape[1]:].masked_fill(mask[:, p_ids.shape[1]:] == 0,
+                                                                     tok.pad_token_id), skip_special_tokens=True):
+        print(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 
-SUBCOMMANDS = {"sft": (SFTConfig, sft)}
+SUBCOMMANDS = {"sft": (SFTConfig, sft), "ppo": (PPOConfig, ppo), "generate": (GenerateConfig, generate_cmd)}
 
 
 def main(argv=None):
@@ -489,6 +1001,8 @@ def main(argv=None):
         print(f"usage: python hydra_ppo.py {{{','.join(SUBCOMMANDS)}}} [--help]", file=sys.stderr)
         return 2
     cls, run = SUBCOMMANDS[argv[0]]
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # our own bars are enough
     try:
         cfg = parse_config(cls, argv[1:], prog=f"hydra_ppo.py {argv[0]}")
         run(cfg)

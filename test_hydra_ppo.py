@@ -1,5 +1,6 @@
 """Invariant and behaviour tests on tiny CPU models. Run: python -m pytest -q"""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -306,3 +307,221 @@ def test_help_lists_every_field():
     assert r.returncode == 0
     for f in hp.fields(hp.SFTConfig):
         assert "--" + f.name.replace("_", "-") in r.stdout
+
+
+# ---- PPO ---------------------------------------------------------------------------------------------------------
+
+MODES = ["hydra", "jhydra", "dlora", "lora", "full"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Tiny Hydra-SFT, SFT-only and RM-only checkpoints trained on the demo data (a few seconds in all)."""
+    root = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for task, steps in (("hydra", 60), ("sft", 20), ("rm", 20)):
+        out[task] = str(root / task)
+        hp.sft(hp.SFTConfig(data=DEMO, out=out[task], task=task, steps=steps, device="cpu", seed=1))
+    return out
+
+
+def ppo_config(ckpts, mode, out="", **kw):
+    hydra = mode in ("hydra", "jhydra")
+    base = dict(mode=mode, sft=ckpts["hydra" if hydra else "sft"], rm="" if hydra else ckpts["rm"], data=DEMO,
+                out=out, steps=2, batch_size=8, minibatch_size=4, micro_batch_size=2, lora_r=4, lora_alpha=8.0,
+                max_response_len=8, eval_prompts=8, device="cpu")
+    return hp.PPOConfig(**{**base, **kw})
+
+
+def one_iteration(cfg, roles, opt, params, seed=0):
+    prompts = [p["prompt"] for p in hp.make_demo_pairs(cfg.batch_size, seed=seed)]
+    torch.manual_seed(seed)
+    batch, _ = hp.rollout_batch(roles, _tok(cfg), prompts, cfg, CPU, hp.nullcontext, cfg.kl_coef)
+    stats = hp.ppo_update(roles, opt, params, batch, cfg, hp.nullcontext, torch.Generator().manual_seed(seed))
+    return batch, stats
+
+
+def _tok(cfg):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(cfg.sft)
+
+
+def base_storages(model):
+    return {p.untyped_storage().data_ptr() for n, p in model.lm.named_parameters() if "lora_" not in n}
+
+
+@pytest.mark.parametrize("mode,static_models,lora_sets", [
+    ("hydra", 1, 2), ("jhydra", 1, 1), ("dlora", 2, 2), ("lora", 4, 2), ("full", 4, 0)])
+def test_each_mode_holds_exactly_the_papers_models(ckpts, mode, static_models, lora_sets):
+    roles, tok = hp.build_roles(ppo_config(ckpts, mode), CPU, torch.float32)
+    storages = set().union(*(base_storages(r.model) for r in roles.values()))
+    per_model = len(base_storages(roles["actor"].model))
+    assert len(storages) == static_models * per_model  # distinct copies of the base weights held in memory
+    adapters = {(id(m), a) for m in hp.models_of(roles) for l in m.modules() if isinstance(l, LoRALinear)
+                for a in l.lora_A}
+    assert len(adapters) == lora_sets
+    if mode in ("hydra", "jhydra"):  # reference and reward model are the actor's trunk with LoRA off
+        assert roles["ref"].model is roles["reward"].model is roles["actor"].model
+        assert roles["ref"].adapter is None and roles["reward"].adapter is None
+    crit = roles["critic"].model
+    assert torch.equal(crit.value_head.weight, crit.reward_head.weight)  # the critic starts from the reward model
+    assert crit.value_head.weight.data_ptr() != crit.reward_head.weight.data_ptr()  # ... as its own parameters
+
+
+def test_one_pass_per_trunk_and_adapter(ckpts):
+    roles, _ = hp.build_roles(ppo_config(ckpts, "hydra"), CPU, torch.float32)
+    groups = [sorted(n) for _, n in hp.passes(roles, ["actor", "critic", "ref", "reward"])]
+    assert sorted(groups) == [["actor"], ["critic"], ["ref", "reward"]]
+    roles, _ = hp.build_roles(ppo_config(ckpts, "jhydra"), CPU, torch.float32)
+    assert sorted(sorted(n) for _, n in hp.passes(roles, list(roles))) == [["actor", "critic"], ["ref", "reward"]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
+    cfg = ppo_config(ckpts, mode)
+    roles, tok, opt, params = hp.setup_ppo(cfg, CPU, torch.float32)
+    models = hp.models_of(roles)
+    before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
+    trained = {id(p) for p in params}
+    batch, stats = one_iteration(cfg, roles, opt, params)
+    assert len(stats) == cfg.batch_size // cfg.minibatch_size
+    # first minibatch of the first epoch: the policy has not moved yet
+    assert stats[0]["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(stats[0]["approx_kl"]) < 1e-7 and stats[0]["clipfrac"] == 0.0
+    changed = set()
+    for m, old in zip(models, before):
+        for n, p in m.named_parameters():
+            if not torch.equal(p, old[n]):
+                changed.add(id(p))
+                assert id(p) in trained, f"{mode}: frozen parameter {n} changed"
+    actor_group, critic_group = opt.param_groups
+    assert any(id(p) in changed for p in actor_group["params"]), "the actor did not move"
+    assert any(id(p) in changed for p in critic_group["params"]), "the critic did not move"
+    if mode != "full":  # every LoRA mode: the base weights are bit-for-bit those of the checkpoints
+        for name, role in roles.items():
+            ckpt = cfg.rm if name in ("critic", "reward") and cfg.rm else cfg.sft
+            fresh = hp.load_checkpoint(ckpt, CPU, torch.float32)[0].lm.state_dict()
+            for k, v in role.model.lm.state_dict().items():
+                if "lora_" not in k:
+                    assert torch.equal(v, fresh[k.replace(".base.", ".")]), k
+
+
+@pytest.mark.parametrize("mode", ["hydra", "jhydra"])
+def test_reference_is_the_sft_model_exactly(ckpts, mode):
+    cfg = ppo_config(ckpts, mode)
+    roles, tok, opt, params = hp.setup_ppo(cfg, CPU, torch.float32)
+    sft_model = hp.load_checkpoint(cfg.sft, CPU, torch.float32, dropout=False)[0].eval()
+    plain = dict(ref=hp.Role(sft_model, None, "lm"), reward=hp.Role(sft_model, None, "reward"))
+    for it in range(3):  # before and after PPO updates
+        batch, _ = one_iteration(cfg, roles, opt, params, seed=it)
+        ids, mask, P = batch["ids"], batch["mask"], batch["P"]
+        for m in hp.models_of(roles):
+            m.eval()
+        ours = hp.score_rollout({k: roles[k] for k in ("ref", "reward")}, ids, mask, P, 2, hp.nullcontext)
+        want = hp.score_rollout(plain, ids, mask, P, 2, hp.nullcontext)
+        assert torch.equal(ours["ref"], want["ref"]) and torch.equal(ours["reward"], want["reward"])
+    with hp.adapter_on(roles["actor"]):  # while the actor itself has moved away from the SFT model
+        actor_lp = hp.score_rollout({"actor": roles["actor"]}, ids, mask, P, 2, hp.nullcontext)["actor"]
+    assert not torch.equal(actor_lp, want["ref"])
+
+
+def gae_loop(rewards, values, lengths, gamma, lam):
+    """GAE written out per sequence, from its definition."""
+    out_adv, out_ret = [], []
+    for r, v, L in zip(rewards.tolist(), values.tolist(), lengths):
+        adv, last = [0.0] * len(r), 0.0
+        for t in reversed(range(L)):
+            next_v = v[t + 1] if t + 1 < L else 0.0
+            last = r[t] + gamma * next_v - v[t] + gamma * lam * last
+            adv[t] = last
+        out_adv.append(adv)
+        out_ret.append([a + (v[t] if t < L else 0.0) for t, a in enumerate(adv)])
+    return torch.tensor(out_adv), torch.tensor(out_ret)
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)])
+def test_compute_gae_matches_a_plain_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 3, 7]
+    rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    mask = (torch.arange(7)[None] < torch.tensor(lengths)[:, None]).float()
+    adv, ret = hp.compute_gae(rewards, values, mask, gamma, lam)
+    want_adv, want_ret = gae_loop(rewards, values, lengths, gamma, lam)
+    torch.testing.assert_close(adv, want_adv)
+    torch.testing.assert_close(ret, want_ret)
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
+def test_ppo_losses_follow_their_definitions():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 9.0]]))  # ratios; the last one is padding
+    adv = torch.tensor([[1.0, -1.0, 2.0, 5.0]])
+    loss, s = hp.ppo_policy_loss(new, old, adv, mask, 0.2)
+    # per token max(-A r, -A clip(r)): -1*1.2 (clipped), 1*0.8 (clipped), -2*1.1 -> mean over 3 real tokens
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    assert s["clipfrac"] == pytest.approx(2 / 3) and s["ratio"] == pytest.approx((1.5 + 0.5 + 1.1) / 3)
+    vpred, vold, ret = torch.tensor([[2.0, 0.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.zeros(1, 4)
+    vloss, vs = hp.ppo_value_loss(vpred, vold, ret, mask, 0.2)
+    assert vloss.item() == pytest.approx(0.5 * (4.0 + 0 + 0) / 3)  # max(2^2, 1.2^2) = 4
+    w = hp.masked_whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), mask)
+    assert hp.masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adaptive_kl_moves_beta_toward_the_target():
+    assert hp.update_kl_coef(0.1, kl=12.0, target=6.0, n=100, horizon=1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert hp.update_kl_coef(0.1, kl=3.0, target=6.0, n=100, horizon=1000) < 0.1
+
+
+def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys):
+    """A learnable toy: the reward model favours positive words, so the mean score rises over a short run."""
+    out = str(tmp_path / "ppo")
+    cfg = ppo_config(ckpts, "hydra", out=out, steps=16, batch_size=16, minibatch_size=8, micro_batch_size=8,
+                     lora_r=8, lora_alpha=16.0, actor_lr=3e-3, critic_lr=3e-3, max_response_len=12, log_every=1,
+                     eval_prompts=32, target_kl=1.0)
+    summary = hp.ppo(cfg, judge=lambda prompts, responses: [hp.gold_score(r) for r in responses])
+    log = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in log] == list(range(1, 17))
+    first, last = sum(r["score"] for r in log[:4]) / 4, sum(r["score"] for r in log[-4:]) / 4
+    assert last > first + 0.5, (first, last)
+    assert log[-1]["beta"] != cfg.kl_coef  # the adaptive controller moved beta
+    for k in ("kl", "approx_kl", "clipfrac", "entropy", "explained_var", "response_len", "pg_loss", "vf_loss"):
+        assert all(math.isfinite(r[k]) for r in log), k
+    assert summary["win_rate"] > 0.5 and summary["judge"] == "custom" and math.isfinite(summary["policy_kl"])
+    assert json.load(open(os.path.join(out, "summary.json")))["win_rate"] == summary["win_rate"]
+    printed = capsys.readouterr().out
+    assert "win-rate of PPO over SFT" in printed and "prompt:" in printed
+    # the saved adapters reproduce the trained policy
+    capsys.readouterr()
+    hp.generate_cmd(hp.GenerateConfig(run=out, greedy=True, device="cpu"))
+    greedy = capsys.readouterr().out.strip()
+    assert greedy
+    actor, tok, _ = hp.load_policy(out, CPU, torch.float32)
+    assert actor.adapter == "actor"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "dlora"], "needs a reward-model checkpoint"),
+    (["--batch-size", "10", "--minibatch-size", "4"], "must be a multiple of --minibatch-size"),
+    (["--sft", "/nonexistent"], "not a hydra-ppo checkpoint"),
+])
+def test_ppo_config_errors(ckpts, args, message):
+    cfg = hp.parse_config(hp.PPOConfig, ["--sft", ckpts["hydra"], *args], "t")
+    with pytest.raises(hp.UserError, match=message):
+        hp.check_ppo_config(cfg)
+
+
+@pytest.mark.parametrize("mode", ["hydra", "jhydra"])
+def test_gradient_checkpointing_gives_the_same_update(ckpts, mode):
+    """Checkpointed layers recompute their forward during backward; each pass's backward runs inside its own
+    adapter context, so the critic's recomputation must not see the actor's adapter (or LoRA off)."""
+    results = []
+    for gc in (False, True):
+        cfg = ppo_config(ckpts, mode, grad_checkpointing=gc)
+        roles, tok, opt, params = hp.setup_ppo(cfg, CPU, torch.float32)
+        one_iteration(cfg, roles, opt, params)
+        one_iteration(cfg, roles, opt, params, seed=1)
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
