@@ -35,7 +35,8 @@ def arg(default, help, **kw):
 
 @dataclass
 class Common:
-    data: str = arg("data/demo.jsonl", "preference pairs, JSONL: {prompt, chosen, rejected} or Anthropic HH {chosen, rejected}")
+    data: str = arg(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo.jsonl"),
+                    "preference pairs, JSONL: {prompt, chosen, rejected} or Anthropic HH {chosen, rejected}")
     out: str = arg("out/run", "output folder: checkpoint, metrics.jsonl, summary.json")
     seed: int = arg(0, "random seed (data split, init, sampling)")
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
@@ -43,7 +44,7 @@ class Common:
     max_response_len: int = arg(32, "response tokens kept (SFT) / generated (PPO), EOS included")
     eval_frac: float = arg(0.1, "fraction of pairs held out for evaluation (deterministic with --seed)")
     eval_batch_size: int = arg(32, "batch size for evaluation")
-    log_every: int = arg(10, "write a metrics line every N optimizer steps")
+    log_every: int = arg(1, "write a metrics line every N steps")
     grad_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, ~30%% slower)")
 
 
@@ -839,7 +840,7 @@ def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
     pol, ref = out["policy"], out["sft"]
     wins = [1.0 if a["judge"] > b["judge"] else 0.5 if a["judge"] == b["judge"] else 0.0 for a, b in zip(pol, ref)]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
-    metrics = dict(win_rate=sum(wins) / len(wins), judge="custom" if judge else "reward_model",
+    metrics = dict(win_rate=sum(wins) / len(wins), judge=judge.__name__.removesuffix("_judge") if judge else "reward_model",
                    policy_score=mean(pol, "score"), sft_score=mean(ref, "score"),
                    policy_judge=mean(pol, "judge"), sft_judge=mean(ref, "judge"),
                    policy_kl=mean(pol, "kl"), policy_len=mean(pol, "length"), sft_len=mean(ref, "length"))
@@ -851,7 +852,7 @@ def print_eval(metrics, samples, n=3):
     print(f"\n{'':24}{'SFT':>10}{'PPO':>10}")
     print(f"{'reward-model score':24}{metrics['sft_score']:10.3f}{metrics['policy_score']:10.3f}")
     if metrics["judge"] != "reward_model":
-        print(f"{'judge score':24}{metrics['sft_judge']:10.3f}{metrics['policy_judge']:10.3f}")
+        print(f"{metrics['judge'] + ' score':24}{metrics['sft_judge']:10.3f}{metrics['policy_judge']:10.3f}")
     print(f"{'KL to reference':24}{0.0:10.3f}{metrics['policy_kl']:10.3f}")
     print(f"{'response length':24}{metrics['sft_len']:10.1f}{metrics['policy_len']:10.1f}")
     print(f"win-rate of PPO over SFT ({metrics['judge']} judge): {metrics['win_rate']:.3f}")
@@ -990,21 +991,114 @@ def generate_cmd(cfg: GenerateConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The whole method in one command: `python hydra_ppo.py` (no arguments) runs it offline on the built-in task.
+
+@dataclass
+class PipelineConfig(Common):
+    """Hydra-SFT, then Hydra-PPO, then SFT vs PPO on held-out prompts. With no flags: a tiny model on the built-in
+    review task (data/demo.jsonl), judged by its gold rule. Name --model and --data to run it for real."""
+    model: str = arg("tiny", "as in `sft --model`: hub name, local folder, or tiny / tiny-opt")
+    out: str = arg("out/demo", "output folder; the stages write to OUT/sft and OUT/ppo")
+    mode: str = arg("hydra", "PPO configuration that needs only the Hydra-SFT model", choices=("hydra", "jhydra"))
+    max_response_len: int = arg(16, "response tokens kept (SFT) / generated (PPO), EOS included")
+    sft_steps: int = arg(300, "Hydra-SFT optimizer steps")
+    sft_batch_size: int = arg(32, "Hydra-SFT preference pairs per step")
+    sft_lr: float = arg(0.0, "Hydra-SFT learning rate (0: 1e-3 for a tiny model, 1e-5 otherwise)")
+    ppo_steps: int = arg(60, "PPO iterations")
+    batch_size: int = arg(32, "PPO prompts per rollout")
+    minibatch_size: int = arg(16, "PPO rollouts per optimizer step")
+    micro_batch_size: int = arg(16, "rollouts (and SFT pairs) per forward pass")
+    lora_r: int = arg(8, "LoRA rank of the PPO adapters (the paper's 128 is for 1.3b-7b models)")
+    lora_alpha: float = arg(16.0, "LoRA alpha")
+    actor_lr: float = arg(3e-3, "PPO actor learning rate")
+    critic_lr: float = arg(3e-3, "PPO critic learning rate")
+    kl_coef: float = arg(0.02, "beta of the KL penalty (paper: 0.02)")
+    eval_prompts: int = arg(128, "held-out prompts in the final comparison")
+
+
+DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo.jsonl")
+
+
+def gold_judge(prompts, responses):
+    return [gold_score(r) for r in responses]
+
+
+def sparkline(xs, width=60):
+    if len(xs) > width:  # average into `width` buckets
+        xs = [sum(xs[i * len(xs) // width:(i + 1) * len(xs) // width]) /
+              len(xs[i * len(xs) // width:(i + 1) * len(xs) // width]) for i in range(width)]
+    lo, hi = min(xs), max(xs)
+    return "".join("▁▂▃▄▅▆▇█"[min(7, int(8 * (x - lo) / (hi - lo + 1e-12)))] for x in xs)
+
+
+def pipeline(cfg: PipelineConfig):
+    t0 = time.time()
+    common = {f.name: getattr(cfg, f.name) for f in fields(Common)}
+    demo = os.path.realpath(cfg.data) == os.path.realpath(DEMO_DATA)
+    judge = gold_judge if demo else None  # the gold rule only means something on the built-in task
+    print(f"== 1/2 Hydra-SFT: {cfg.model} on {cfg.data} (LM head + reward head, one model)")
+    sft_cfg = SFTConfig(**{**common, "out": os.path.join(cfg.out, "sft")}, model=cfg.model, task="hydra",
+                        steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, micro_batch_size=min(
+                            cfg.sft_batch_size, cfg.micro_batch_size), lr=cfg.sft_lr)
+    sft_summary = sft(sft_cfg)
+    print(f"\n== 2/2 {'Hydra' if cfg.mode == 'hydra' else 'J-Hydra'}-PPO: LoRA off = reference and reward model")
+    ppo_cfg = PPOConfig(**{**common, "out": os.path.join(cfg.out, "ppo")}, mode=cfg.mode, sft=sft_cfg.out,
+                        steps=cfg.ppo_steps, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size,
+                        micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                        actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef,
+                        eval_prompts=cfg.eval_prompts)
+    ppo_summary = ppo(ppo_cfg, judge=judge)
+    with open(os.path.join(ppo_cfg.out, "metrics.jsonl")) as fh:
+        scores = [json.loads(line)["score"] for line in fh]
+    print(f"\nreward-model score over training: {scores[0]:.2f} {sparkline(scores)} {scores[-1]:.2f}")
+    summary = dict(stage="pipeline", rm_accuracy=sft_summary["held_out_rm_acc"],
+                   sft_lm_loss=sft_summary["held_out_lm_loss"], judge="gold" if demo else "reward_model",
+                   win_rate=ppo_summary["win_rate"], sft_score=ppo_summary["sft_score"],
+                   policy_score=ppo_summary["policy_score"], sft_gold=ppo_summary["sft_judge"] if demo else None,
+                   policy_gold=ppo_summary["policy_judge"] if demo else None, kl=ppo_summary["policy_kl"],
+                   sft_len=ppo_summary["sft_len"], policy_len=ppo_summary["policy_len"],
+                   time_s=time.time() - t0, config=asdict(cfg))
+    with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    plot_scores(scores, os.path.join(cfg.out, "reward.png"))
+    print(f"\nverdict: reward-model accuracy {summary['rm_accuracy']:.2f} (held out), "
+          f"{summary['judge']} win-rate of {cfg.mode}-PPO over Hydra-SFT {summary['win_rate']:.2f}, "
+          f"KL {summary['kl']:.2f}, {summary['time_s']:.0f} s. Everything is in {cfg.out}/")
+    return summary
+
+
+def plot_scores(scores, path):
+    """A PNG of the reward curve when matplotlib happens to be installed (it is not a requirement)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    plt.figure(figsize=(5, 3))
+    plt.plot(range(1, len(scores) + 1), scores)
+    plt.xlabel("PPO step")
+    plt.ylabel("reward-model score")
+    plt.tight_layout()
+    plt.savefig(path)
+    plt.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 SUBCOMMANDS = {"sft": (SFTConfig, sft), "ppo": (PPOConfig, ppo), "generate": (GenerateConfig, generate_cmd)}
 
 
 def main(argv=None):
+    """`python hydra_ppo.py [sft|ppo|generate] [--flags]`; without a subcommand: the whole pipeline."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in SUBCOMMANDS:
-        print(f"usage: python hydra_ppo.py {{{','.join(SUBCOMMANDS)}}} [--help]", file=sys.stderr)
-        return 2
-    cls, run = SUBCOMMANDS[argv[0]]
+    name = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    cls, run = SUBCOMMANDS[name] if name else (PipelineConfig, pipeline)
     from transformers.utils import logging
     logging.disable_progress_bar()  # our own bars are enough
     try:
-        cfg = parse_config(cls, argv[1:], prog=f"hydra_ppo.py {argv[0]}")
+        cfg = parse_config(cls, argv[1:] if name else argv, prog="hydra_ppo.py" + (f" {name}" if name else ""))
         run(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
