@@ -102,6 +102,9 @@ class PPOConfig(Common):
     whiten_rewards: bool = arg(False, "whiten the per-token rewards of each batch (without shifting the mean)")
     eval_every: int = arg(0, "evaluate on held-out prompts every N steps (0: only at the end)")
     eval_prompts: int = arg(64, "held-out prompts used by each evaluation")
+    save_every: int = arg(10, "write a resumable checkpoint (OUT/state.pt) every N steps (0: only at the end)")
+    resume: str = arg("", "continue the run in this folder from its last checkpoint, with its saved configuration")
+    max_bad_steps: int = arg(3, "stop after this many steps in a row whose updates all had a non-finite loss or gradient")
 
 
 @dataclass
@@ -193,11 +196,12 @@ class HydraModel(nn.Module):
         h = hidden[:, start - 1:-1]           # (B, R, H): the state at t-1 predicts token t
         labels = input_ids[:, start:]         # (B, R)
         logits = self.lm.get_output_embeddings()(h).float()  # (B, R, V)
-        logp = logits.log_softmax(-1)
-        lp = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, R)
-        if entropy:
+        lp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # log softmax at the label
+        if not entropy:
+            return lp  # (B, R)
+        with torch.no_grad():  # entropy is only logged: keep its (B, R, V) temporaries out of the graph
+            logp = logits.log_softmax(-1)
             return lp, -(logp.exp() * logp).sum(-1)  # H = -sum_v p log p, (B, R)
-        return lp
 
     def values(self, hidden, start):
         """V(s_t) for each response token t >= start, read at the same positions as logprobs."""
@@ -338,21 +342,26 @@ def no_dropout(config):
     return config
 
 
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:  # Llama & co. ship none; our masks never rely on the pad id, so EOS is safe
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_lm(name, device, dtype, dropout=True):
     """A causal LM and its tokenizer from a hub name or a local folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(name)
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = load_tokenizer(name)
     except OSError as e:
         raise UserError(f"--model {name}: not a local model folder, and it could not be loaded from the hub "
                         f"({str(e).splitlines()[0]})") from None
     if not dropout:
         no_dropout(config)
-    lm = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device)
-    if tok.pad_token is None:  # Llama & co. ship none; our masks never rely on the pad id, so EOS is safe
-        tok.pad_token = tok.eos_token
-    return lm, tok
+    return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device), tok
 
 
 def build_tiny(name, texts, seed, device):
@@ -615,16 +624,13 @@ class Role(typing.NamedTuple):
     head: str                      # "lm" | "value" | "reward"
 
 
-def build_roles(cfg, device, dtype):
-    """-> (roles, tokenizer). Loads exactly the models that cfg.mode holds."""
-    def load(path, trained=False):  # full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`
-        model, tok, meta = load_checkpoint(path, device, torch.float32 if trained else dtype, dropout=False)
-        return model.requires_grad_(False), tok, meta
-
+def build_roles(cfg, load):
+    """-> roles: exactly the models that cfg.mode holds. load(which, trained) returns a new, frozen HydraModel of
+    the "sft" or "rm" checkpoint (the benchmark passes a loader of random-init models instead)."""
     def lora(model, adapter):
         add_lora(model.lm, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
 
-    sft_model, tok, _ = load(cfg.sft, trained=cfg.mode == "full")
+    sft_model = load("sft", trained=cfg.mode == "full")
     if cfg.mode in ("hydra", "jhydra"):
         m = sft_model
         a, c = ("actor", "critic") if cfg.mode == "hydra" else ("shared", "shared")
@@ -634,20 +640,29 @@ def build_roles(cfg, device, dtype):
         roles = dict(actor=Role(m, a, "lm"), critic=Role(m, c, "value"), ref=Role(m, None, "lm"),
                      reward=Role(m, None, "reward"))
     else:
-        rm_model = load(cfg.rm, trained=cfg.mode == "full")[0]
+        rm_model = load("rm", trained=cfg.mode == "full")
         if cfg.mode == "full":
             roles = dict(actor=Role(sft_model, None, "lm"), critic=Role(rm_model, None, "value"),
-                         ref=Role(load(cfg.sft)[0], None, "lm"), reward=Role(load(cfg.rm)[0], None, "reward"))
+                         ref=Role(load("sft", False), None, "lm"), reward=Role(load("rm", False), None, "reward"))
         else:
             lora(sft_model, "actor")
             lora(rm_model, "critic")
-            ref = sft_model if cfg.mode == "dlora" else load(cfg.sft)[0]   # dynamic LoRA: LoRA off is the reference
-            reward = rm_model if cfg.mode == "dlora" else load(cfg.rm)[0]  # ... and the reward model
+            ref = sft_model if cfg.mode == "dlora" else load("sft", False)   # dynamic LoRA: LoRA off is the reference
+            reward = rm_model if cfg.mode == "dlora" else load("rm", False)  # ... and the reward model
             roles = dict(actor=Role(sft_model, "actor", "lm"), critic=Role(rm_model, "critic", "value"),
                          ref=Role(ref, None, "lm"), reward=Role(reward, None, "reward"))
     critic = roles["critic"].model
     critic.value_head.load_state_dict(critic.reward_head.state_dict())  # the critic starts from the reward model
-    return roles, tok
+    return roles
+
+
+def checkpoint_loader(cfg, device, dtype):
+    """build_roles' loader for real runs: full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`."""
+    def load(which, trained):
+        path = cfg.sft if which == "sft" else cfg.rm
+        model = load_checkpoint(path, device, torch.float32 if trained else dtype, dropout=False)[0]
+        return model.requires_grad_(False)
+    return load
 
 
 def trainable_groups(roles, cfg):
@@ -765,27 +780,30 @@ def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
                     for k, v in s.items():
                         stats[k] = stats.get(k, 0.0) + v * weight
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            opt.step()
+            stats["skipped"] = float(not math.isfinite(stats["grad_norm"]))  # NaN/inf loss or gradient
+            if not stats["skipped"]:
+                opt.step()  # never step with a non-finite gradient: the parameters stay good
             opt.zero_grad(set_to_none=True)
             all_stats.append(stats)
     return all_stats
 
 
-def rollout_batch(roles, tok, prompts, cfg, device, autocast, beta, min_new_tokens=0):
-    """Steps 1-4 for one batch of prompt strings. -> batch dict (tensors for the update) and its stats."""
-    # 1. Rollout: sample responses from the actor, prompts left-padded.
-    p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len) for p in prompts], tok.pad_token_id, "left")
-    p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens=0):
+    """Steps 1-4 for one batch of left-padded prompts (B, P). -> batch dict (tensors for the update), stats."""
+    device, clock = p_ids.device, Clock(p_ids.device)
     for m in models_of(roles):
         m.eval()
+    # 1. Rollout: sample responses from the actor.
     with autocast():
         ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
                                       cfg.top_k, cfg.top_p, min_new_tokens=min_new_tokens)
     P = p_ids.shape[1]
     resp_mask = mask[:, P:].float()                               # (B, R) 1 on response tokens up to EOS
+    t_generate = clock()
     # 2. Score: old and reference log-probs, values, and the reward model's score at the last response token.
     s = score_rollout(roles, ids, mask, P, cfg.micro_batch_size, autocast)
     logprobs, ref_logprobs, values, score = s["actor"], s["ref"], s["critic"], s["reward"]
+    t_score = clock()
     # 3. Rewards: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last response token.
     if cfg.score_clip:
         score = score.clamp(-cfg.score_clip, cfg.score_clip)
@@ -805,8 +823,21 @@ def rollout_batch(roles, tok, prompts, cfg, device, autocast, beta, min_new_toke
     stats = dict(score=score.mean().item(), kl=kl.sum(1).mean().item(), beta=beta,
                  reward=rewards.sum(1).mean().item(), response_len=resp_mask.sum(1).mean().item(),
                  eos_frac=has_eos.float().mean().item(),
-                 explained_var=explained_variance(values, returns, resp_mask))
+                 explained_var=explained_variance(values, returns, resp_mask),
+                 time_generate=t_generate, time_score=t_score)
     return batch, stats
+
+
+class Clock:
+    """Seconds since the last call (CUDA work is asynchronous: synchronize before reading the time)."""
+    def __init__(self, device):
+        self.cuda, self.t = device.type == "cuda", time.perf_counter()
+
+    def __call__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t, self.t = self.t, time.perf_counter()
+        return self.t - t
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -893,56 +924,133 @@ def checkpoint_task(path, flag):
         return json.load(fh)["task"]
 
 
-def setup_ppo(cfg, device, dtype):
-    """-> roles, tokenizer, optimizer, trained parameters. LoRA's A init draws from the seeded RNG."""
+def setup_ppo(cfg, load):
+    """-> roles, optimizer, trained parameters. LoRA's A init draws from the seeded RNG."""
     torch.manual_seed(cfg.seed)
-    roles, tok = build_roles(cfg, device, dtype)
+    roles = build_roles(cfg, load)
     groups = trainable_groups(roles, cfg)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     if cfg.grad_checkpointing:
         for r in (roles["actor"], roles["critic"]):
             checkpointing_on(r.model.lm)
-    return roles, tok, opt, [p for g in groups for p in g["params"]]
+    return roles, opt, [p for g in groups for p in g["params"]]
 
 
 def ppo(cfg: PPOConfig, judge=None):
+    if cfg.resume:  # the run's own configuration, saved when it started
+        check(os.path.isfile(os.path.join(cfg.resume, STATE_FILE)), f"--resume {cfg.resume}: no checkpoint there "
+                                                                     f"({STATE_FILE}) to resume from")
+        with open(os.path.join(cfg.resume, RUN_FILE)) as fh:
+            cfg = PPOConfig(**{**json.load(fh), "resume": cfg.resume, "out": cfg.resume})
     check_ppo_config(cfg)
     device, dtype, autocast = setup_device(cfg.device)
     train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
     train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
-    roles, tok, opt, params = setup_ppo(cfg, device, dtype)
+    roles, opt, params = setup_ppo(cfg, checkpoint_loader(cfg, device, dtype))
+    tok = load_tokenizer(cfg.sft)
     generator = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
-    beta, order, t0 = cfg.kl_coef, [], time.time()
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log, \
-            tqdm(range(1, cfg.steps + 1), desc=f"ppo ({cfg.mode})", dynamic_ncols=True) as bar:
+    log_path = os.path.join(cfg.out, "metrics.jsonl")
+    first, beta, order, bad, saved, t0 = 1, cfg.kl_coef, [], 0, 0, time.time()
+    if cfg.resume:
+        state = load_state(cfg.out, params, opt, rng, generator)
+        first, beta, order, saved = state["step"] + 1, state["beta"], state["order"], state["step"]
+        keep_log_until(log_path, state["step"])  # the steps after the checkpoint are done again
+        print(f"resuming {cfg.out} after step {state['step']}")
+    else:
+        write_json(os.path.join(cfg.out, RUN_FILE), asdict(cfg))
+    with open(log_path, "a" if cfg.resume else "w") as log, \
+            tqdm(range(first, cfg.steps + 1), desc=f"ppo ({cfg.mode})", dynamic_ncols=True,
+                 initial=first - 1, total=cfg.steps) as bar:
         for step in bar:
             while len(order) < cfg.batch_size:  # an endless shuffled stream over the training prompts
                 order += rng.sample(range(len(train_prompts)), len(train_prompts))
             prompts, order = [train_prompts[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
-            batch, stats = rollout_batch(roles, tok, prompts, cfg, device, autocast, beta)     # steps 1-4
-            mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)      # step 5
+            p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len) for p in prompts], tok.pad_token_id, "left")
+            batch, stats = rollout_batch(roles, tok, p_ids.to(device), p_mask.to(device), cfg, autocast, beta)  # 1-4
+            clock = Clock(device)
+            mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)                         # 5
+            stats["time_update"] = clock()
             stats.update({k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]})
-            if cfg.target_kl:
+            bad = bad + 1 if stats["skipped"] == 1.0 else 0
+            if cfg.target_kl and not bad:
                 beta = update_kl_coef(beta, stats["kl"], cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
             record = dict(step=step, **stats, time=time.time() - t0)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 metrics, _ = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)
                 record.update({"eval_" + k: v for k, v in metrics.items()})
-            if step % cfg.log_every == 0 or step == cfg.steps or "eval_win_rate" in record:
+            if step % cfg.log_every == 0 or step == cfg.steps or "eval_win_rate" in record or bad:
                 log_line(log, record)
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", refresh=False)
+            if bad:
+                tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({bad} in a row)")
+                check(bad < cfg.max_bad_steps,
+                      f"stopped at step {step}: {bad} steps in a row had a non-finite loss or gradient. The last good "
+                      f"checkpoint (step {saved}) is in {cfg.out}/{STATE_FILE}. What helps: lower --actor-lr / "
+                      f"--critic-lr, --score-clip 5, --max-grad-norm 0.5")
+            elif (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                save_state(cfg.out, step, params, opt, beta, rng, order, generator)
+                saved = step
 
     save_policy(cfg, roles, tok)
     metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)
     print_eval(metrics, samples)
     summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=beta,
                    time_s=time.time() - t0, samples=samples[:5], config=asdict(cfg))
-    with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=1)
+    write_json(os.path.join(cfg.out, "summary.json"), summary)
     print(f"\nsaved the policy to {cfg.out}; sample from it with: python hydra_ppo.py generate --run {cfg.out}")
     return summary
+
+
+# ---- checkpoints that a killed run resumes from ----
+
+STATE_FILE = "state.pt"
+
+
+def save_state(out, step, params, opt, beta, rng, order, generator):
+    """Everything a resumed run needs to continue exactly: the trained parameters (in trainable_groups' order),
+    the optimizer, adaptive-KL beta, the prompt order and every RNG. Written to a temporary file and renamed, so a
+    kill at any moment leaves the previous checkpoint whole."""
+    state = dict(step=step, params=[p.detach().cpu() for p in params], opt=opt.state_dict(), beta=beta, order=order,
+                 python_rng=rng.getstate(), torch_rng=torch.get_rng_state(), generator=generator.get_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    path = os.path.join(out, STATE_FILE)
+    with open(path + ".tmp", "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(path + ".tmp", path)  # atomic on POSIX and Windows
+
+
+def load_state(out, params, opt, rng, generator):
+    state = torch.load(os.path.join(out, STATE_FILE), map_location="cpu", weights_only=True)
+    check(len(state["params"]) == len(params) and all(a.shape == b.shape for a, b in zip(state["params"], params)),
+          f"{out}/{STATE_FILE} does not match this run's trained parameters")
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved)
+    opt.load_state_dict(state["opt"])
+    rng.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
+    torch.set_rng_state(state["torch_rng"])
+    generator.set_state(state["generator"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state
+
+
+def keep_log_until(path, step):
+    """Drop the metrics lines of steps after `step` (they run again), atomically."""
+    with open(path) as fh:
+        lines = [l for l in fh if l.strip() and json.loads(l)["step"] <= step]
+    with open(path + ".tmp", "w") as fh:
+        fh.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1)
 
 
 def save_policy(cfg, roles, tok):
@@ -955,8 +1063,6 @@ def save_policy(cfg, roles, tok):
         torch.save(dict(actor=lora_state_dict(actor.model.lm, actor.adapter),
                         critic=lora_state_dict(critic.model.lm, critic.adapter),
                         value_head=critic.model.value_head.state_dict()), os.path.join(cfg.out, POLICY_FILE))
-    with open(os.path.join(cfg.out, RUN_FILE), "w") as fh:
-        json.dump(asdict(cfg), fh, indent=1)
 
 
 def load_policy(run_dir, device, dtype):
@@ -1103,7 +1209,18 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError:
+        print(f"error: CUDA ran out of memory in `{name or 'pipeline'}`: {oom_context(cfg)}. What helps: a smaller "
+              f"--micro-batch-size (then --batch-size), --grad-checkpointing, shorter --max-prompt-len / "
+              f"--max-response-len, and --mode hydra (one model in memory instead of two or four).", file=sys.stderr)
+        return 3
     return 0
+
+
+def oom_context(cfg):
+    get = lambda k: getattr(cfg, k, "?")
+    return (f"mode {get('mode')}, batch {get('batch_size')} (micro-batch {get('micro_batch_size')}), "
+            f"{get('max_prompt_len')} prompt + {get('max_response_len')} response tokens, model {get('model') if hasattr(cfg, 'model') else get('sft')}")
 
 
 if __name__ == "__main__":

@@ -335,16 +335,13 @@ def ppo_config(ckpts, mode, out="", **kw):
 
 
 def one_iteration(cfg, roles, opt, params, seed=0):
-    prompts = [p["prompt"] for p in hp.make_demo_pairs(cfg.batch_size, seed=seed)]
+    tok = hp.load_tokenizer(cfg.sft)
+    prompts = [hp.encode_prompt(tok, p["prompt"], 16) for p in hp.make_demo_pairs(cfg.batch_size, seed=seed)]
+    p_ids, p_mask = hp.pad(prompts, tok.pad_token_id, "left")
     torch.manual_seed(seed)
-    batch, _ = hp.rollout_batch(roles, _tok(cfg), prompts, cfg, CPU, hp.nullcontext, cfg.kl_coef)
+    batch, _ = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, hp.nullcontext, cfg.kl_coef)
     stats = hp.ppo_update(roles, opt, params, batch, cfg, hp.nullcontext, torch.Generator().manual_seed(seed))
     return batch, stats
-
-
-def _tok(cfg):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(cfg.sft)
 
 
 def base_storages(model):
@@ -354,7 +351,8 @@ def base_storages(model):
 @pytest.mark.parametrize("mode,static_models,lora_sets", [
     ("hydra", 1, 2), ("jhydra", 1, 1), ("dlora", 2, 2), ("lora", 4, 2), ("full", 4, 0)])
 def test_each_mode_holds_exactly_the_papers_models(ckpts, mode, static_models, lora_sets):
-    roles, tok = hp.build_roles(ppo_config(ckpts, mode), CPU, torch.float32)
+    cfg = ppo_config(ckpts, mode)
+    roles = hp.build_roles(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
     storages = set().union(*(base_storages(r.model) for r in roles.values()))
     per_model = len(base_storages(roles["actor"].model))
     assert len(storages) == static_models * per_model  # distinct copies of the base weights held in memory
@@ -370,17 +368,19 @@ def test_each_mode_holds_exactly_the_papers_models(ckpts, mode, static_models, l
 
 
 def test_one_pass_per_trunk_and_adapter(ckpts):
-    roles, _ = hp.build_roles(ppo_config(ckpts, "hydra"), CPU, torch.float32)
+    cfg = ppo_config(ckpts, "hydra")
+    roles = hp.build_roles(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
     groups = [sorted(n) for _, n in hp.passes(roles, ["actor", "critic", "ref", "reward"])]
     assert sorted(groups) == [["actor"], ["critic"], ["ref", "reward"]]
-    roles, _ = hp.build_roles(ppo_config(ckpts, "jhydra"), CPU, torch.float32)
+    cfg = ppo_config(ckpts, "jhydra")
+    roles = hp.build_roles(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
     assert sorted(sorted(n) for _, n in hp.passes(roles, list(roles))) == [["actor", "critic"], ["ref", "reward"]]
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
     cfg = ppo_config(ckpts, mode)
-    roles, tok, opt, params = hp.setup_ppo(cfg, CPU, torch.float32)
+    roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
     models = hp.models_of(roles)
     before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
     trained = {id(p) for p in params}
@@ -410,7 +410,7 @@ def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
 @pytest.mark.parametrize("mode", ["hydra", "jhydra"])
 def test_reference_is_the_sft_model_exactly(ckpts, mode):
     cfg = ppo_config(ckpts, mode)
-    roles, tok, opt, params = hp.setup_ppo(cfg, CPU, torch.float32)
+    roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
     sft_model = hp.load_checkpoint(cfg.sft, CPU, torch.float32, dropout=False)[0].eval()
     plain = dict(ref=hp.Role(sft_model, None, "lm"), reward=hp.Role(sft_model, None, "reward"))
     for it in range(3):  # before and after PPO updates
@@ -519,7 +519,7 @@ def test_gradient_checkpointing_gives_the_same_update(ckpts, mode):
     results = []
     for gc in (False, True):
         cfg = ppo_config(ckpts, mode, grad_checkpointing=gc)
-        roles, tok, opt, params = hp.setup_ppo(cfg, CPU, torch.float32)
+        roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
         one_iteration(cfg, roles, opt, params)
         one_iteration(cfg, roles, opt, params, seed=1)
         results.append([p.detach().clone() for p in params])
@@ -554,3 +554,69 @@ def test_pipeline_runs_every_stage_and_is_deterministic(tmp_path):
 def test_sparkline():
     assert hp.sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
     assert len(hp.sparkline(list(range(500)), width=60)) == 60
+
+
+# ---- reliability -------------------------------------------------------------------------------------------------
+
+def metrics_without_time(path):
+    rows = [json.loads(l) for l in open(path)]
+    return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_run(ckpts, tmp_path):
+    import signal
+    import time
+    args = ["ppo", "--sft", ckpts["hydra"], "--data", DEMO, "--steps", "30", "--batch-size", "16",
+            "--minibatch-size", "8", "--micro-batch-size", "8", "--lora-r", "4", "--max-response-len", "12",
+            "--eval-prompts", "8", "--save-every", "2", "--target-kl", "1.0", "--device", "cpu"]
+    whole = tmp_path / "whole"
+    assert run_cli(*args, "--out", str(whole)).returncode == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "hydra_ppo.py"), *args, "--out", str(cut)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    state = cut / hp.STATE_FILE
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # wait for a checkpoint after step 4, then kill -9
+        if state.exists() and torch.load(state, weights_only=True)["step"] >= 4:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = torch.load(state, weights_only=True)["step"]  # the last complete checkpoint is readable
+    assert 4 <= killed_at < 30
+    r = run_cli("ppo", "--resume", str(cut))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming {cut} after step {killed_at}" in r.stdout
+    resumed = metrics_without_time(cut / "metrics.jsonl")
+    assert [row["step"] for row in resumed] == list(range(1, 31))  # no step missing or duplicated
+    assert resumed == metrics_without_time(whole / "metrics.jsonl")  # and exactly the uninterrupted run
+
+
+def test_non_finite_updates_are_skipped_then_the_run_stops(ckpts, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    cfg = ppo_config(ckpts, "hydra", out=str(out), steps=10, save_every=1)
+    real = hp.ppo_value_loss
+    calls = []
+
+    def poisoned(*a, **kw):  # from the 3rd step on (4 micro-batches per step), the value loss is NaN
+        calls.append(1)
+        loss, stats = real(*a, **kw)
+        return (loss * float("nan"), stats) if len(calls) > 8 else (loss, stats)
+    monkeypatch.setattr(hp, "ppo_value_loss", poisoned)
+    with pytest.raises(hp.UserError, match="3 steps in a row had a non-finite loss or gradient.*step 2"):
+        hp.ppo(cfg)
+    state = torch.load(out / hp.STATE_FILE, weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(p).all() for p in state["params"])
+    log = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["skipped"] for r in log] == [0.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_cuda_out_of_memory_becomes_a_message(ckpts, monkeypatch, capsys):
+    def oom(cfg, judge=None):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setitem(hp.SUBCOMMANDS, "ppo", (hp.PPOConfig, oom))
+    assert hp.main(["ppo", "--sft", ckpts["hydra"], "--batch-size", "64", "--max-response-len", "400"]) == 3
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--mode hydra" in err and "batch 64" in err and "400" in err
+    assert "--grad-checkpointing" in err and "Traceback" not in err

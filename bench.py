@@ -1,0 +1,209 @@
+"""Memory and latency of every configuration: the paper's Table 1 on any machine.
+
+    python bench.py --preset opt-125m --batch 8                  # CPU or GPU, every configuration
+    python bench.py --preset llama-7b --budget-gb 80 --grad-checkpointing --prompt-len 400 --response-len 400
+
+Each configuration runs in a fresh subprocess (so one's memory never counts toward another's) through the same
+code as a real run (hydra_ppo.setup_ppo, rollout_batch, ppo_update), with random-init models built from the
+architecture's config (no download) and generation forced to the full response length. Reported per
+configuration: peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the subprocess's peak RSS, which includes
+the ~0.5 GB of Python + torch + transformers), latency per sample of a whole PPO step split into generate / score /
+update (median over --steps steps after one warm-up step), and tokens (prompt + response) per second.
+`sft` is one full fine-tuning step of the SFT model: the paper's "PPO needs over 3x SFT" baseline.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+import torch
+
+CONFIGS = ("sft", "full", "lora", "dlora", "jhydra", "hydra")
+
+# The real architectures' sizes; weights are random (latency and memory do not depend on their values).
+PRESETS = {
+    "tiny": ("opt", dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000)),
+    "opt-125m": ("opt", dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12)),
+    "opt-350m": ("opt", dict(hidden_size=1024, ffn_dim=4096, num_hidden_layers=24, num_attention_heads=16,
+                             word_embed_proj_dim=512, do_layer_norm_before=False)),
+    "opt-1.3b": ("opt", dict(hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32)),
+    "llama-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                               max_position_embeddings=4096)),
+}
+
+
+def model_config(args):
+    from transformers import AutoConfig, LlamaConfig, OPTConfig
+    if args.model:  # any local or hub model: its architecture, random weights
+        return AutoConfig.from_pretrained(args.model)
+    family, kw = PRESETS[args.preset]
+    if family == "opt":
+        kw = dict(dict(vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=kw["hidden_size"],
+                       pad_token_id=1, bos_token_id=2, eos_token_id=2), **kw)
+        return OPTConfig(**kw)
+    return LlamaConfig(**kw, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ---- one configuration, in its own process ------------------------------------------------------------------------
+
+def child(args):
+    import hydra_ppo as hp
+    from transformers import AutoModelForCausalLM
+    device, dtype, autocast = hp.setup_device(args.device)
+    config = hp.no_dropout(model_config(args))
+    B, P, R = args.batch, args.prompt_len, args.response_len
+
+    def load(which, trained):  # build_roles' loader: a fresh random-init model, fp32 where it is fully trained
+        torch.manual_seed(0 if which == "sft" else 1)
+        with torch.device(device):  # initialise on the device: a 7b model on the CPU first would take minutes
+            lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if trained else dtype)
+        return hp.HydraModel(lm).requires_grad_(False)
+
+    g = torch.Generator().manual_seed(0)
+    p_ids = torch.randint(4, config.vocab_size, (B, P), generator=g).to(device)
+    p_mask = torch.ones_like(p_ids)
+    micro = args.micro_batch or B
+    times = []
+    if args.config == "sft":  # one full fine-tuning step of the SFT model on prompt + response
+        model = load("sft", trained=True).requires_grad_(True)
+        if args.grad_checkpointing:
+            hp.checkpointing_on(model.lm)
+        model.train()
+        params = list(model.lm.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-5)
+        r_ids = torch.randint(4, config.vocab_size, (B, R), generator=g).to(device)
+        ids, mask = torch.cat([p_ids, r_ids], 1), torch.ones(B, P + R, dtype=torch.long, device=device)
+        for _ in range(args.steps + 1):
+            clock = hp.Clock(device)
+            for i in range(0, B, micro):
+                with autocast():
+                    loss, _ = hp.sft_loss(model, ids[i:i + micro], mask[i:i + micro], P, len(ids[i:i + micro]), 1.0, 0.0)
+                (loss * len(ids[i:i + micro]) / B).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(dict(time_generate=0.0, time_score=0.0, time_update=clock()))
+    else:
+        cfg = hp.PPOConfig(mode=args.config, batch_size=B, minibatch_size=B, micro_batch_size=micro,
+                           max_prompt_len=P, max_response_len=R, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
+                           grad_checkpointing=args.grad_checkpointing, device=args.device)
+        roles, opt, params = hp.setup_ppo(cfg, load)
+        tok = types.SimpleNamespace(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
+        for _ in range(args.steps + 1):
+            batch, stats = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, cfg.kl_coef, min_new_tokens=R)
+            assert batch["ids"].shape[1] == P + R, "generation stopped before the full response length"
+            clock = hp.Clock(device)
+            hp.ppo_update(roles, opt, params, batch, cfg, autocast, torch.Generator().manual_seed(0))
+            times.append(dict(time_generate=stats["time_generate"], time_score=stats["time_score"],
+                              time_update=clock()))
+    times = times[1:]  # drop the warm-up step
+    med = {k: statistics.median(t[k] for t in times) for k in times[0]}
+    step = sum(med.values())
+    return dict(config=args.config, batch=B, peak_memory_gb=peak_memory_gb(device),
+                latency_per_sample_s=step / B, **{k.replace("time_", "") + "_per_sample_s": v / B for k, v in med.items()},
+                tokens_per_s=B * (P + R) / step, steps_timed=len(times))
+
+
+# ---- the parent: one subprocess per configuration (and per batch size tried) -------------------------------------
+
+def run_child(args, config, batch, steps):
+    argv = [sys.executable, os.path.abspath(__file__), "--child", config, "--batch", str(batch), "--steps", str(steps)]
+    for k in ("preset", "model", "prompt_len", "response_len", "lora_r", "device", "micro_batch"):
+        if getattr(args, k) not in (None, ""):
+            argv += ["--" + k.replace("_", "-"), str(getattr(args, k))]
+    if args.grad_checkpointing:
+        argv.append("--grad-checkpointing")
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        oom = "out of memory" in r.stderr.lower() or r.returncode == -9
+        return dict(config=config, batch=batch, oom=oom, error=r.stderr.strip().splitlines()[-1:] if not oom else None)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def largest_batch(args, config):
+    """Double the batch until it no longer fits in --budget-gb, then bisect. One step per try."""
+    fits = lambda b: (lambda r: not r.get("oom") and not r.get("error") and r["peak_memory_gb"] <= args.budget_gb)(
+        run_child(args, config, b, 1))
+    lo, hi = 0, 1
+    while hi <= args.max_batch and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, args.max_batch + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def table(rows, args, device_name):
+    head = (f"{args.model or args.preset}, {args.prompt_len} + {args.response_len} tokens, "
+            f"{'bf16' if device_name.startswith('cuda') else 'fp32'}, {device_name}"
+            + (", gradient checkpointing" if args.grad_checkpointing else ""))
+    lines = [f"**{head}**", "",
+             "| config | batch | peak memory (GB) | latency / sample (s) | generate | score | update | tokens / s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "peak_memory_gb" not in r:
+            lines.append(f"| {r['config']} | {r['batch']} | {'OOM' if r.get('oom') else 'failed'} | | | | | |")
+            continue
+        lines.append(f"| {r['config']} | {r['batch']} | {r['peak_memory_gb']:.2f} | {r['latency_per_sample_s']:.3f} | "
+                     f"{r['generate_per_sample_s']:.3f} | {r['score_per_sample_s']:.3f} | "
+                     f"{r['update_per_sample_s']:.3f} | {r['tokens_per_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="opt-125m", choices=list(PRESETS), help="architecture (random init)")
+    p.add_argument("--model", default="", help="instead of --preset: a local folder or hub name (its config only)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    p.add_argument("--batch", type=int, default=8, help="prompts per PPO step (ignored with --budget-gb)")
+    p.add_argument("--budget-gb", type=float, default=0.0, help="> 0: each configuration's largest batch within it")
+    p.add_argument("--max-batch", type=int, default=256, help="upper bound of the --budget-gb search")
+    p.add_argument("--micro-batch", type=int, default=0, help="rows per forward pass in score/update (0: = batch)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--response-len", type=int, default=32)
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r)")
+    p.add_argument("--steps", type=int, default=3, help="timed PPO steps per configuration, after one warm-up")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.config = args.child
+        print(json.dumps(child(args)))
+        return
+    configs = [c for c in args.configs.split(",") if c]
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad:
+        sys.exit(f"error: unknown configuration(s) {bad}; choose from {','.join(CONFIGS)}")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    if device == "cpu" or device == "auto":
+        device_name = f"cpu ({os.cpu_count()} cores)"
+    rows, t0 = [], time.time()
+    for config in configs:
+        batch = largest_batch(args, config) if args.budget_gb else args.batch
+        row = run_child(args, config, batch, args.steps) if batch else dict(config=config, batch=0, oom=True)
+        rows.append(row)
+        print(f"{config}: {row}", file=sys.stderr, flush=True)
+    print(table(rows, args, device_name))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(rows=rows, args=vars(args), device=device_name, torch=torch.__version__,
+                           time_s=time.time() - t0, date=time.strftime("%Y-%m-%d")), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
