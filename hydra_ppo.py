@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import typing
@@ -22,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lora import (add_lora, load_lora_state_dict, lora_off, lora_parameters, lora_state_dict, merge_lora,
+from lora import (LoRALinear, add_lora, load_lora_state_dict, lora_off, lora_parameters, lora_state_dict, merge_lora,
                   use_adapter)
 
 
@@ -46,6 +47,8 @@ class Common:
     eval_batch_size: int = arg(32, "batch size for evaluation")
     log_every: int = arg(1, "write a metrics line every N steps")
     grad_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, ~30%% slower)")
+    chat_template: bool = arg(False, "format prompts with the tokenizer's chat template (HH transcripts become "
+                                     "user/assistant turns)")
 
 
 @dataclass
@@ -117,6 +120,15 @@ class GenerateConfig:
     greedy: bool = arg(False, "greedy decoding instead of sampling")
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "auto, cpu, cuda, ...")
+
+
+@dataclass
+class ExportConfig:
+    run: str = arg("out/ppo", "a PPO output folder")
+    format: str = arg("merged", "merged: a plain transformers checkpoint with the actor adapter folded in; peft: "
+                                "adapter_config.json + adapter_model.safetensors for peft's PeftModel.from_pretrained",
+                      choices=("merged", "peft"))
+    out: str = arg("", "output folder (default: RUN/export-FORMAT)")
 
 
 def _flag_type(f):
@@ -239,9 +251,23 @@ def collate(prompts, responses, pad_id):
     return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1]
 
 
-def encode_prompt(tok, text, max_len):
-    ids = tok(text)["input_ids"]  # with the tokenizer's BOS, if it adds one
-    return ids[-max_len:]         # keep the end of a long prompt: it is what the response answers
+def encode_prompt(tok, text, max_len, chat=False):
+    if chat:
+        check(getattr(tok, "chat_template", None), "--chat-template: this tokenizer has no chat template")
+        text = tok.apply_chat_template(to_messages(text), add_generation_prompt=True, tokenize=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
+    else:
+        ids = tok(text)["input_ids"]  # with the tokenizer's BOS, if it adds one
+    return ids[-max_len:]             # keep the end of a long prompt: it is what the response answers
+
+
+def to_messages(prompt):
+    """An HH transcript ("\n\nHuman: ...\n\nAssistant: ...\n\nAssistant:") as chat turns; other text: one user turn."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # [before, role, text, role, text, ...]
+    if len(parts) < 3:
+        return [dict(role="user", content=prompt.strip())]
+    turns = [dict(role="user" if r == "Human" else "assistant", content=t.strip()) for r, t in zip(parts[1::2], parts[2::2])]
+    return turns[:-1] if turns[-1] == dict(role="assistant", content="") else turns  # the open turn is generated
 
 
 def encode_response(tok, text, max_len):
@@ -430,7 +456,7 @@ def log_line(fh, record):
 
 def sft_batch(tok, pairs, cfg, with_rejected):
     """Rows [0, n): prompt + chosen; rows [n, 2n): prompt + rejected (when with_rejected)."""
-    prompts = [encode_prompt(tok, p["prompt"], cfg.max_prompt_len) for p in pairs]
+    prompts = [encode_prompt(tok, p["prompt"], cfg.max_prompt_len, cfg.chat_template) for p in pairs]
     responses = [encode_response(tok, p["chosen"], cfg.max_response_len) for p in pairs]
     if with_rejected:
         prompts = prompts + prompts
@@ -852,7 +878,8 @@ def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
         ids_all, rows = [], []
         for i in range(0, len(prompts), cfg.eval_batch_size):
             chunk = prompts[i:i + cfg.eval_batch_size]
-            p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len) for p in chunk], tok.pad_token_id, "left")
+            p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len, cfg.chat_template) for p in chunk],
+                                tok.pad_token_id, "left")
             p_ids, p_mask = p_ids.to(device), p_mask.to(device)
             with autocast():
                 ids, mask, _ = generate(role, p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
@@ -967,7 +994,8 @@ def ppo(cfg: PPOConfig, judge=None):
             while len(order) < cfg.batch_size:  # an endless shuffled stream over the training prompts
                 order += rng.sample(range(len(train_prompts)), len(train_prompts))
             prompts, order = [train_prompts[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
-            p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len) for p in prompts], tok.pad_token_id, "left")
+            p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len, cfg.chat_template) for p in prompts],
+                                tok.pad_token_id, "left")
             batch, stats = rollout_batch(roles, tok, p_ids.to(device), p_mask.to(device), cfg, autocast, beta)  # 1-4
             clock = Clock(device)
             mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)                         # 5
@@ -1073,6 +1101,8 @@ def load_policy(run_dir, device, dtype):
     if cfg.mode == "full":
         model, tok, _ = load_checkpoint(os.path.join(run_dir, "actor"), device, dtype, dropout=False)
         return Role(model, None, "lm"), tok, cfg
+    check(os.path.isfile(os.path.join(run_dir, POLICY_FILE)), f"{run_dir}: no {POLICY_FILE} yet (the run has not "
+                                                              f"finished; `ppo --resume {run_dir}` continues it)")
     model, tok, _ = load_checkpoint(cfg.sft, device, dtype, dropout=False)
     adapter = "shared" if cfg.mode == "jhydra" else "actor"
     add_lora(model.lm, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
@@ -1086,7 +1116,7 @@ def generate_cmd(cfg: GenerateConfig):
     actor, tok, run = load_policy(cfg.run, device, dtype)
     actor.model.eval()
     torch.manual_seed(cfg.seed)
-    p_ids, p_mask = pad([encode_prompt(tok, cfg.prompt, run.max_prompt_len)] * cfg.num_samples,
+    p_ids, p_mask = pad([encode_prompt(tok, cfg.prompt, run.max_prompt_len, run.chat_template)] * cfg.num_samples,
                         tok.pad_token_id, "left")
     with autocast():
         ids, mask, _ = generate(actor, p_ids.to(device), p_mask.to(device), tok,
@@ -1094,6 +1124,34 @@ def generate_cmd(cfg: GenerateConfig):
     for text in tok.batch_decode(ids[:, p_ids.shape[1]:].masked_fill(mask[:, p_ids.shape[1]:] == 0,
                                                                      tok.pad_token_id), skip_special_tokens=True):
         print(text)
+
+
+def export(cfg: ExportConfig):
+    """merged: the actor as an ordinary transformers checkpoint (from_pretrained loads it; the heads stay behind).
+    peft: the actor adapter in peft's format, on top of the SFT checkpoint it was trained from."""
+    out = cfg.out or os.path.join(cfg.run, f"export-{cfg.format}")
+    actor, tok, run = load_policy(cfg.run, torch.device("cpu"), "auto")  # keep the checkpoint's own dtype
+    lm = actor.model.lm
+    if cfg.format == "merged":
+        if actor.adapter:
+            merge_lora(lm, actor.adapter)  # W0 + (alpha/r) B A, then plain nn.Linear again
+        lm.save_pretrained(out)
+        tok.save_pretrained(out)
+    else:
+        check(actor.adapter, "--format peft needs a LoRA run; a --mode full run has no adapter (use --format merged)")
+        from safetensors.torch import save_file
+        suffix = f".{actor.adapter}"
+        weights = {"base_model.model." + k[:-len(suffix)] + ".weight": v.contiguous()
+                   for k, v in lora_state_dict(lm, actor.adapter).items()}  # ...q_proj.lora_A.actor -> .lora_A.weight
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, LoRALinear)})
+        os.makedirs(out, exist_ok=True)
+        save_file(weights, os.path.join(out, "adapter_model.safetensors"))
+        write_json(os.path.join(out, "adapter_config.json"), dict(
+            peft_type="LORA", task_type="CAUSAL_LM", r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=0.0,
+            target_modules=targets, bias="none", fan_in_fan_out=False, inference_mode=True, use_rslora=False,
+            use_dora=False, init_lora_weights=True, modules_to_save=None, base_model_name_or_path=os.path.abspath(run.sft)))
+    print(f"exported the policy of {cfg.run} ({cfg.format}) to {out}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1193,7 +1251,8 @@ def plot_scores(scores, path):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
-SUBCOMMANDS = {"sft": (SFTConfig, sft), "ppo": (PPOConfig, ppo), "generate": (GenerateConfig, generate_cmd)}
+SUBCOMMANDS = {"sft": (SFTConfig, sft), "ppo": (PPOConfig, ppo), "generate": (GenerateConfig, generate_cmd),
+               "export": (ExportConfig, export)}
 
 
 def main(argv=None):

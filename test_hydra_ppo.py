@@ -620,3 +620,61 @@ def test_cuda_out_of_memory_becomes_a_message(ckpts, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "out of memory" in err and "--mode hydra" in err and "batch 64" in err and "400" in err
     assert "--grad-checkpointing" in err and "Traceback" not in err
+
+
+# ---- export and chat templates -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ppo_runs(ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for mode in ("hydra", "full"):
+        runs[mode] = str(root / mode)
+        hp.ppo(ppo_config(ckpts, mode, out=runs[mode], steps=3, actor_lr=1e-2, critic_lr=1e-2))
+    return runs
+
+
+def policy_logits(run, ids):
+    actor, _, _ = hp.load_policy(run, CPU, torch.float32)
+    with hp.adapter_on(actor):
+        return actor.model.lm(ids).logits
+
+
+@pytest.mark.parametrize("mode", ["hydra", "full"])
+def test_export_merged_is_a_plain_checkpoint_with_the_same_outputs(ppo_runs, tmp_path, mode, batch):
+    from transformers import AutoModelForCausalLM
+    out = hp.export(hp.ExportConfig(run=ppo_runs[mode], format="merged", out=str(tmp_path / "m")))
+    lm = AutoModelForCausalLM.from_pretrained(out)
+    assert not any(isinstance(m, LoRALinear) for m in lm.modules())
+    want = policy_logits(ppo_runs[mode], batch)
+    sft_dir = json.load(open(os.path.join(ppo_runs[mode], "run.json")))["sft"]
+    sft = hp.load_checkpoint(sft_dir, CPU, torch.float32)[0]
+    assert not torch.allclose(sft.lm(batch).logits, want, atol=1e-4)  # the policy did move away from SFT
+    torch.testing.assert_close(lm(batch).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_export_peft_loads_in_peft(ppo_runs, tmp_path, batch):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    out = hp.export(hp.ExportConfig(run=ppo_runs["hydra"], format="peft", out=str(tmp_path / "p")))
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    sft_dir = json.load(open(os.path.join(ppo_runs["hydra"], "run.json")))["sft"]
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_dir), out).eval()
+    torch.testing.assert_close(model(batch).logits, policy_logits(ppo_runs["hydra"], batch), atol=1e-5, rtol=1e-5)
+    with pytest.raises(hp.UserError, match="needs a LoRA run"):
+        hp.export(hp.ExportConfig(run=ppo_runs["full"], format="peft", out=str(tmp_path / "f")))
+
+
+def test_chat_template_formats_hh_turns():
+    _, tok = tiny()
+    hh = "\n\nHuman: good film\n\nAssistant: nice\n\nHuman: bad song\n\nAssistant:"
+    assert hp.to_messages(hh) == [dict(role="user", content="good film"), dict(role="assistant", content="nice"),
+                                  dict(role="user", content="bad song")]
+    assert hp.to_messages("review of the film :") == [dict(role="user", content="review of the film :")]
+    with pytest.raises(hp.UserError, match="no chat template"):
+        hp.encode_prompt(tok, hh, 64, chat=True)
+    tok.chat_template = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant{% endif %}")
+    ids = hp.encode_prompt(tok, hh, 64, chat=True)
+    assert tok.decode(ids) == tok.decode(tok("user good film assistant nice user bad song assistant")["input_ids"])
+    assert hp.encode_prompt(tok, hh, 3, chat=True) == ids[-3:]
