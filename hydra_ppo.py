@@ -451,6 +451,71 @@ def log_line(fh, record):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Data parallel: `torchrun --nproc_per_node N hydra_ppo.py ...`. Each rank trains on its own shard of every batch
+# (prompts for PPO, pairs for SFT); the gradients of the trained parameters are averaged with one all-reduce per
+# optimizer step; metrics are averaged; only rank 0 prints and writes files. Without torchrun (no WORLD_SIZE in the
+# environment) rank = 0, world = 1 and every function below does nothing.
+
+def init_distributed(device):
+    """-> (rank, world, device). NCCL on GPUs (one per rank: cuda:LOCAL_RANK), gloo on CPU."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
+    return dist.get_rank(), world, device
+
+
+def average_gradients(params):
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
+        work.wait()
+    for p in params:
+        p.grad /= dist.get_world_size()
+
+
+def mean_over_ranks(stats):
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return stats
+    t = torch.tensor(list(stats.values()), dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return dict(zip(stats, (t / dist.get_world_size()).tolist()))
+
+
+def ranks_in_sync(params):
+    """True when every rank holds the same trained weights (compares a fingerprint of them across ranks)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return True
+    flat = torch.cat([p.detach().double().flatten() for p in params])
+    fp = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device, dtype=flat.dtype)).sum()])
+    fp = fp.cuda() if dist.get_backend() == "nccl" else fp.cpu()
+    everyone = [torch.zeros_like(fp) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, fp)
+    return all(torch.equal(everyone[0], x) for x in everyone)
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Hydra-SFT: one decoder pass over [prompt+chosen ; prompt+rejected] feeds both heads.
 #   loss = lm_coef * CE(chosen response tokens) + rm_coef * -log sigmoid(r_chosen - r_rejected)
 
@@ -499,7 +564,8 @@ def evaluate_sft(model, tok, pairs, cfg, device, autocast):
 
 
 def sft(cfg: SFTConfig):
-    device, dtype, autocast = setup_device(cfg.device)
+    rank, world, device_name = init_distributed(cfg.device)
+    device, dtype, autocast = setup_device(device_name)
     check(cfg.batch_size % cfg.micro_batch_size == 0,
           f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
     check(cfg.max_prompt_len > 0 and cfg.max_response_len > 1, "--max-prompt-len must be > 0, --max-response-len > 1")
@@ -532,23 +598,26 @@ def sft(cfg: SFTConfig):
     order = []
     t0 = time.time()
     model.train()
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "w") as log, \
-            tqdm(range(1, steps + 1), desc=f"sft ({cfg.task})", dynamic_ncols=True) as bar:
+    with open(os.path.join(cfg.out, "metrics.jsonl") if rank == 0 else os.devnull, "w") as log, \
+            tqdm(range(1, steps + 1), desc=f"sft ({cfg.task})", dynamic_ncols=True, disable=rank > 0) as bar:
         for step in bar:
             stats = {}
             for _ in range(cfg.batch_size // cfg.micro_batch_size):  # gradient accumulation
-                while len(order) < cfg.micro_batch_size:  # an endless shuffled stream over the training pairs
+                n = cfg.micro_batch_size * world
+                while len(order) < n:  # an endless shuffled stream over the training pairs
                     order += rng.sample(range(len(train)), len(train))
-                chunk, order = [train[i] for i in order[:cfg.micro_batch_size]], order[cfg.micro_batch_size:]
+                chunk, order = [train[i] for i in order[:n]][rank::world], order[n:]  # this rank's shard
                 ids, mask, P = sft_batch(tok, chunk, cfg, with_rejected=bool(rm_coef))
                 with autocast():
                     loss, s = sft_loss(model, ids.to(device), mask.to(device), P, len(chunk), lm_coef, rm_coef)
                 (loss * cfg.micro_batch_size / cfg.batch_size).backward()
                 for k, v in s.items():
                     stats[k] = stats.get(k, 0.0) + v * cfg.micro_batch_size / cfg.batch_size
+            average_gradients(params)  # data parallel (no-op in one process)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            stats = mean_over_ranks(stats)
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()}, refresh=False)
             if step % cfg.log_every == 0 or step == steps:
                 log_line(log, dict(step=step, **stats, grad_norm=grad_norm, lr=lr, time=time.time() - t0))
@@ -558,11 +627,13 @@ def sft(cfg: SFTConfig):
           + (f", reward-model pairwise accuracy {metrics['rm_acc']:.3f}" if rm_coef else ""))
     if cfg.lora_r:
         merge_lora(model.lm, "default")  # the checkpoint is a plain transformers model again
-    save_checkpoint(cfg.out, model, tok, dict(task=cfg.task, base_model=cfg.model))
     summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=len(train), held_out_pairs=len(held_out),
-                   **{"held_out_" + k: v for k, v in metrics.items()}, time_s=time.time() - t0, config=asdict(cfg))
-    with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=1)
+                   **{"held_out_" + k: v for k, v in metrics.items()}, world_size=world, time_s=time.time() - t0,
+                   config=asdict(cfg))
+    if rank == 0:
+        save_checkpoint(cfg.out, model, tok, dict(task=cfg.task, base_model=cfg.model))
+        write_json(os.path.join(cfg.out, "summary.json"), summary)
+    barrier()  # the other ranks may load this checkpoint next (the pipeline's PPO stage)
     print(f"saved checkpoint to {cfg.out}")
     return summary
 
@@ -805,6 +876,7 @@ def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
                         (loss * weight).backward()
                     for k, v in s.items():
                         stats[k] = stats.get(k, 0.0) + v * weight
+            average_gradients(params)  # data parallel (no-op in one process)
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
             stats["skipped"] = float(not math.isfinite(stats["grad_norm"]))  # NaN/inf loss or gradient
             if not stats["skipped"]:
@@ -970,7 +1042,8 @@ def ppo(cfg: PPOConfig, judge=None):
         with open(os.path.join(cfg.resume, RUN_FILE)) as fh:
             cfg = PPOConfig(**{**json.load(fh), "resume": cfg.resume, "out": cfg.resume})
     check_ppo_config(cfg)
-    device, dtype, autocast = setup_device(cfg.device)
+    rank, world, device_name = init_distributed(cfg.device)
+    device, dtype, autocast = setup_device(device_name)
     train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
     train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
     roles, opt, params = setup_ppo(cfg, checkpoint_loader(cfg, device, dtype))
@@ -983,17 +1056,22 @@ def ppo(cfg: PPOConfig, judge=None):
     if cfg.resume:
         state = load_state(cfg.out, params, opt, rng, generator)
         first, beta, order, saved = state["step"] + 1, state["beta"], state["order"], state["step"]
-        keep_log_until(log_path, state["step"])  # the steps after the checkpoint are done again
+        barrier()
+        if rank == 0:
+            keep_log_until(log_path, state["step"])  # the steps after the checkpoint are done again
         print(f"resuming {cfg.out} after step {state['step']}")
-    else:
+    elif rank == 0:
         write_json(os.path.join(cfg.out, RUN_FILE), asdict(cfg))
-    with open(log_path, "a" if cfg.resume else "w") as log, \
+    if world > 1:
+        torch.manual_seed(cfg.seed + 1000 * rank + first)  # data parallel: every rank samples its own responses
+    with open(log_path if rank == 0 else os.devnull, "a" if cfg.resume else "w") as log, \
             tqdm(range(first, cfg.steps + 1), desc=f"ppo ({cfg.mode})", dynamic_ncols=True,
-                 initial=first - 1, total=cfg.steps) as bar:
+                 initial=first - 1, total=cfg.steps, disable=rank > 0) as bar:
         for step in bar:
-            while len(order) < cfg.batch_size:  # an endless shuffled stream over the training prompts
+            n = cfg.batch_size * world
+            while len(order) < n:  # an endless shuffled stream over the training prompts
                 order += rng.sample(range(len(train_prompts)), len(train_prompts))
-            prompts, order = [train_prompts[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
+            prompts, order = [train_prompts[i] for i in order[:n]][rank::world], order[n:]  # this rank's shard
             p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len, cfg.chat_template) for p in prompts],
                                 tok.pad_token_id, "left")
             batch, stats = rollout_batch(roles, tok, p_ids.to(device), p_mask.to(device), cfg, autocast, beta)  # 1-4
@@ -1001,6 +1079,7 @@ def ppo(cfg: PPOConfig, judge=None):
             mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)                         # 5
             stats["time_update"] = clock()
             stats.update({k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]})
+            stats = mean_over_ranks(stats)
             bad = bad + 1 if stats["skipped"] == 1.0 else 0
             if cfg.target_kl and not bad:
                 beta = update_kl_coef(beta, stats["kl"], cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
@@ -1018,15 +1097,21 @@ def ppo(cfg: PPOConfig, judge=None):
                       f"checkpoint (step {saved}) is in {cfg.out}/{STATE_FILE}. What helps: lower --actor-lr / "
                       f"--critic-lr, --score-clip 5, --max-grad-norm 0.5")
             elif (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                save_state(cfg.out, step, params, opt, beta, rng, order, generator)
+                if rank == 0:
+                    save_state(cfg.out, step, params, opt, beta, rng, order, generator)
                 saved = step
 
-    save_policy(cfg, roles, tok)
-    metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)
+    in_sync = ranks_in_sync(params)
+    check(in_sync, "data parallel: the ranks ended with different trained weights")
+    if rank == 0:
+        save_policy(cfg, roles, tok)
+    metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)  # on every rank
     print_eval(metrics, samples)
-    summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=beta,
-                   time_s=time.time() - t0, samples=samples[:5], config=asdict(cfg))
-    write_json(os.path.join(cfg.out, "summary.json"), summary)
+    summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=beta, world_size=world,
+                   ranks_in_sync=in_sync, time_s=time.time() - t0, samples=samples[:5], config=asdict(cfg))
+    if rank == 0:
+        write_json(os.path.join(cfg.out, "summary.json"), summary)
+    barrier()
     print(f"\nsaved the policy to {cfg.out}; sample from it with: python hydra_ppo.py generate --run {cfg.out}")
     return summary
 
@@ -1222,9 +1307,9 @@ def pipeline(cfg: PipelineConfig):
                    policy_gold=ppo_summary["policy_judge"] if demo else None, kl=ppo_summary["policy_kl"],
                    sft_len=ppo_summary["sft_len"], policy_len=ppo_summary["policy_len"],
                    time_s=time.time() - t0, config=asdict(cfg))
-    with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=1)
-    plot_scores(scores, os.path.join(cfg.out, "reward.png"))
+    if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 writes
+        write_json(os.path.join(cfg.out, "summary.json"), summary)
+        plot_scores(scores, os.path.join(cfg.out, "reward.png"))
     print(f"\nverdict: reward-model accuracy {summary['rm_accuracy']:.2f} (held out), "
           f"{summary['judge']} win-rate of {cfg.mode}-PPO over Hydra-SFT {summary['win_rate']:.2f}, "
           f"KL {summary['kl']:.2f}, {summary['time_s']:.0f} s. Everything is in {cfg.out}/")
@@ -1262,9 +1347,13 @@ def main(argv=None):
     cls, run = SUBCOMMANDS[name] if name else (PipelineConfig, pipeline)
     from transformers.utils import logging
     logging.disable_progress_bar()  # our own bars are enough
+    cfg = None
     try:
         cfg = parse_config(cls, argv[1:] if name else argv, prog="hydra_ppo.py" + (f" {name}" if name else ""))
         run(cfg)
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -678,3 +678,49 @@ def test_chat_template_formats_hh_turns():
     ids = hp.encode_prompt(tok, hh, 64, chat=True)
     assert tok.decode(ids) == tok.decode(tok("user good film assistant nice user bad song assistant")["input_ids"])
     assert hp.encode_prompt(tok, hh, 3, chat=True) == ids[-3:]
+
+
+# ---- data parallel -----------------------------------------------------------------------------------------------
+
+def torchrun(*args, nproc=2, timeout=600):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           os.path.join(HERE, "hydra_ppo.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE)
+
+
+def test_torchrun_two_cpu_ranks_stay_in_sync(ckpts, tmp_path):
+    args = ["ppo", "--sft", ckpts["hydra"], "--data", DEMO, "--steps", "3", "--batch-size", "4", "--minibatch-size",
+            "2", "--micro-batch-size", "2", "--lora-r", "4", "--max-response-len", "8", "--eval-prompts", "4",
+            "--actor-lr", "1e-2", "--device", "cpu"]
+    r = torchrun(*args, "--out", str(tmp_path / "ddp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["ranks_in_sync"] is True  # identical trained weights on both ranks
+    assert r.stdout.count("win-rate of PPO over SFT") == 1  # only rank 0 prints
+    single = tmp_path / "single"
+    assert run_cli(*args, "--out", str(single)).returncode == 0
+    one = json.loads((single / "summary.json").read_text())
+    assert ddp.keys() == one.keys() and one["world_size"] == 1
+    ddp_log, one_log = [[json.loads(l) for l in open(p / "metrics.jsonl")] for p in (tmp_path / "ddp", single)]
+    assert [r["step"] for r in ddp_log] == [r["step"] for r in one_log] == [1, 2, 3]  # one line per step, rank 0 only
+    assert ddp_log[0].keys() == one_log[0].keys()
+    assert ddp_log != one_log  # two ranks saw twice the prompts: a different run, the same shape
+
+
+def test_ranks_in_sync_detects_a_difference(tmp_path):
+    """The fingerprint check itself, on 2 gloo processes where rank 1 holds a different weight."""
+    script = tmp_path / "w.py"
+    script.write_text(
+        "import os, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import hydra_ppo as hp\n"
+        "hp.init_distributed('cpu')\n"
+        "p = [torch.ones(3), torch.zeros(2)]\n"
+        "same = hp.ranks_in_sync(p)\n"
+        "if dist.get_rank() == 1: p[1][0] = 1e-6\n"
+        f"open(os.path.join({str(tmp_path)!r}, f'rank{{dist.get_rank()}}'), 'w').write(f'{{same}} {{hp.ranks_in_sync(p)}}')\n"
+        "dist.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [(tmp_path / f"rank{i}").read_text() for i in (0, 1)] == ["True False", "True False"]
