@@ -50,6 +50,14 @@ def model_config(args):
     return LlamaConfig(**kw, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+def machine_busy_s():
+    """CPU seconds every process on this machine has been busy (from /proc/stat): with own CPU time it tells how much
+    of the cores other processes took while we measured. Above ~0.1 the timings are contaminated."""
+    with open("/proc/stat") as f:
+        t = [int(x) for x in f.readline().split()[1:]]
+    return (sum(t[:8]) - t[3] - t[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -75,7 +83,7 @@ def child(args):
     p_ids = torch.randint(4, config.vocab_size, (B, P), generator=g).to(device)
     p_mask = torch.ones_like(p_ids)
     micro = args.micro_batch or B
-    times = []
+    times, stamps = [], []
     if args.config == "sft":  # one full fine-tuning step of the SFT model on prompt + response
         model = load("sft", trained=True).requires_grad_(True)
         if args.grad_checkpointing:
@@ -86,6 +94,7 @@ def child(args):
         r_ids = torch.randint(4, config.vocab_size, (B, R), generator=g).to(device)
         ids, mask = torch.cat([p_ids, r_ids], 1), torch.ones(B, P + R, dtype=torch.long, device=device)
         for _ in range(args.steps + 1):
+            stamps.append((time.perf_counter(), time.process_time(), machine_busy_s()))
             clock = hp.Clock(device)
             for i in range(0, B, micro):
                 with autocast():
@@ -101,21 +110,31 @@ def child(args):
         roles, opt, params = hp.setup_ppo(cfg, load)
         tok = types.SimpleNamespace(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
         for _ in range(args.steps + 1):
+            stamps.append((time.perf_counter(), time.process_time(), machine_busy_s()))
             batch, stats = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, cfg.kl_coef, min_new_tokens=R)
             assert batch["ids"].shape[1] == P + R, "generation stopped before the full response length"
             clock = hp.Clock(device)
             hp.ppo_update(roles, opt, params, batch, cfg, autocast, torch.Generator().manual_seed(0))
             times.append(dict(time_generate=stats["time_generate"], time_score=stats["time_score"],
                               time_update=clock()))
+    stamps.append((time.perf_counter(), time.process_time(), machine_busy_s()))
+    (w0, c0, b0), (w1, c1, b1) = stamps[1], stamps[-1]  # the timed steps (after the warm-up)
+    others = max(0.0, ((b1 - b0) - (c1 - c0)) / ((w1 - w0) * os.cpu_count())) if device.type == "cpu" else 0.0
     times = times[1:]  # drop the warm-up step
     med = {k: statistics.median(t[k] for t in times) for k in times[0]}
     step = sum(med.values())
     return dict(config=args.config, batch=B, peak_memory_gb=peak_memory_gb(device),
                 latency_per_sample_s=step / B, **{k.replace("time_", "") + "_per_sample_s": v / B for k, v in med.items()},
-                tokens_per_s=B * (P + R) / step, steps_timed=len(times))
+                tokens_per_s=B * (P + R) / step, steps_timed=len(times), others_cpu_frac=others)
 
 
 # ---- the parent: one subprocess per configuration (and per batch size tried) -------------------------------------
+
+def child_env(args):
+    """--malloc-trim: glibc returns freed heap memory at once (MALLOC_TRIM_THRESHOLD_=0), so peak RSS tracks live
+    tensors instead of what the allocator keeps for reuse; slower. Applied to every measured process alike."""
+    return dict(os.environ, **({"MALLOC_TRIM_THRESHOLD_": "0"} if args.malloc_trim else {}))
+
 
 def run_child(args, config, batch, steps):
     argv = [sys.executable, os.path.abspath(__file__), "--child", config, "--batch", str(batch), "--steps", str(steps)]
@@ -124,7 +143,7 @@ def run_child(args, config, batch, steps):
             argv += ["--" + k.replace("_", "-"), str(getattr(args, k))]
     if args.grad_checkpointing:
         argv.append("--grad-checkpointing")
-    r = subprocess.run(argv, capture_output=True, text=True)
+    r = subprocess.run(argv, capture_output=True, text=True, env=child_env(args))
     if r.returncode != 0:
         oom = "out of memory" in r.stderr.lower() or r.returncode == -9
         return dict(config=config, batch=batch, oom=oom, error=r.stderr.strip().splitlines()[-1:] if not oom else None)
@@ -148,17 +167,18 @@ def largest_batch(args, config):
 def table(rows, args, device_name):
     head = (f"{args.model or args.preset}, {args.prompt_len} + {args.response_len} tokens, "
             f"{'bf16' if device_name.startswith('cuda') else 'fp32'}, {device_name}"
-            + (", gradient checkpointing" if args.grad_checkpointing else ""))
+            + (", gradient checkpointing" if args.grad_checkpointing else "")
+            + (", MALLOC_TRIM_THRESHOLD_=0" if args.malloc_trim else ""))
     lines = [f"**{head}**", "",
-             "| config | batch | peak memory (GB) | latency / sample (s) | generate | score | update | tokens / s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| config | batch | peak memory (GB) | latency / sample (s) | generate | score | update | tokens / s |"
+             " other load |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "peak_memory_gb" not in r:
-            lines.append(f"| {r['config']} | {r['batch']} | {'OOM' if r.get('oom') else 'failed'} | | | | | |")
+            lines.append(f"| {r['config']} | {r['batch']} | {'OOM' if r.get('oom') else 'failed'} | | | | | | |")
             continue
         lines.append(f"| {r['config']} | {r['batch']} | {r['peak_memory_gb']:.2f} | {r['latency_per_sample_s']:.3f} | "
                      f"{r['generate_per_sample_s']:.3f} | {r['score_per_sample_s']:.3f} | "
-                     f"{r['update_per_sample_s']:.3f} | {r['tokens_per_s']:.0f} |")
+                     f"{r['update_per_sample_s']:.3f} | {r['tokens_per_s']:.0f} | {r['others_cpu_frac']:.0%} |")
     return "\n".join(lines)
 
 
@@ -177,6 +197,10 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed PPO steps per configuration, after one warm-up")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--device", default="auto")
+    p.add_argument("--malloc-trim", action="store_true", help="CPU: peak RSS of live tensors, without what glibc "
+                   "keeps of freed memory (MALLOC_TRIM_THRESHOLD_=0 for every measured process; slower)")
+    p.add_argument("--vs-trl", action="store_true", help="then run the same workload on TRL's PPO (bench_trl.py, "
+                   "which installs TRL in its own venv) and print the ratios against our hydra")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -199,10 +223,31 @@ def main():
         rows.append(row)
         print(f"{config}: {row}", file=sys.stderr, flush=True)
     print(table(rows, args, device_name))
+    trl = vs_trl(args, rows) if args.vs_trl else None
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(rows=rows, args=vars(args), device=device_name, torch=torch.__version__,
+            json.dump(dict(rows=rows, trl=trl, args=vars(args), device=device_name, torch=torch.__version__,
                            time_s=time.time() - t0, date=time.strftime("%Y-%m-%d")), fh, indent=1)
+
+
+def vs_trl(args, rows):
+    """The same workload on TRL's PPO, right after ours on the same machine; prints the ratios to our hydra."""
+    import tempfile
+    out = os.path.join(tempfile.mkdtemp(), "trl.json")
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_trl.py"),
+                    "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--response-len",
+                    str(args.response_len), "--lora-r", str(args.lora_r), "--steps", str(args.steps), "--json", out],
+                   check=True, env=child_env(args))
+    with open(out) as fh:
+        trl = json.load(fh)
+    ours = next(r for r in rows if r["config"] == "hydra")
+    speed = trl["latency_per_sample_s"] / ours["latency_per_sample_s"]
+    memory = ours["peak_memory_gb"] * 1024 / trl["peak_rss_mib"]
+    print(f"\nTRL {trl['trl']} PPO (peft LoRA policy, separate reward and value models), same workload: "
+          f"{trl['latency_per_sample_s']:.3f} s/sample, peak RSS {trl['peak_rss_mib'] / 1024:.2f} GB "
+          f"(other load {trl['others_cpu_frac']:.0%}).\nhydra vs TRL: {speed:.2f}x faster per sample, "
+          f"{memory:.2f} of its peak RSS (other load during hydra: {ours['others_cpu_frac']:.0%}).")
+    return trl
 
 
 if __name__ == "__main__":

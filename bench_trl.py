@@ -11,7 +11,7 @@ Workload (every value below is fixed on purpose, so both sides do the same arith
     do not depend on the weights' values. All dropouts (dropout, attention_dropout, activation_dropout, layerdrop) 0.
   * fp32 on CPU: bf16=False (TRL defaults it to True when fp16 is off), use_cpu=True.
   * Tokenizer: a tiny in-memory WordLevel one with OPT's special ids (pad=1, bos=eos=2); prompts are given as ids.
-  * Policy: the OPT causal LM + peft LoRA (r=16, alpha=32, dropout 0, on q/k/v/out_proj and fc1/fc2).
+  * Policy: the OPT causal LM + peft LoRA (r=16, alpha=2r=32, dropout 0, on q/k/v/out_proj and fc1/fc2).
     ref_model=None, so TRL uses the policy with the adapter disabled as the reference (no extra copy).
   * Reward model and value model: two separate full `AutoModelForSequenceClassification` OPT copies (num_labels=1),
     random init; this is how TRL's PPO is built (value model fully trained, reward model frozen).
@@ -55,12 +55,9 @@ def ensure_venv_and_rerun():
     py = os.path.join(VENV, "bin", "python")
     if not os.path.exists(py):
         subprocess.check_call([sys.executable, "-m", "venv", "--system-site-packages", VENV])
-    check = "import importlib.metadata as m; import sys; sys.exit(any(m.version(p.split('==')[0]) != p.split('==')[1] for p in sys.argv[1:]))"
-    try:
-        ok = subprocess.run([py, "-c", check, *PINS], capture_output=True).returncode == 0
-    except Exception:
-        ok = False
-    if not ok:
+    check = ("import importlib.metadata as m, sys\n"
+             "sys.exit(any(m.version(n) != v for n, v in (p.split('==') for p in sys.argv[1:])))")
+    if subprocess.run([py, "-c", check, *PINS], capture_output=True).returncode != 0:  # missing or other version
         # Pin torch to the version already installed system-wide: pip then fails rather than pull another torch.
         torch_v = subprocess.check_output([py, "-c", "import importlib.metadata as m; print(m.version('torch'))"],
                                           text=True).strip()
@@ -83,7 +80,7 @@ def rss_mib(field):
 
 def measure(a):
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false",
-                      WANDB_DISABLED="true")
+                      TRL_EXPERIMENTAL_SILENCE="1", WANDB_DISABLED="true")
     import resource, statistics, tempfile, time, shutil
     import torch, transformers, trl, peft
     from datasets import Dataset

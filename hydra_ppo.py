@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from lora import (LoRALinear, add_lora, load_lora_state_dict, lora_off, lora_parameters, lora_state_dict, merge_lora,
@@ -175,6 +176,20 @@ def setup_device(name):
 # ----------------------------------------------------------------------------------------------------------------
 # The two-head model: one decoder, an LM head (the causal LM's own), a reward head and a value head.
 
+LOGITS_CHUNK = 16  # response positions per LM-head chunk: B x 16 x V logits at a time
+
+
+def token_logprobs(head, h, labels, entropy):
+    """log softmax(head(h))[label] for one chunk: (B, C, H) -> (B, C), and the entropy (no grad: only logged)."""
+    logits = head(h).float()  # (B, C, V)
+    lp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    if not entropy:
+        return lp
+    with torch.no_grad():
+        logp = logits.log_softmax(-1)
+        return lp, -(logp.exp() * logp).sum(-1)  # H = -sum_v p log p
+
+
 class HydraModel(nn.Module):
     """Wraps any AutoModelForCausalLM. Call it for the decoder's hidden states (one pass), then read any heads:
 
@@ -203,17 +218,17 @@ class HydraModel(nn.Module):
         return out.last_hidden_state  # (B, T, H)
 
     def logprobs(self, hidden, input_ids, start, entropy=False):
-        """Log-probs of tokens input_ids[:, start:] (needs start >= 1). Only those positions go through the
-        LM head: no (B, T, V) logits for the prompt."""
+        """Log-probs of tokens input_ids[:, start:] (needs start >= 1), and their entropy if asked. Only response
+        positions go through the LM head, LOGITS_CHUNK positions at a time under activation checkpointing: the
+        (B, R, V) logits never exist at once, in the forward or the backward (which recomputes each chunk)."""
         h = hidden[:, start - 1:-1]           # (B, R, H): the state at t-1 predicts token t
         labels = input_ids[:, start:]         # (B, R)
-        logits = self.lm.get_output_embeddings()(h).float()  # (B, R, V)
-        lp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # log softmax at the label
+        head = self.lm.get_output_embeddings()
+        chunks = [checkpoint(token_logprobs, head, h[:, i:i + LOGITS_CHUNK], labels[:, i:i + LOGITS_CHUNK], entropy,
+                             use_reentrant=False) for i in range(0, h.shape[1], LOGITS_CHUNK)]
         if not entropy:
-            return lp  # (B, R)
-        with torch.no_grad():  # entropy is only logged: keep its (B, R, V) temporaries out of the graph
-            logp = logits.log_softmax(-1)
-            return lp, -(logp.exp() * logp).sum(-1)  # H = -sum_v p log p, (B, R)
+            return torch.cat(chunks, 1)  # (B, R)
+        return torch.cat([c[0] for c in chunks], 1), torch.cat([c[1] for c in chunks], 1)
 
     def values(self, hidden, start):
         """V(s_t) for each response token t >= start, read at the same positions as logprobs."""
