@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from lora import (LoRALinear, add_lora, load_lora_state_dict, lora_off, lora_parameters, lora_state_dict, merge_lora,
-                  use_adapter)
+from lora import (DEFAULT_TARGETS, LoRALinear, add_lora, load_lora_state_dict, lora_off, lora_parameters,
+                  lora_state_dict, merge_lora, use_adapter)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,6 +55,9 @@ class Common:
                                           "forward per update pass)")
     chat_template: bool = arg(False, "format prompts with the tokenizer's chat template (HH transcripts become "
                                      "user/assistant turns)")
+    lora_targets: str = arg("", "comma-separated names of the linear layers that get LoRA (default: every linear "
+                                "map in OPT and Llama decoder layers; GPT-NeoX: query_key_value,dense,dense_h_to_4h,"
+                                "dense_4h_to_h)")
 
 
 @dataclass
@@ -113,7 +116,8 @@ class PPOConfig(Common):
     eval_prompts: int = arg(64, "held-out prompts used by each evaluation")
     save_every: int = arg(10, "write a resumable checkpoint (OUT/state.pt) every N steps (0: only at the end)")
     resume: str = arg("", "continue the run in this folder from its last checkpoint, with its saved configuration")
-    max_bad_steps: int = arg(3, "stop after this many steps in a row whose updates all had a non-finite loss or gradient")
+    max_bad_steps: int = arg(3, "stop after this many steps in a row whose updates all had a non-finite loss or "
+                                "gradient")
 
 
 @dataclass
@@ -178,10 +182,11 @@ def setup_device(name):
 LOGITS_CHUNK = 16  # response positions per LM-head chunk: B x 16 x V logits at a time
 
 
-def token_logprobs(head, h, labels, entropy):
-    """log softmax(head(h))[label] for one chunk: (B, C, H) -> (B, C), and the entropy (no grad: only logged)."""
+def token_logprobs(head, h, labels, entropy, temperature):
+    """log softmax(head(h) / T)[label] for one chunk: (B, C, H) -> (B, C), and the entropy (no grad: only logged).
+    T is the sampling temperature: the policy PPO optimises is the distribution the responses were sampled from."""
     B, C, H = h.shape
-    logits = head(h.reshape(B * C, H)).float().view(B, C, -1)  # (B, C, V); 2-D: a strided 3-D slice runs ~30% slower
+    logits = head(h.reshape(B * C, H)).float().view(B, C, -1) / temperature  # (B, C, V); 2-D: a strided slice is slower
     lp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     if not entropy:
         return lp
@@ -217,7 +222,7 @@ class HydraModel(nn.Module):
                                  use_cache=False)
         return out.last_hidden_state  # (B, T, H)
 
-    def logprobs(self, hidden, input_ids, start, entropy=False):
+    def logprobs(self, hidden, input_ids, start, entropy=False, temperature=1.0):
         """Log-probs of tokens input_ids[:, start:] (needs start >= 1), and their entropy if asked. Only response
         positions go through the LM head, LOGITS_CHUNK positions at a time under activation checkpointing: the
         (B, R, V) logits never exist at once, in the forward or the backward (which recomputes each chunk)."""
@@ -225,7 +230,7 @@ class HydraModel(nn.Module):
         labels = input_ids[:, start:]         # (B, R)
         head = self.lm.get_output_embeddings()
         chunks = [checkpoint(token_logprobs, head, h[:, i:i + LOGITS_CHUNK], labels[:, i:i + LOGITS_CHUNK], entropy,
-                             use_reentrant=False) for i in range(0, h.shape[1], LOGITS_CHUNK)]
+                             temperature, use_reentrant=False) for i in range(0, h.shape[1], LOGITS_CHUNK)]
         if not entropy:
             return torch.cat(chunks, 1)  # (B, R)
         return torch.cat([c[0] for c in chunks], 1), torch.cat([c[1] for c in chunks], 1)
@@ -281,7 +286,8 @@ def to_messages(prompt):
     parts = re.split(r"\n\n(Human|Assistant):", prompt)  # [before, role, text, role, text, ...]
     if len(parts) < 3:
         return [dict(role="user", content=prompt.strip())]
-    turns = [dict(role="user" if r == "Human" else "assistant", content=t.strip()) for r, t in zip(parts[1::2], parts[2::2])]
+    turns = [dict(role="user" if r == "Human" else "assistant", content=t.strip())
+             for r, t in zip(parts[1::2], parts[2::2])]
     return turns[:-1] if turns[-1] == dict(role="assistant", content="") else turns  # the open turn is generated
 
 
@@ -397,9 +403,9 @@ def load_lm(name, device, dtype, dropout=True):
     try:
         config = AutoConfig.from_pretrained(name)
         tok = load_tokenizer(name)
-    except OSError as e:
-        raise UserError(f"--model {name}: not a local model folder, and it could not be loaded from the hub "
-                        f"({str(e).splitlines()[0]})") from None
+    except (OSError, ValueError, KeyError) as e:  # no such folder or hub name / a model type transformers lacks
+        raise UserError(f"--model {name}: could not load its config and tokenizer "
+                        f"({str(e).strip().splitlines()[0]})") from None
     if not dropout:
         no_dropout(config)
     return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device), tok
@@ -451,6 +457,15 @@ def load_checkpoint(path, device, dtype, dropout=True):
         return model, tok, json.load(fh)
 
 
+def add_adapter(lm, cfg, adapter="default"):
+    """add_lora with the run's rank, alpha and --lora-targets; a one-line error when no layer matches."""
+    targets = tuple(t.strip() for t in cfg.lora_targets.split(",")) if cfg.lora_targets else DEFAULT_TARGETS
+    try:
+        return add_lora(lm, targets, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
+    except ValueError as e:
+        raise UserError(f"{e} (--lora-targets)") from None
+
+
 def checkpointing_on(lm):
     """Activation (gradient) checkpointing; transformers 5 renamed it. Non-reentrant: works with a frozen trunk."""
     if hasattr(lm, "activation_checkpointing_enable"):
@@ -466,9 +481,9 @@ def log_line(fh, record):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data parallel: `torchrun --nproc_per_node N hydra_ppo.py ...`. Each rank trains on its own shard of every batch
-# (prompts for PPO, pairs for SFT); the gradients of the trained parameters are averaged with one all-reduce per
-# optimizer step; metrics are averaged; only rank 0 prints and writes files. Without torchrun (no WORLD_SIZE in the
-# environment) rank = 0, world = 1 and every function below does nothing.
+# (prompts for PPO, pairs for SFT); the gradients of the trained parameters are averaged (an all-reduce per trained
+# tensor) before every optimizer step; metrics are averaged; only rank 0 prints and writes files. Without torchrun
+# (no WORLD_SIZE in the environment) rank = 0, world = 1 and every function below does nothing.
 
 def init_distributed(device):
     """-> (rank, world, device). NCCL on GPUs (one per rank: cuda:LOCAL_RANK), gloo on CPU."""
@@ -515,8 +530,8 @@ def ranks_in_sync(params):
     import torch.distributed as dist
     if not dist.is_initialized():
         return True
-    flat = torch.cat([p.detach().double().flatten() for p in params])
-    fp = torch.stack([flat.sum(), (flat * torch.arange(len(flat), device=flat.device, dtype=flat.dtype)).sum()])
+    fp = torch.stack([torch.stack([p.detach().sum(dtype=torch.float64), p.detach().abs().sum(dtype=torch.float64)])
+                      for p in params])  # (n_params, 2), one tensor at a time: no copy of all the weights
     fp = fp.cuda() if dist.get_backend() == "nccl" else fp.cpu()
     everyone = [torch.zeros_like(fp) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, fp)
@@ -596,7 +611,7 @@ def sft(cfg: SFTConfig):
     lm_coef = 0.0 if cfg.task == "rm" else cfg.lm_coef
     rm_coef = 0.0 if cfg.task == "sft" else cfg.rm_coef
     if cfg.lora_r:
-        add_lora(model.lm, r=cfg.lora_r, alpha=cfg.lora_alpha)  # freezes everything else in the LM
+        add_adapter(model.lm, cfg)  # freezes everything else in the LM
     if not rm_coef:
         model.reward_head.requires_grad_(False)
     model.value_head.requires_grad_(False)  # PPO's head; SFT leaves it alone
@@ -605,7 +620,7 @@ def sft(cfg: SFTConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr or (1e-3 if tiny else 1e-5)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train) / cfg.batch_size))
+    steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * world)))  # global batch
     os.makedirs(cfg.out, exist_ok=True)
 
     rng = random.Random(cfg.seed)
@@ -636,11 +651,11 @@ def sft(cfg: SFTConfig):
             if step % cfg.log_every == 0 or step == steps:
                 log_line(log, dict(step=step, **stats, grad_norm=grad_norm, lr=lr, time=time.time() - t0))
 
-    metrics = evaluate_sft(model, tok, held_out, cfg, device, autocast)
+    if cfg.lora_r:  # the checkpoint is a plain transformers model again (rounded to the trunk's dtype: bf16 on CUDA)
+        merge_lora(model.lm, "default")
+    metrics = evaluate_sft(model, tok, held_out, cfg, device, autocast)  # of exactly the model that is saved
     print(f"held-out ({len(held_out)} pairs): LM loss {metrics['lm_loss']:.3f}"
           + (f", reward-model pairwise accuracy {metrics['rm_acc']:.3f}" if rm_coef else ""))
-    if cfg.lora_r:
-        merge_lora(model.lm, "default")  # the checkpoint is a plain transformers model again
     summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=len(train), held_out_pairs=len(held_out),
                    **{"held_out_" + k: v for k, v in metrics.items()}, world_size=world, time_s=time.time() - t0,
                    config=asdict(cfg))
@@ -656,6 +671,7 @@ def sft(cfg: SFTConfig):
 # PPO building blocks: small pure functions on (B, R) tensors; `mask` is 1 on real response tokens (right-padded).
 
 def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the real tokens; shift_mean=False adds the mean back (scales, keeps the sign of the mean)."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     white = (x - mean) * torch.rsqrt(var + 1e-8)
@@ -667,13 +683,13 @@ def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
         delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   the value after the last real token is 0
         A_t     = delta_t + gamma * lam * A_{t+1}
         returns = A + V
-    -> (advantages, returns), both (B, T) and 0 on padding."""
+    rewards, values, mask: (B, R) over response tokens. -> (advantages, returns), both (B, R) and 0 on padding."""
     rewards, values = rewards * mask, values * mask  # padding carries no reward and no value
-    T = rewards.shape[1]
+    R = rewards.shape[1]
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)  # 0 past the end (masked)
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(last)  # 0 past the end (masked)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         last = delta + gamma * lam * last
         advantages[:, t] = last
@@ -739,7 +755,7 @@ def build_roles(cfg, load):
     """-> roles: exactly the models that cfg.mode holds. load(which, trained) returns a new, frozen HydraModel of
     the "sft" or "rm" checkpoint (the benchmark passes a loader of random-init models instead)."""
     def lora(model, adapter):
-        add_lora(model.lm, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
+        add_adapter(model.lm, cfg, adapter)
 
     sft_model = load("sft", trained=cfg.mode == "full")
     if cfg.mode in ("hydra", "jhydra"):
@@ -804,9 +820,9 @@ def passes(roles, names):
     return list(groups.values())
 
 
-def read_head(role, h, ids, mask, P):
+def read_head(role, h, ids, mask, P, temperature):
     if role.head == "lm":
-        return role.model.logprobs(h, ids, P)  # (B, R)
+        return role.model.logprobs(h, ids, P, temperature=temperature)  # (B, R)
     return role.model.values(h, P) if role.head == "value" else role.model.score(h, mask)  # (B, R) / (B,)
 
 
@@ -823,9 +839,14 @@ def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0
     """Sample responses from `role` (its adapter on, or LoRA off). -> ids (B, P+R), mask (B, P+R), has_eos (B,).
     Responses are cut after their first EOS (kept: the policy learns to stop) and right-padded."""
     from transformers import GenerationConfig
-    gen = GenerationConfig(do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p,
-                           max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    # Every field that shapes the distribution is set here: a checkpoint's generation_config.json (e.g. a
+    # repetition_penalty) would otherwise fill in what is left unset, and the samples would not come from pi.
+    gen = GenerationConfig(do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p, min_p=None,
+                           typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+                           no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
+                           begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None,
+                           forced_eos_token_id=None, min_length=0, max_new_tokens=max_new_tokens,
+                           min_new_tokens=min_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     P = prompt_ids.shape[1]
     with adapter_on(role):
         out = role.model.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
@@ -840,7 +861,7 @@ def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0
 
 
 @torch.no_grad()
-def score_rollout(roles, ids, mask, P, chunk, autocast):
+def score_rollout(roles, ids, mask, P, chunk, autocast, temperature=1.0):
     """Step 2: old log-probs (actor), reference log-probs, values (critic) and the reward-model score, in chunks
     of `chunk` rows. -> dict of (B, R) tensors and 'reward' (B,)."""
     out = {n: [] for n in roles}
@@ -850,7 +871,7 @@ def score_rollout(roles, ids, mask, P, chunk, autocast):
             with adapter_on(role), autocast():
                 h = role.model(ids_c, mask_c)  # (b, P+R, H)
                 for n in names:
-                    out[n].append(read_head(roles[n], h, ids_c, mask_c, P).float())
+                    out[n].append(read_head(roles[n], h, ids_c, mask_c, P, temperature).float())
     return {n: torch.cat(v) for n, v in out.items()}
 
 
@@ -876,7 +897,8 @@ def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
                             h = role.model(ids[idx], mask[idx])
                             loss, s = 0.0, {}
                             if "actor" in names:
-                                logprobs, entropy = role.model.logprobs(h, ids[idx], P, entropy=True)
+                                logprobs, entropy = role.model.logprobs(h, ids[idx], P, entropy=True,
+                                                                        temperature=cfg.temperature)
                                 pg_loss, s = ppo_policy_loss(logprobs.float(), batch["logprobs"][idx],
                                                              batch["advantages"][idx], m, cfg.cliprange)
                                 s["entropy"] = masked_mean(entropy, m).item()
@@ -913,7 +935,7 @@ def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens
     resp_mask = mask[:, P:].float()                               # (B, R) 1 on response tokens up to EOS
     t_generate = clock()
     # 2. Score: old and reference log-probs, values, and the reward model's score at the last response token.
-    s = score_rollout(roles, ids, mask, P, cfg.micro_batch_size, autocast)
+    s = score_rollout(roles, ids, mask, P, cfg.micro_batch_size, autocast, cfg.temperature)
     logprobs, ref_logprobs, values, score = s["actor"], s["ref"], s["critic"], s["reward"]
     t_score = clock()
     # 3. Rewards: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last response token.
@@ -943,11 +965,11 @@ def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens
 class Clock:
     """Seconds since the last call (CUDA work is asynchronous: synchronize before reading the time)."""
     def __init__(self, device):
-        self.cuda, self.t = device.type == "cuda", time.perf_counter()
+        self.device, self.t = device, time.perf_counter()
 
     def __call__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         t, self.t = self.t, time.perf_counter()
         return self.t - t
 
@@ -958,10 +980,12 @@ class Clock:
 
 @torch.no_grad()
 def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
+    for m in models_of(roles):
+        m.eval()  # after an update the models are in train(): with checkpointing on, generate would drop its KV cache
     out = {}
     for who in ("policy", "sft"):
         role = roles["actor" if who == "policy" else "ref"]
-        ids_all, rows = [], []
+        rows = []
         for i in range(0, len(prompts), cfg.eval_batch_size):
             chunk = prompts[i:i + cfg.eval_batch_size]
             p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len, cfg.chat_template) for p in chunk],
@@ -972,7 +996,7 @@ def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
                                         cfg.top_k, cfg.top_p)
             P = p_ids.shape[1]
             s = score_rollout({k: roles[k] for k in ("actor", "ref", "reward")}, ids, mask, P,
-                              cfg.micro_batch_size, autocast)
+                              cfg.micro_batch_size, autocast, cfg.temperature)
             resp_mask = mask[:, P:].float()
             texts = tok.batch_decode(ids[:, P:].masked_fill(mask[:, P:] == 0, tok.pad_token_id),
                                      skip_special_tokens=True)
@@ -1027,6 +1051,9 @@ def check_ppo_config(cfg):
         check(cfg.rm, f"--mode {cfg.mode} needs a reward-model checkpoint: --rm DIR (sft --task rm, or hydra)")
         rm_task = checkpoint_task(cfg.rm, "--rm")
         check(rm_task in ("hydra", "rm"), f"--rm {cfg.rm} was trained with --task {rm_task}, not a reward model")
+        check(load_tokenizer(cfg.sft).get_vocab() == load_tokenizer(cfg.rm).get_vocab(),
+              f"--sft {cfg.sft} and --rm {cfg.rm} have different tokenizers: the reward model would score token ids "
+              f"it does not know; train both from the same base model")
 
 
 def checkpoint_task(path, flag):
@@ -1053,6 +1080,8 @@ def ppo(cfg: PPOConfig, judge=None):
     if cfg.resume:  # the run's own configuration, saved when it started
         check(os.path.isfile(os.path.join(cfg.resume, STATE_FILE)), f"--resume {cfg.resume}: no checkpoint there "
                                                                      f"({STATE_FILE}) to resume from")
+        check(os.path.isfile(os.path.join(cfg.resume, RUN_FILE)), f"--resume {cfg.resume}: no {RUN_FILE} (the run's "
+                                                                   f"configuration) beside {STATE_FILE}")
         with open(os.path.join(cfg.resume, RUN_FILE)) as fh:
             cfg = PPOConfig(**{**json.load(fh), "resume": cfg.resume, "out": cfg.resume})
     check_ppo_config(cfg)
@@ -1096,7 +1125,7 @@ def ppo(cfg: PPOConfig, judge=None):
             stats = mean_over_ranks(stats)
             bad = bad + 1 if stats["skipped"] == 1.0 else 0
             if cfg.target_kl and not bad:
-                beta = update_kl_coef(beta, stats["kl"], cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
+                beta = update_kl_coef(beta, stats["kl"], cfg.target_kl, cfg.batch_size * world, cfg.kl_horizon)
             record = dict(step=step, **stats, time=time.time() - t0)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 metrics, _ = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)
@@ -1115,10 +1144,10 @@ def ppo(cfg: PPOConfig, judge=None):
                     save_state(cfg.out, step, params, opt, beta, rng, order, generator)
                 saved = step
 
-    in_sync = ranks_in_sync(params)
-    check(in_sync, "data parallel: the ranks ended with different trained weights")
     if rank == 0:
         save_policy(cfg, roles, tok)
+    in_sync = ranks_in_sync(params)
+    check(in_sync, f"data parallel: the ranks ended with different trained weights (rank 0's are saved in {cfg.out})")
     metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)  # on every rank
     print_eval(metrics, samples)
     summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=beta, world_size=world,
@@ -1204,7 +1233,7 @@ def load_policy(run_dir, device, dtype):
                                                               f"finished; `ppo --resume {run_dir}` continues it)")
     model, tok, _ = load_checkpoint(cfg.sft, device, dtype, dropout=False)
     adapter = "shared" if cfg.mode == "jhydra" else "actor"
-    add_lora(model.lm, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
+    add_adapter(model.lm, cfg, adapter)
     state = torch.load(os.path.join(run_dir, POLICY_FILE), map_location=device, weights_only=True)
     load_lora_state_dict(model.lm, state["actor"])
     return Role(model, adapter, "lm"), tok, cfg
@@ -1382,7 +1411,8 @@ def main(argv=None):
 def oom_context(cfg):
     get = lambda k: getattr(cfg, k, "?")
     return (f"mode {get('mode')}, batch {get('batch_size')} (micro-batch {get('micro_batch_size')}), "
-            f"{get('max_prompt_len')} prompt + {get('max_response_len')} response tokens, model {get('model') if hasattr(cfg, 'model') else get('sft')}")
+            f"{get('max_prompt_len')} prompt + {get('max_response_len')} response tokens, "
+            f"model {get('model') if hasattr(cfg, 'model') else get('sft')}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import torch.nn as nn
 # Every linear map inside the decoder layers (the paper puts LoRA on all of them), for OPT and Llama.
 # Other families name them differently: Mistral, Qwen2, Gemma use Llama's names; GPT-NeoX/Pythia use
 # query_key_value, dense, dense_h_to_4h, dense_4h_to_h; Phi uses q_proj, k_proj, v_proj, dense, fc1, fc2.
-# (GPT-2 uses Conv1D, not nn.Linear, and is not supported.) lm_head and the embeddings are never targeted.
+# Pass targets= (hydra_ppo.py: --lora-targets) for those. GPT-2 uses Conv1D, not nn.Linear, and is not supported.
+# lm_head and the embeddings are never targeted.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",  # OPT
                    "o_proj", "gate_proj", "up_proj", "down_proj")           # Llama (+ q/k/v_proj above)
 
@@ -44,7 +45,7 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, name):
         assert name not in self.lora_A, f"adapter {name!r} already exists"
-        # Adapters train in fp32 even on a bf16 trunk (as peft does); forward casts around the product.
+        # Adapters are fp32 parameters even on a bf16 trunk (as in peft), so AdamW updates them in full precision.
         A = torch.empty(self.r, self.base.in_features, device=self.base.weight.device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear and microsoft/LoRA
         B = torch.zeros(self.base.out_features, self.r, device=self.base.weight.device)

@@ -724,3 +724,59 @@ def test_ranks_in_sync_detects_a_difference(tmp_path):
                         str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [(tmp_path / f"rank{i}").read_text() for i in (0, 1)] == ["True False", "True False"]
+
+
+# ---- found in review ---------------------------------------------------------------------------------------------
+
+def test_evaluation_after_a_checkpointed_update_matches_eval_mode(ckpts):
+    """ppo_update leaves the models in train(); with checkpointing on, transformers would then generate without
+    its KV cache. evaluate_ppo must put them in eval() itself."""
+    cfg = ppo_config(ckpts, "hydra", grad_checkpointing=True, eval_prompts=8)
+    roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    one_iteration(cfg, roles, opt, params)
+    assert all(m.training for m in hp.models_of(roles))
+    tok = hp.load_tokenizer(cfg.sft)
+    prompts = [p["prompt"] for p in hp.make_demo_pairs(8, seed=5)]
+    torch.manual_seed(0)
+    after_update = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU, hp.nullcontext)
+    for m in hp.models_of(roles):
+        m.eval()
+    torch.manual_seed(0)
+    assert hp.evaluate_ppo(roles, tok, prompts, cfg, CPU, hp.nullcontext) == after_update
+
+
+def test_logprobs_use_the_sampling_temperature(batch):
+    lm, tok = tiny()
+    model = hp.HydraModel(lm)
+    mask = torch.ones_like(batch)
+    h = model(batch, mask)
+    want = (lm(batch).logits[:, 3:-1] / 0.7).log_softmax(-1).gather(-1, batch[:, 4:, None]).squeeze(-1)
+    torch.testing.assert_close(model.logprobs(h, batch, 4, temperature=0.7), want, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_ignores_the_checkpoints_sampling_settings():
+    lm, tok = tiny()
+    role = hp.Role(hp.HydraModel(lm), None, "lm")
+    p_ids, p_mask = hp.pad([hp.encode_prompt(tok, "review of the film :", 16)] * 4, tok.pad_token_id, "left")
+    torch.manual_seed(0)
+    clean = hp.generate(role, p_ids, p_mask, tok, 8)[0]
+    lm.generation_config.repetition_penalty = 5.0  # what a checkpoint's generation_config.json may carry
+    lm.generation_config.no_repeat_ngram_size = 1
+    lm.generation_config.top_k = 3
+    torch.manual_seed(0)
+    assert torch.equal(hp.generate(role, p_ids, p_mask, tok, 8)[0], clean)
+
+
+def test_sft_and_rm_with_different_tokenizers_are_refused(ckpts, tmp_path):
+    other = write(tmp_path, [json.dumps(dict(prompt="zz yy", chosen="xx ww", rejected="vv uu"))] * 4)
+    rm = str(tmp_path / "rm")
+    hp.sft(hp.SFTConfig(data=other, out=rm, task="rm", steps=1, device="cpu"))
+    cfg = ppo_config(ckpts, "dlora", rm=rm)
+    with pytest.raises(hp.UserError, match="different tokenizers"):
+        hp.check_ppo_config(cfg)
+
+
+def test_unknown_lora_targets_are_one_line(ckpts):
+    cfg = ppo_config(ckpts, "hydra", lora_targets="query_key_value")
+    with pytest.raises(hp.UserError, match="no nn.Linear named like.*--lora-targets"):
+        hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
