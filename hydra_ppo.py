@@ -160,7 +160,7 @@ def check(cond, msg):
 
 
 class UserError(Exception):
-    pass
+    """A mistake in the input or the configuration: main() prints it as one line (no traceback) and exits 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
