@@ -291,6 +291,18 @@ def to_messages(prompt):
     return turns[:-1] if turns[-1] == dict(role="assistant", content="") else turns  # the open turn is generated
 
 
+def prompt_batch(tok, prompts, cfg, device):
+    """Prompt strings -> left-padded ids (B, P) and mask (B, P) on `device`, as generation expects."""
+    ids, mask = pad([encode_prompt(tok, p, cfg.max_prompt_len, cfg.chat_template) for p in prompts],
+                    tok.pad_token_id, "left")
+    return ids.to(device), mask.to(device)
+
+
+def decode_responses(tok, ids, mask, P):
+    """The response part (columns P:) of each row as text, padding and special tokens dropped."""
+    return tok.batch_decode(ids[:, P:].masked_fill(mask[:, P:] == 0, tok.pad_token_id), skip_special_tokens=True)
+
+
 def encode_response(tok, text, max_len):
     return tok(text, add_special_tokens=False)["input_ids"][:max_len - 1] + [tok.eos_token_id]
 
@@ -988,9 +1000,7 @@ def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
         rows = []
         for i in range(0, len(prompts), cfg.eval_batch_size):
             chunk = prompts[i:i + cfg.eval_batch_size]
-            p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len, cfg.chat_template) for p in chunk],
-                                tok.pad_token_id, "left")
-            p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+            p_ids, p_mask = prompt_batch(tok, chunk, cfg, device)
             with autocast():
                 ids, mask, _ = generate(role, p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
                                         cfg.top_k, cfg.top_p)
@@ -998,8 +1008,7 @@ def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
             s = score_rollout({k: roles[k] for k in ("actor", "ref", "reward")}, ids, mask, P,
                               cfg.micro_batch_size, autocast, cfg.temperature)
             resp_mask = mask[:, P:].float()
-            texts = tok.batch_decode(ids[:, P:].masked_fill(mask[:, P:] == 0, tok.pad_token_id),
-                                     skip_special_tokens=True)
+            texts = decode_responses(tok, ids, mask, P)
             rows += [dict(response=t, score=sc, kl=k, length=n) for t, sc, k, n in
                      zip(texts, s["reward"].tolist(), ((s["actor"] - s["ref"]) * resp_mask).sum(1).tolist(),
                          resp_mask.sum(1).tolist())]
@@ -1115,11 +1124,10 @@ def ppo(cfg: PPOConfig, judge=None):
             while len(order) < n:  # an endless shuffled stream over the training prompts
                 order += rng.sample(range(len(train_prompts)), len(train_prompts))
             prompts, order = [train_prompts[i] for i in order[:n]][rank::world], order[n:]  # this rank's shard
-            p_ids, p_mask = pad([encode_prompt(tok, p, cfg.max_prompt_len, cfg.chat_template) for p in prompts],
-                                tok.pad_token_id, "left")
-            batch, stats = rollout_batch(roles, tok, p_ids.to(device), p_mask.to(device), cfg, autocast, beta)  # 1-4
+            p_ids, p_mask = prompt_batch(tok, prompts, cfg, device)
+            batch, stats = rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta)  # steps 1-4
             clock = Clock(device)
-            mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)                         # 5
+            mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)  # step 5
             stats["time_update"] = clock()
             stats.update({k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]})
             stats = mean_over_ranks(stats)
@@ -1244,13 +1252,11 @@ def generate_cmd(cfg: GenerateConfig):
     actor, tok, run = load_policy(cfg.run, device, dtype)
     actor.model.eval()
     torch.manual_seed(cfg.seed)
-    p_ids, p_mask = pad([encode_prompt(tok, cfg.prompt, run.max_prompt_len, run.chat_template)] * cfg.num_samples,
-                        tok.pad_token_id, "left")
+    p_ids, p_mask = prompt_batch(tok, [cfg.prompt] * cfg.num_samples, run, device)
     with autocast():
-        ids, mask, _ = generate(actor, p_ids.to(device), p_mask.to(device), tok,
-                                cfg.max_new_tokens or run.max_response_len, cfg.temperature, greedy=cfg.greedy)
-    for text in tok.batch_decode(ids[:, p_ids.shape[1]:].masked_fill(mask[:, p_ids.shape[1]:] == 0,
-                                                                     tok.pad_token_id), skip_special_tokens=True):
+        ids, mask, _ = generate(actor, p_ids, p_mask, tok, cfg.max_new_tokens or run.max_response_len,
+                                cfg.temperature, greedy=cfg.greedy)
+    for text in decode_responses(tok, ids, mask, p_ids.shape[1]):
         print(text)
 
 
