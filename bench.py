@@ -4,7 +4,7 @@
     python bench.py --preset llama-7b --budget-gb 80 --grad-checkpointing --prompt-len 400 --response-len 400
 
 Each configuration runs in a fresh subprocess (so one's memory never counts toward another's) through the same
-code as a real run (hydra_ppo.setup_ppo, rollout_batch, ppo_update), with random-init models built from the
+code as a real run (hydra_ppo.setup_ppo, ppo_step), with random-init models built from the
 architecture's config (no download) and generation forced to the full response length. Reported per
 configuration: peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the subprocess's peak RSS, which includes
 the ~0.5 GB of Python + torch + transformers), latency per sample of a whole PPO step split into generate / score /
@@ -111,12 +111,10 @@ def child(args):
         tok = types.SimpleNamespace(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
         for _ in range(args.steps + 1):
             stamps.append((time.perf_counter(), time.process_time(), machine_busy_s()))
-            batch, stats = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, cfg.kl_coef, min_new_tokens=R)
+            batch, stats = hp.ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, cfg.kl_coef,
+                                       torch.Generator().manual_seed(0), min_new_tokens=R)
             assert batch["ids"].shape[1] == P + R, "generation stopped before the full response length"
-            clock = hp.Clock(device)
-            hp.ppo_update(roles, opt, params, batch, cfg, autocast, torch.Generator().manual_seed(0))
-            times.append(dict(time_generate=stats["time_generate"], time_score=stats["time_score"],
-                              time_update=clock()))
+            times.append({k: stats[k] for k in ("time_generate", "time_score", "time_update")})
     stamps.append((time.perf_counter(), time.process_time(), machine_busy_s()))
     (w0, c0, b0), (w1, c1, b1) = stamps[1], stamps[-1]  # the timed steps (after the warm-up)
     others = max(0.0, ((b1 - b0) - (c1 - c0)) / ((w1 - w0) * os.cpu_count())) if device.type == "cpu" else 0.0

@@ -887,9 +887,18 @@ def score_rollout(roles, ids, mask, P, chunk, autocast, temperature=1.0):
     return {n: torch.cat(v) for n, v in out.items()}
 
 
+def one_pass(cfg):
+    """The paper's setting: 1 PPO epoch and one optimizer step from one forward pass over the whole rollout batch
+    (minibatch = micro-batch = batch). That forward runs at theta_old, so its own outputs, detached, are the old
+    log-probs (and, where the critic shares the actor's pass, the old values): step 2 skips that pass and steps 3-4
+    run inside the update. Exact, not an approximation: the ratio is 1 by construction."""
+    return cfg.ppo_epochs == 1 and cfg.minibatch_size == cfg.micro_batch_size == cfg.batch_size
+
+
 def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
     """Step 5: ppo_epochs over shuffled minibatches (one optimizer step each) with gradient accumulation over
-    micro-batches. -> a list of stats dicts, one per minibatch, in order."""
+    micro-batches. -> a list of stats dicts, one per minibatch, in order. In the one_pass setting the batch comes
+    without old log-probs: the actor's forward here supplies them, then steps 3-4 run (their stats are returned too)."""
     ids, mask, P = batch["ids"], batch["mask"], batch["P"]
     B = ids.shape[0]
     for m in models_of(roles):
@@ -911,12 +920,20 @@ def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
                             if "actor" in names:
                                 logprobs, entropy = role.model.logprobs(h, ids[idx], P, entropy=True,
                                                                         temperature=cfg.temperature)
-                                pg_loss, s = ppo_policy_loss(logprobs.float(), batch["logprobs"][idx],
-                                                             batch["advantages"][idx], m, cfg.cliprange)
-                                s["entropy"] = masked_mean(entropy, m).item()
-                                loss = loss + pg_loss
+                                logprobs = logprobs.float()
                             if "critic" in names:
                                 vpred = role.model.values(h, P)
+                            if "advantages" not in batch:  # one_pass: this forward is at theta_old
+                                batch["logprobs"] = torch.empty_like(logprobs).index_copy(0, idx, logprobs.detach())
+                                if "critic" in names:  # jhydra: the values come from the same pass
+                                    batch["values"] = torch.empty_like(vpred).index_copy(0, idx, vpred.detach())
+                                s.update(rewards_and_advantages(batch, cfg))  # steps 3-4
+                            if "actor" in names:
+                                pg_loss, s2 = ppo_policy_loss(logprobs, batch["logprobs"][idx],
+                                                              batch["advantages"][idx], m, cfg.cliprange)
+                                s.update(s2, entropy=masked_mean(entropy, m).item())
+                                loss = loss + pg_loss
+                            if "critic" in names:
                                 vf_loss, s2 = ppo_value_loss(vpred, batch["values"][idx], batch["returns"][idx], m,
                                                              cfg.cliprange_value)
                                 s.update(s2)
@@ -935,7 +952,8 @@ def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
 
 
 def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens=0):
-    """Steps 1-4 for one batch of left-padded prompts (B, P). -> batch dict (tensors for the update), stats."""
+    """Steps 1-4 for one batch of left-padded prompts (B, P). -> batch dict (tensors for the update), stats.
+    In the one_pass setting steps 3-4 wait for the update, whose forward gives the old log-probs."""
     device, clock = p_ids.device, Clock(p_ids.device)
     for m in models_of(roles):
         m.eval()
@@ -944,33 +962,51 @@ def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens
         ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
                                       cfg.top_k, cfg.top_p, min_new_tokens=min_new_tokens)
     P = p_ids.shape[1]
-    resp_mask = mask[:, P:].float()                               # (B, R) 1 on response tokens up to EOS
     t_generate = clock()
     # 2. Score: old and reference log-probs, values, and the reward model's score at the last response token.
-    s = score_rollout(roles, ids, mask, P, cfg.micro_batch_size, autocast, cfg.temperature)
-    logprobs, ref_logprobs, values, score = s["actor"], s["ref"], s["critic"], s["reward"]
-    t_score = clock()
+    #    one_pass: the update's first forward gives the old log-probs (and values, if in the same pass): skip it here.
+    later = passes(roles, ("actor", "critic"))[0][1] if one_pass(cfg) else []
+    s = score_rollout({n: r for n, r in roles.items() if n not in later}, ids, mask, P, cfg.micro_batch_size,
+                      autocast, cfg.temperature)
+    batch = dict(ids=ids, mask=mask, P=P, resp_mask=mask[:, P:].float(), has_eos=has_eos, beta=beta,
+                 ref_logprobs=s["ref"], score=s["reward"], logprobs=s.get("actor"), values=s.get("critic"))
+    stats = dict(time_generate=t_generate, time_score=clock())
+    if not later:
+        stats.update(rewards_and_advantages(batch, cfg))
+    return batch, stats
+
+
+def rewards_and_advantages(batch, cfg):
+    """Steps 3-4: KL-shaped rewards, then GAE advantages and returns, added to `batch`. -> stats."""
+    resp_mask, score, beta, values = batch["resp_mask"], batch["score"], batch["beta"], batch["values"]
     # 3. Rewards: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last response token.
     if cfg.score_clip:
         score = score.clamp(-cfg.score_clip, cfg.score_clip)
     if cfg.missing_eos_penalty:
-        score = torch.where(has_eos, score, score - cfg.missing_eos_penalty)
-    kl = (logprobs - ref_logprobs) * resp_mask                    # (B, R) per-token log-ratio
+        score = torch.where(batch["has_eos"], score, score - cfg.missing_eos_penalty)
+    kl = (batch["logprobs"] - batch["ref_logprobs"]) * resp_mask  # (B, R) per-token log-ratio
     rewards = -beta * kl
     last = resp_mask.sum(1).long() - 1                            # (B,) index of the last response token
-    rewards[torch.arange(len(last), device=device), last] += score
+    rewards[torch.arange(len(last), device=last.device), last] += score
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, resp_mask, shift_mean=False) * resp_mask
     # 4. Advantages: GAE over the response tokens, whitened over real tokens.
     advantages, returns = compute_gae(rewards, values, resp_mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, resp_mask) * resp_mask
-    batch = dict(ids=ids, mask=mask, P=P, resp_mask=resp_mask, logprobs=logprobs, values=values,
-                 advantages=advantages, returns=returns)
-    stats = dict(score=score.mean().item(), kl=kl.sum(1).mean().item(), beta=beta,
-                 reward=rewards.sum(1).mean().item(), response_len=resp_mask.sum(1).mean().item(),
-                 eos_frac=has_eos.float().mean().item(),
-                 explained_var=explained_variance(values, returns, resp_mask),
-                 time_generate=t_generate, time_score=t_score)
+    batch["advantages"], batch["returns"] = masked_whiten(advantages, resp_mask) * resp_mask, returns
+    return dict(score=score.mean().item(), kl=kl.sum(1).mean().item(), beta=beta,
+                reward=rewards.sum(1).mean().item(), response_len=resp_mask.sum(1).mean().item(),
+                eos_frac=batch["has_eos"].float().mean().item(),
+                explained_var=explained_variance(values, returns, resp_mask))
+
+
+def ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, generator, min_new_tokens=0):
+    """One PPO iteration on a batch of prompts: steps 1-4 (rollout_batch), then step 5 (ppo_update).
+    -> batch, stats (the update's averaged over its minibatches, and the time of each phase)."""
+    batch, stats = rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens)
+    clock = Clock(p_ids.device)
+    mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)
+    stats["time_update"] = clock()
+    stats.update({k: sum(s[k] for s in mb_stats if k in s) / len(mb_stats) for k in mb_stats[0]})
     return batch, stats
 
 
@@ -1125,12 +1161,7 @@ def ppo(cfg: PPOConfig, judge=None):
                 order += rng.sample(range(len(train_prompts)), len(train_prompts))
             prompts, order = [train_prompts[i] for i in order[:n]][rank::world], order[n:]  # this rank's shard
             p_ids, p_mask = prompt_batch(tok, prompts, cfg, device)
-            batch, stats = rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta)  # steps 1-4
-            clock = Clock(device)
-            mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)  # step 5
-            stats["time_update"] = clock()
-            stats.update({k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]})
-            stats = mean_over_ranks(stats)
+            stats = mean_over_ranks(ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, generator)[1])
             bad = bad + 1 if stats["skipped"] == 1.0 else 0
             if cfg.target_kl and not bad:
                 beta = update_kl_coef(beta, stats["kl"], cfg.target_kl, cfg.batch_size * world, cfg.kl_horizon)

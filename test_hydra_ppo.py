@@ -527,6 +527,38 @@ def test_gradient_checkpointing_gives_the_same_update(ckpts, mode):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mode, monkeypatch):
+    """1 epoch, minibatch = micro-batch = batch: the update's forward is at theta_old, so its outputs replace the
+    scoring pass of the actor (and of the critic when they share it). Same update, exact ratio of 1, fewer passes."""
+    cfg = ppo_config(ckpts, mode, batch_size=4, minibatch_size=4, micro_batch_size=4)
+    assert hp.one_pass(cfg) and not hp.one_pass(ppo_config(ckpts, mode))
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(hp, "one_pass", lambda cfg, fused=fused: fused)
+        roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+        forwards = []
+        for m in hp.models_of(roles):
+            m.register_forward_hook(lambda *_: forwards.append(1))
+        tok = hp.load_tokenizer(cfg.sft)
+        prompts = [hp.encode_prompt(tok, p["prompt"], 16) for p in hp.make_demo_pairs(cfg.batch_size)]
+        p_ids, p_mask = hp.pad(prompts, tok.pad_token_id, "left")
+        torch.manual_seed(0)
+        batch, stats = hp.ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, hp.nullcontext, cfg.kl_coef,
+                                   torch.Generator().manual_seed(0))
+        results[fused] = stats, [p.detach().clone() for p in params], batch, len(forwards)
+    (s1, p1, b1, n1), (s2, p2, b2, n2) = results[True], results[False]
+    assert torch.equal(b1["ids"], b2["ids"])
+    shared = mode == "jhydra"  # actor and critic in one pass
+    scoring = {"hydra": 3, "jhydra": 2, "dlora": 4, "lora": 4, "full": 4}[mode]  # passes in step 2 (+ 2 or 1 update)
+    assert n2 - n1 == 1 and n1 == scoring - 1 + (1 if shared else 2)
+    assert s1["ratio"] == 1.0 and s1["approx_kl"] == 0.0  # exactly: the old log-probs are this forward's own
+    for k in ("score", "kl", "reward", "explained_var", "pg_loss", "vf_loss", "grad_norm"):
+        assert s1[k] == pytest.approx(s2[k], rel=1e-4, abs=1e-6), k
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 # ---- the whole pipeline (`python hydra_ppo.py`) ------------------------------------------------------------------
 
 def test_pipeline_runs_every_stage_and_is_deterministic(tmp_path):
