@@ -106,7 +106,7 @@ def child(args):
     else:
         cfg = hp.PPOConfig(mode=args.config, batch_size=B, minibatch_size=B, micro_batch_size=micro,
                            max_prompt_len=P, max_response_len=R, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
-                           grad_checkpointing=args.grad_checkpointing, device=args.device)
+                           grad_checkpointing=args.grad_checkpointing, fold_lora=args.fold_lora, device=args.device)
         roles, opt, params = hp.setup_ppo(cfg, load)
         tok = types.SimpleNamespace(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
         for _ in range(args.steps + 1):
@@ -139,8 +139,7 @@ def run_child(args, config, batch, steps):
     for k in ("preset", "model", "prompt_len", "response_len", "lora_r", "device", "micro_batch"):
         if getattr(args, k) not in (None, ""):
             argv += ["--" + k.replace("_", "-"), str(getattr(args, k))]
-    if args.grad_checkpointing:
-        argv.append("--grad-checkpointing")
+    argv += [f for f in ("--grad-checkpointing", "--fold-lora") if getattr(args, f[2:].replace("-", "_"))]
     r = subprocess.run(argv, capture_output=True, text=True, env=child_env(args))
     if r.returncode != 0:
         oom = "out of memory" in r.stderr.lower() or r.returncode == -9
@@ -166,6 +165,7 @@ def table(rows, args, device_name):
     head = (f"{args.model or args.preset}, {args.prompt_len} + {args.response_len} tokens, "
             f"{'bf16' if device_name.startswith('cuda') else 'fp32'}, {device_name}"
             + (", gradient checkpointing" if args.grad_checkpointing else "")
+            + (", LoRA folded for sampling" if args.fold_lora else "")
             + (", MALLOC_TRIM_THRESHOLD_=0" if args.malloc_trim else ""))
     lines = [f"**{head}**", "",
              "| config | batch | peak memory (GB) | latency / sample (s) | generate | score | update | tokens / s |"
@@ -194,6 +194,8 @@ def main():
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r)")
     p.add_argument("--steps", type=int, default=3, help="timed PPO steps per configuration, after one warm-up")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--fold-lora", action="store_true", help="sample with the actor adapter folded into a copy of "
+                   "the weights (hydra_ppo.py ppo --fold-lora)")
     p.add_argument("--device", default="auto")
     p.add_argument("--malloc-trim", action="store_true", help="CPU: peak RSS of live tensors, without what glibc "
                    "keeps of freed memory (MALLOC_TRIM_THRESHOLD_=0 for every measured process; slower)")

@@ -9,14 +9,15 @@ A starts Kaiming-uniform and B at zero, so a new adapter changes nothing. Hydra-
   and the reward model ("dynamic LoRA", Santacroce et al. 2023, section 3);
 - several named adapters on one layer (Hydra-PPO: "actor" and "critic"), one active at a time.
 
-Public API: LoRALinear, add_lora, lora_off, use_adapter, lora_parameters, lora_state_dict, load_lora_state_dict,
-merge_lora. Learned from microsoft/LoRA (loralib/layers.py) and cccntu/minLoRA.
+Public API: LoRALinear, add_lora, lora_off, use_adapter, folded, lora_parameters, lora_state_dict,
+load_lora_state_dict, merge_lora. Learned from microsoft/LoRA (loralib/layers.py) and cccntu/minLoRA.
 """
 import math
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # Every linear map inside the decoder layers (the paper puts LoRA on all of them), for OPT and Llama.
 # Other families name them differently: Mistral, Qwen2, Gemma use Llama's names; GPT-NeoX/Pythia use
@@ -41,6 +42,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()  # name -> (out_features, r)
         self.enabled = True               # the switch: False gives back the frozen base layer bit for bit
         self.active = adapter             # which adapter runs when enabled
+        self.folded = None                # only inside folded(): (adapter, W0 + (alpha/r) B A) for fast inference
         self.add_adapter(adapter)
 
     def add_adapter(self, name):
@@ -52,6 +54,8 @@ class LoRALinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
 
     def forward(self, x):
+        if self.enabled and self.folded is not None and self.folded[0] == self.active:  # inside folded()
+            return F.linear(x, self.folded[1], self.base.bias)  # (W0 + (alpha/r) B A) x: one matmul
         y = self.base(x)  # W0 x
         if not self.enabled:
             return y
@@ -121,6 +125,25 @@ def use_adapter(model, name):
     finally:
         for m, (a, e) in zip(layers, before):
             m.active, m.enabled = a, e
+
+
+@contextmanager
+def folded(model, name):
+    """Inside: every LoRALinear computes y = (W0 + (alpha/r) B A) x with adapter `name` folded into one matrix: one
+    matmul per layer instead of three, for sampling token by token. W0 itself is untouched (LoRA off stays exact);
+    the price is a copy of every adapted weight while inside. Inference only: no gradient reaches A or B."""
+    layers = _lora_layers(model)
+    if not layers or any(name not in m.lora_A for m in layers):
+        raise KeyError(f"adapter {name!r} is not on every LoRA layer of this model")
+    try:
+        with torch.no_grad():
+            for m in layers:
+                W = m.base.weight
+                m.folded = name, (W.float() + m.scaling * (m.lora_B[name].float() @ m.lora_A[name].float())).to(W.dtype)
+        yield model
+    finally:
+        for m in layers:
+            m.folded = None
 
 
 def lora_parameters(model, adapter=None):

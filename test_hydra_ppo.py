@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 import hydra_ppo as hp
-from lora import (LoRALinear, add_lora, load_lora_state_dict, lora_off, lora_parameters, lora_state_dict,
-                  merge_lora, use_adapter)
+from lora import (LoRALinear, add_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
+                  lora_state_dict, merge_lora, use_adapter)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "data", "demo.jsonl")
@@ -91,6 +91,34 @@ def test_merge_equals_unmerged(batch):
     merge_lora(lm, "default")
     assert not any(isinstance(m, LoRALinear) for m in lm.modules())
     torch.testing.assert_close(lm(batch).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_adapter_gives_the_adapters_outputs_and_leaves_the_base_alone(batch):
+    lm, _ = tiny()
+    add_lora(lm, r=4, alpha=8.0, adapter="actor")
+    add_lora(lm, r=4, alpha=8.0, adapter="critic")
+    randomize_lora(lm)
+    with lora_off(lm):
+        base = lm(batch).logits
+    weights = {n: p.clone() for n, p in lm.named_parameters()}
+    with use_adapter(lm, "actor"):
+        want = lm(batch).logits
+        with use_adapter(lm, "critic"):
+            critic = lm(batch).logits
+        with folded(lm, "actor"):
+            torch.testing.assert_close(lm(batch).logits, want, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(lm(batch).logits, base)
+            with lora_off(lm):  # the switches still work inside
+                assert torch.equal(lm(batch).logits, base)
+            with use_adapter(lm, "critic"):
+                assert torch.equal(lm(batch).logits, critic)
+    assert all(m.folded is None for m in lm.modules() if isinstance(m, LoRALinear))  # gone after the block
+    assert all(torch.equal(p, weights[n]) for n, p in lm.named_parameters())  # W0, A and B untouched
+    with lora_off(lm):
+        assert torch.equal(lm(batch).logits, base)  # the reference stays exact
+    with pytest.raises(KeyError, match="nope"):
+        with folded(lm, "nope"):
+            pass
 
 
 def test_only_lora_parameters_train(batch):
@@ -556,6 +584,22 @@ def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mod
     for k in ("score", "kl", "reward", "explained_var", "pg_loss", "vf_loss", "grad_norm"):
         assert s1[k] == pytest.approx(s2[k], rel=1e-4, abs=1e-6), k
     for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fold_lora_samples_what_the_adapter_samples(ckpts):
+    """--fold-lora only changes how sampling computes the actor (one folded matrix per layer): on CPU in fp32 the
+    same seed gives the same responses, and the update (which reads the adapter itself) is the same."""
+    results = []
+    for fold in (False, True):
+        cfg = ppo_config(ckpts, "hydra", fold_lora=fold, max_response_len=12)
+        roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+        randomize_lora(roles["actor"].model.lm, "actor")  # a trained-looking actor, so folding has work to do
+        batch, _ = one_iteration(cfg, roles, opt, params)
+        results.append((batch["ids"], [p.detach().clone() for p in params]))
+    (ids0, p0), (ids1, p1) = results
+    assert torch.equal(ids0, ids1)
+    for a, b in zip(p0, p1):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
