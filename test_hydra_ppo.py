@@ -555,11 +555,11 @@ def test_gradient_checkpointing_gives_the_same_update(ckpts, mode):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mode, monkeypatch):
+@pytest.mark.parametrize("mode,gc", [(m, False) for m in MODES] + [("hydra", True), ("jhydra", True)])
+def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mode, gc, monkeypatch):
     """1 epoch, minibatch = micro-batch = batch: the update's forward is at theta_old, so its outputs replace the
     scoring pass of the actor (and of the critic when they share it). Same update, exact ratio of 1, fewer passes."""
-    cfg = ppo_config(ckpts, mode, batch_size=4, minibatch_size=4, micro_batch_size=4)
+    cfg = ppo_config(ckpts, mode, batch_size=4, minibatch_size=4, micro_batch_size=4, grad_checkpointing=gc)
     assert hp.one_pass(cfg) and not hp.one_pass(ppo_config(ckpts, mode))
     results = {}
     for fused in (True, False):
