@@ -201,6 +201,8 @@ def main():
                    "keeps of freed memory (MALLOC_TRIM_THRESHOLD_=0 for every measured process; slower)")
     p.add_argument("--vs-trl", action="store_true", help="then run the same workload on TRL's PPO (bench_trl.py, "
                    "which installs TRL in its own venv) and print the ratios against our hydra")
+    p.add_argument("--rounds", type=int, default=1, help="with --vs-trl: hydra and TRL measured this many times, "
+                   "alternating; the ratios' medians are reported")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -212,6 +214,9 @@ def main():
     bad = [c for c in configs if c not in CONFIGS]
     if bad:
         sys.exit(f"error: unknown configuration(s) {bad}; choose from {','.join(CONFIGS)}")
+    if args.vs_trl and ("hydra" not in configs or args.budget_gb or args.rounds < 1):
+        sys.exit("error: --vs-trl compares against hydra at a fixed --batch: keep hydra in --configs, no --budget-gb, "
+                 "--rounds >= 1")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     if device == "cpu" or device == "auto":
@@ -231,23 +236,34 @@ def main():
 
 
 def vs_trl(args, rows):
-    """The same workload on TRL's PPO, right after ours on the same machine; prints the ratios to our hydra."""
+    """The same workload on TRL's PPO, right after ours on the same machine, --rounds times (hydra and TRL
+    alternating, so drifting machine load hits both alike); prints each round's ratios and their medians."""
     import tempfile
-    out = os.path.join(tempfile.mkdtemp(), "trl.json")
-    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_trl.py"),
-                    "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--response-len",
-                    str(args.response_len), "--lora-r", str(args.lora_r), "--steps", str(args.steps), "--json", out],
-                   check=True, env=child_env(args))
-    with open(out) as fh:
-        trl = json.load(fh)
-    ours = next(r for r in rows if r["config"] == "hydra")
-    speed = trl["latency_per_sample_s"] / ours["latency_per_sample_s"]
-    memory = ours["peak_memory_gb"] * 1024 / trl["peak_rss_mib"]
-    print(f"\nTRL {trl['trl']} PPO (peft LoRA policy, separate reward and value models), same workload: "
-          f"{trl['latency_per_sample_s']:.3f} s/sample, peak RSS {trl['peak_rss_mib'] / 1024:.2f} GB "
-          f"(other load {trl['others_cpu_frac']:.0%}).\nhydra vs TRL: {speed:.2f}x faster per sample, "
-          f"{memory:.2f} of its peak RSS (other load during hydra: {ours['others_cpu_frac']:.0%}).")
-    return trl
+    hydra, trl = [next(r for r in rows if r["config"] == "hydra")], []
+    for i in range(args.rounds):
+        if i:
+            hydra.append(run_child(args, "hydra", args.batch, args.steps))
+        out = os.path.join(tempfile.mkdtemp(), "trl.json")
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_trl.py"),
+                        "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--response-len",
+                        str(args.response_len), "--lora-r", str(args.lora_r), "--steps", str(args.steps), "--json",
+                        out], check=True, env=child_env(args))
+        with open(out) as fh:
+            trl.append(json.load(fh))
+    if any("latency_per_sample_s" not in h for h in hydra):
+        print(f"\nhydra did not run ({[h.get('error') or 'out of memory' for h in hydra]}): no comparison")
+        return dict(trl=trl, hydra=hydra)
+    speed = [t["latency_per_sample_s"] / h["latency_per_sample_s"] for h, t in zip(hydra, trl)]
+    memory = [h["peak_memory_gb"] * 1024 / t["peak_rss_mib"] for h, t in zip(hydra, trl)]
+    print(f"\nTRL {trl[0]['trl']} PPO (peft LoRA policy, separate reward and value models), same workload:")
+    for i, (h, t) in enumerate(zip(hydra, trl)):
+        print(f"round {i + 1}: TRL {t['latency_per_sample_s']:.3f} s/sample, peak RSS {t['peak_rss_mib'] / 1024:.2f} GB "
+              f"(other load {t['others_cpu_frac']:.0%}); hydra {h['latency_per_sample_s']:.3f} s/sample, "
+              f"{h['peak_memory_gb']:.2f} GB (other load {h['others_cpu_frac']:.0%}): {speed[i]:.2f}x faster, "
+              f"{memory[i]:.2f} of the peak RSS")
+    print(f"hydra vs TRL, median of {len(speed)} round(s): {statistics.median(speed):.2f}x faster per sample, "
+          f"{statistics.median(memory):.2f} of its peak RSS.")
+    return dict(trl=trl, hydra=hydra, speedup=speed, memory_ratio=memory)
 
 
 if __name__ == "__main__":

@@ -891,12 +891,13 @@ def score_rollout(roles, ids, mask, P, chunk, autocast, temperature=1.0):
     return {n: torch.cat(v) for n, v in out.items()}
 
 
-def one_pass(cfg):
+def one_pass(cfg, B=None):
     """The paper's setting: 1 PPO epoch and one optimizer step from one forward pass over the whole rollout batch
-    (minibatch = micro-batch = batch). That forward runs at theta_old, so its own outputs, detached, are the old
-    log-probs (and, where the critic shares the actor's pass, the old values): step 2 skips that pass and steps 3-4
-    run inside the update. Exact, not an approximation: the ratio is 1 by construction."""
-    return cfg.ppo_epochs == 1 and cfg.minibatch_size == cfg.micro_batch_size == cfg.batch_size
+    of B rows (minibatch = micro-batch = batch). That forward runs at theta_old, so its own outputs, detached, are
+    the old log-probs (and, where the critic shares the actor's pass, the old values): step 2 skips that pass and
+    steps 3-4 run inside the update. Exact, not an approximation: the ratio is 1 by construction."""
+    B = cfg.batch_size if B is None else B
+    return cfg.ppo_epochs == 1 and B <= min(cfg.minibatch_size, cfg.micro_batch_size)
 
 
 def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
@@ -928,6 +929,7 @@ def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
                             if "critic" in names:
                                 vpred = role.model.values(h, P)
                             if "advantages" not in batch:  # one_pass: this forward is at theta_old
+                                assert len(idx) == B, "one_pass needs one forward over the whole batch"
                                 batch["logprobs"] = torch.empty_like(logprobs).index_copy(0, idx, logprobs.detach())
                                 if "critic" in names:  # jhydra: the values come from the same pass
                                     batch["values"] = torch.empty_like(vpred).index_copy(0, idx, vpred.detach())
@@ -969,7 +971,7 @@ def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens
     t_generate = clock()
     # 2. Score: old and reference log-probs, values, and the reward model's score at the last response token.
     #    one_pass: the update's first forward gives the old log-probs (and values, if in the same pass): skip it here.
-    later = passes(roles, ("actor", "critic"))[0][1] if one_pass(cfg) else []
+    later = passes(roles, ("actor", "critic"))[0][1] if one_pass(cfg, ids.shape[0]) else []
     s = score_rollout({n: r for n, r in roles.items() if n not in later}, ids, mask, P, cfg.micro_batch_size,
                       autocast, cfg.temperature)
     batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=beta,

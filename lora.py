@@ -135,15 +135,17 @@ def folded(model, name):
     layers = _lora_layers(model)
     if not layers or any(name not in m.lora_A for m in layers):
         raise KeyError(f"adapter {name!r} is not on every LoRA layer of this model")
+    before = [m.folded for m in layers]
     try:
         with torch.no_grad():
             for m in layers:
-                W = m.base.weight
-                m.folded = name, (W.float() + m.scaling * (m.lora_B[name].float() @ m.lora_A[name].float())).to(W.dtype)
+                W = m.base.weight  # W0 + scaling * B @ A, computed in fp32
+                m.folded = name, torch.addmm(W.float(), m.lora_B[name].float(), m.lora_A[name].float(),
+                                             alpha=m.scaling).to(W.dtype)
         yield model
     finally:
-        for m in layers:
-            m.folded = None
+        for m, f in zip(layers, before):
+            m.folded = f
 
 
 def lora_parameters(model, adapter=None):

@@ -112,6 +112,15 @@ def test_folded_adapter_gives_the_adapters_outputs_and_leaves_the_base_alone(bat
                 assert torch.equal(lm(batch).logits, base)
             with use_adapter(lm, "critic"):
                 assert torch.equal(lm(batch).logits, critic)
+            actor_B = [m.lora_B["actor"] for m in lm.modules() if isinstance(m, LoRALinear)]
+            saved = [B.detach().clone() for B in actor_B]
+            with torch.no_grad():
+                for B in actor_B:
+                    B.zero_()  # the adapter now adds nothing, but the folded copy made on entry is what computes
+            torch.testing.assert_close(lm(batch).logits, want, atol=1e-5, rtol=1e-5)
+            with torch.no_grad():
+                for B, b in zip(actor_B, saved):
+                    B.copy_(b)
     assert all(m.folded is None for m in lm.modules() if isinstance(m, LoRALinear))  # gone after the block
     assert all(torch.equal(p, weights[n]) for n, p in lm.named_parameters())  # W0, A and B untouched
     with lora_off(lm):
@@ -560,10 +569,10 @@ def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mod
     """1 epoch, minibatch = micro-batch = batch: the update's forward is at theta_old, so its outputs replace the
     scoring pass of the actor (and of the critic when they share it). Same update, exact ratio of 1, fewer passes."""
     cfg = ppo_config(ckpts, mode, batch_size=4, minibatch_size=4, micro_batch_size=4, grad_checkpointing=gc)
-    assert hp.one_pass(cfg) and not hp.one_pass(ppo_config(ckpts, mode))
+    assert hp.one_pass(cfg) and not hp.one_pass(ppo_config(ckpts, mode)) and not hp.one_pass(cfg, B=8)
     results = {}
     for fused in (True, False):
-        monkeypatch.setattr(hp, "one_pass", lambda cfg, fused=fused: fused)
+        monkeypatch.setattr(hp, "one_pass", lambda cfg, B=None, fused=fused: fused)
         roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
         forwards = []
         for m in hp.models_of(roles):
@@ -581,16 +590,19 @@ def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mod
     scoring = {"hydra": 3, "jhydra": 2, "dlora": 4, "lora": 4, "full": 4}[mode]  # passes in step 2 (+ 2 or 1 update)
     assert n2 - n1 == 1 and n1 == scoring - 1 + (1 if shared else 2)
     assert s1["ratio"] == 1.0 and s1["approx_kl"] == 0.0  # exactly: the old log-probs are this forward's own
+    assert set(s1) == set(s2)  # the same metrics either way (ppo() reads kl, score, skipped from them)
     for k in ("score", "kl", "reward", "explained_var", "pg_loss", "vf_loss", "grad_norm"):
         assert s1[k] == pytest.approx(s2[k], rel=1e-4, abs=1e-6), k
     for a, b in zip(p1, p2):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_fold_lora_samples_what_the_adapter_samples(ckpts):
+def test_fold_lora_samples_what_the_adapter_samples(ckpts, monkeypatch):
     """--fold-lora only changes how sampling computes the actor (one folded matrix per layer): on CPU in fp32 the
     same seed gives the same responses, and the update (which reads the adapter itself) is the same."""
-    results = []
+    results, entered = [], []
+    real = hp.folded
+    monkeypatch.setattr(hp, "folded", lambda *a: entered.append(a[1]) or real(*a))
     for fold in (False, True):
         cfg = ppo_config(ckpts, "hydra", fold_lora=fold, max_response_len=12)
         roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
@@ -598,6 +610,7 @@ def test_fold_lora_samples_what_the_adapter_samples(ckpts):
         batch, _ = one_iteration(cfg, roles, opt, params)
         results.append((batch["ids"], [p.detach().clone() for p in params]))
     (ids0, p0), (ids1, p1) = results
+    assert entered == ["actor"]  # sampling folded the actor once, and only with --fold-lora
     assert torch.equal(ids0, ids1)
     for a, b in zip(p0, p1):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
