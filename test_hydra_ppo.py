@@ -1068,6 +1068,11 @@ def test_real_model_hydra_sft_then_ppo(smollm2, smol_tok, tmp_path, chat):
     assert math.isfinite(summary["held_out_lm_loss"])
     meta = json.load(open(os.path.join(cfg.out, hp.META_FILE)))
     assert (meta["chat_template"], meta["max_prompt_len"], meta["max_response_len"]) == (chat, 40, 10)
+    # The first response token is one the model would write: mean log-prob -5.4 here; with the chat template and
+    # HH's leading space kept it was -14.5 (every response at -9.8 or below).
+    model = hp.load_checkpoint(cfg.out, CPU, torch.float32, dropout=False)[0].eval()
+    with torch.no_grad():
+        assert model.logprobs(model(ids, mask), ids, P)[:, 0].mean() > -8
     ppo_cfg = hp.PPOConfig(**common, sft=cfg.out, out=str(tmp_path / "ppo"), max_response_len=6, steps=1,
                            batch_size=2, minibatch_size=2, micro_batch_size=2, lora_r=4, lora_alpha=8.0,
                            eval_prompts=1, save_every=0)
