@@ -1359,7 +1359,8 @@ def save_policy(cfg, roles, tok):
     full: the whole actor as a checkpoint folder."""
     actor, critic = roles["actor"], roles["critic"]
     if cfg.mode == "full":
-        save_checkpoint(os.path.join(cfg.out, "actor"), actor.model, tok, dict(task="sft", base_model=cfg.sft))
+        save_checkpoint(os.path.join(cfg.out, "actor"), actor.model, tok, dict(task="sft", base_model=cfg.sft,
+                                                                                chat_template=cfg.chat_template))
     else:
         torch.save(dict(actor=lora_state_dict(actor.model.lm, actor.adapter),
                         critic=lora_state_dict(critic.model.lm, critic.adapter),
