@@ -1110,3 +1110,23 @@ def test_overwrite_never_leaves_two_runs_mixed(work, monkeypatch, capsys):
     assert one_error_line(capsys.readouterr().err) == "error: step 1 failed"
     assert sorted(os.listdir(run)) == ["metrics.jsonl", "run.json"]
     assert json.load(open(os.path.join(run, "run.json")))["lora_r"] == 2  # the new run's configuration
+
+
+@pytest.mark.parametrize("argv,names", [
+    ("--batch 0", "--batch 0: must be >= 1"),
+    ("--steps 0", "--steps 0: must be >= 1"),
+    ("--device foo", "--device foo: not a device"),
+    pytest.param("--device cuda", "--device cuda: CUDA is not available here", marks=NO_CUDA),
+    ("--json {tmp}/no/such/folder/b.json", "--json {tmp}/no/such/folder/b.json: cannot write there"),
+    ("--json {tmp}", "--json {tmp}: cannot write there"),
+    ("--configs hydra,nope", "--configs hydra,nope: choose from"),
+    ("--batch x", "argument --batch: invalid int value: 'x'"),
+])
+def test_bench_bad_input_is_one_line(tmp_path, capsys, argv, names):
+    import bench
+    argv = argv.format(tmp=tmp_path)
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv.split())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert names.format(tmp=tmp_path) in err
