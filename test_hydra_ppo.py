@@ -1029,25 +1029,34 @@ def one_error_line(err):
     return lines[0]
 
 
-def test_ctrl_c_in_ppo_says_where_and_keeps_the_checkpoint(ckpts, tmp_path):
+def test_ctrl_c_in_ppo_says_where_and_keeps_the_checkpoint(ckpts, tmp_path, capsys):
+    """A real SIGINT (Ctrl-C), sent to this process once the first checkpoint is on disk."""
     import signal
+    import threading
     import time
     out = tmp_path / "ppo"
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "hydra_ppo.py"), "ppo", "--sft", ckpts["hydra"],
-                             "--out", str(out), "--steps", "200", "--batch-size", "4", "--minibatch-size", "4",
-                             "--micro-batch-size", "4", "--lora-r", "2", "--max-response-len", "6",
-                             "--save-every", "1", "--device", "cpu"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE)
-    state = out / hp.STATE_FILE
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not state.exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 2, err[-2000:]
-    line = one_error_line(err)
-    assert line.startswith("error: interrupted at step ") and line.endswith(f"resume with: python hydra_ppo.py ppo "
-                                                                            f"--resume {out}")
+    state, done = out / hp.STATE_FILE, threading.Event()
+
+    def ctrl_c_after_the_first_checkpoint():
+        deadline = time.time() + 120
+        while not state.exists() and not done.is_set() and time.time() < deadline:
+            time.sleep(0.02)
+        if not done.is_set():
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt in the main thread, in hp.main
+    ctrl_c = threading.Thread(target=ctrl_c_after_the_first_checkpoint)
+    ctrl_c.start()
+    try:
+        code = hp.main(["ppo", "--sft", ckpts["hydra"], "--out", str(out), "--steps", "500", "--batch-size", "2",
+                        "--minibatch-size", "2", "--micro-batch-size", "2", "--lora-r", "2", "--max-response-len",
+                        "4", "--save-every", "1", "--device", "cpu"])
+    except KeyboardInterrupt:  # caught here, or pytest would take it for the user stopping the tests
+        pytest.fail("Ctrl-C came out of main() as a KeyboardInterrupt")
+    finally:
+        done.set()
+        ctrl_c.join()
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and line.startswith("error: interrupted at step ")
+    assert line.endswith(f"; resume with: python hydra_ppo.py ppo --resume {out}")
     assert torch.load(state, weights_only=True)["step"] >= 1  # the last checkpoint is whole
 
 
