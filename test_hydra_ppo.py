@@ -895,19 +895,16 @@ def work(ckpts, ppo_runs, tmp_path):
 
 
 def spoil(key, name, data=None, cut=None, edit=None):
-    """A setup step for the table: replace work[key]/name with `data`, its first `cut` bytes, or edit(bytes)."""
+    """A setup step for the table: replace work[key]/name with `data` (None: delete it), its first `cut` bytes, or
+    edit(its bytes)."""
     def apply(p):
         path = os.path.join(p[key], name)
-        if cut is not None:
-            data_ = open(path, "rb").read()[:cut]
-        elif edit is not None:
-            data_ = edit(open(path, "rb").read())
-        else:
-            data_ = data
-        if data_ is None:
+        old = open(path, "rb").read()
+        new = old[:cut] if cut is not None else edit(old) if edit else data
+        if new is None:
             os.remove(path)
         else:
-            open(path, "wb").write(data_)
+            open(path, "wb").write(new)
     return apply
 
 
