@@ -180,8 +180,31 @@ def table(rows, args, device_name):
     return "\n".join(lines)
 
 
-def main():
+def fail(message):
+    """Bad input: one line on stderr and exit status 2, before any configuration runs (as hydra_ppo.py does)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(args):
+    for name, low in (("batch", 1), ("steps", 1), ("max_batch", 1), ("micro_batch", 0), ("prompt_len", 1),
+                      ("response_len", 1), ("lora_r", 1), ("rounds", 1), ("budget_gb", 0)):
+        if not getattr(args, name) >= low and not (name == "batch" and args.budget_gb):  # --budget-gb: no --batch
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}")
+    try:
+        device = torch.device("cpu" if args.device == "auto" else args.device)
+    except (RuntimeError, ValueError):
+        fail(f"--device {args.device}: not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: CUDA is not available here")
+    folder = os.path.dirname(os.path.abspath(args.json))
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
+        fail(f"--json {args.json}: cannot write there (checked now: the results come only after every run)")
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: fail(f"{message} (see --help)")
     p.add_argument("--preset", default="opt-125m", choices=list(PRESETS), help="architecture (random init)")
     p.add_argument("--model", default="", help="instead of --preset: a local folder or hub name (its config only)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
@@ -205,18 +228,18 @@ def main():
                    "alternating; the ratios' medians are reported")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         args.config = args.child
         print(json.dumps(child(args)))
         return
+    check_args(args)
     configs = [c for c in args.configs.split(",") if c]
     bad = [c for c in configs if c not in CONFIGS]
-    if bad:
-        sys.exit(f"error: unknown configuration(s) {bad}; choose from {','.join(CONFIGS)}")
-    if args.vs_trl and ("hydra" not in configs or args.budget_gb or args.rounds < 1):
-        sys.exit("error: --vs-trl compares against hydra at a fixed --batch: keep hydra in --configs, no --budget-gb, "
-                 "--rounds >= 1")
+    if bad or not configs:
+        fail(f"--configs {args.configs}: choose from {','.join(CONFIGS)}")
+    if args.vs_trl and ("hydra" not in configs or args.budget_gb):
+        fail("--vs-trl compares against hydra at a fixed --batch: keep hydra in --configs, no --budget-gb")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     if device == "cpu" or device == "auto":

@@ -13,14 +13,16 @@ the PPO stage (with resume and export), the whole pipeline, command line.
 import argparse
 import json
 import math
+import operator
 import os
 import random
 import re
+import signal
 import sys
 import time
 import typing
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -36,6 +38,8 @@ from lora import (DEFAULT_TARGETS, LoRALinear, add_lora, folded, load_lora_state
 # Configuration: one dataclass per stage; every field is a --kebab-case flag with the help text written beside it.
 
 def arg(default, help, **kw):
+    """A field and its flag. kw: choices, and the allowed range that validate() checks before any work:
+    ge / gt / le / lt (>=, >, <=, <), divides="other_field" (other_field must be a multiple of this one)."""
     return field(default=default, metadata=dict(help=help, **kw))
 
 
@@ -46,11 +50,11 @@ class Common:
     out: str = arg("out/run", "output folder: checkpoint, metrics.jsonl, summary.json")
     seed: int = arg(0, "random seed (data split, init, sampling)")
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    max_prompt_len: int = arg(64, "prompt tokens kept (truncated from the left)")
-    max_response_len: int = arg(32, "response tokens kept (SFT) / generated (PPO), EOS included")
-    eval_frac: float = arg(0.1, "fraction of pairs held out for evaluation (deterministic with --seed)")
-    eval_batch_size: int = arg(32, "batch size for evaluation")
-    log_every: int = arg(1, "write a metrics line every N steps")
+    max_prompt_len: int = arg(64, "prompt tokens kept (truncated from the left)", ge=1)
+    max_response_len: int = arg(32, "response tokens kept (SFT) / generated (PPO), EOS included", ge=1)
+    eval_frac: float = arg(0.1, "fraction of pairs held out for evaluation (deterministic with --seed)", gt=0, lt=1)
+    eval_batch_size: int = arg(32, "batch size for evaluation", ge=1)
+    log_every: int = arg(1, "write a metrics line every N steps", ge=1)
     grad_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, one more "
                                           "forward per update pass)")
     chat_template: bool = arg(False, "format prompts with the tokenizer's chat template (HH transcripts become "
@@ -59,6 +63,8 @@ class Common:
     lora_targets: str = arg("", "comma-separated names of the linear layers that get LoRA (default: every linear "
                                 "map in OPT and Llama decoder layers; GPT-NeoX: query_key_value,dense,dense_h_to_4h,"
                                 "dense_4h_to_h)")
+    overwrite: bool = arg(False, "write into an --out folder that already holds another run (its files are replaced); "
+                                 "without it such a run stops before doing anything")
 
 
 @dataclass
@@ -68,18 +74,21 @@ class SFTConfig(Common):
     out: str = arg("out/sft", "output folder: checkpoint, metrics.jsonl, summary.json")
     task: str = arg("hydra", "hydra: LM + reward head jointly (Hydra-SFT); sft: LM loss only; rm: reward loss only",
                     choices=("hydra", "sft", "rm"))
-    epochs: float = arg(1.0, "passes over the training pairs (ignored when --steps is set)")
-    steps: int = arg(0, "optimizer steps; 0: as many as --epochs gives")
-    batch_size: int = arg(16, "preference pairs per optimizer step")
-    micro_batch_size: int = arg(16, "pairs per forward pass; batch_size / micro_batch_size = gradient accumulation")
+    epochs: float = arg(1.0, "passes over the training pairs (ignored when --steps is set)", gt=0)
+    steps: int = arg(0, "optimizer steps; 0: as many as --epochs gives", ge=0)
+    batch_size: int = arg(16, "preference pairs per optimizer step", ge=1)
+    micro_batch_size: int = arg(16, "pairs per forward pass; batch_size / micro_batch_size = gradient accumulation",
+                                ge=1, divides="batch_size")
     lr: float = arg(0.0, "AdamW learning rate; 0: 1e-3 for a tiny model, 1e-5 otherwise (paper, full FT: "
-                         "5e-7 SFT, 1e-6 RM)")
-    weight_decay: float = arg(0.1, "AdamW weight decay (paper: 0.1)")
-    max_grad_norm: float = arg(1.0, "gradient clipping")
-    lm_coef: float = arg(1.0, "weight of the causal-LM loss on chosen responses (Hydra-SFT; not published)")
-    rm_coef: float = arg(1.0, "weight of the pairwise loss -log sigmoid(r_chosen - r_rejected) (not published)")
-    lora_r: int = arg(0, "0: full fine-tuning; >0: train LoRA of this rank (+ heads) and merge it at the end")
-    lora_alpha: float = arg(16.0, "LoRA alpha (scaling = alpha / r), with --lora-r")
+                         "5e-7 SFT, 1e-6 RM)", ge=0)
+    weight_decay: float = arg(0.1, "AdamW weight decay (paper: 0.1)", ge=0)
+    max_grad_norm: float = arg(1.0, "gradient clipping", gt=0)
+    lm_coef: float = arg(1.0, "weight of the causal-LM loss on chosen responses (Hydra-SFT; not published)", ge=0)
+    rm_coef: float = arg(1.0, "weight of the pairwise loss -log sigmoid(r_chosen - r_rejected) (not published)", ge=0)
+    lora_r: int = arg(0, "0: full fine-tuning; >0: train LoRA of this rank (+ heads) and merge it at the end", ge=0)
+    lora_alpha: float = arg(16.0, "LoRA alpha (scaling = alpha / r), with --lora-r", gt=0)
+    save_every: int = arg(0, "also save the checkpoint every N steps, so a long run stopped early keeps its last one "
+                             "(0: only at the end; full fine-tuning only: LoRA is merged at the end)", ge=0)
 
 
 @dataclass
@@ -89,48 +98,54 @@ class PPOConfig(Common):
     sft: str = arg("out/sft", "SFT checkpoint (from `sft`): a Hydra-SFT one for hydra/jhydra, else --task sft or hydra")
     rm: str = arg("", "reward-model checkpoint (--task rm or hydra), needed by dlora, lora and full")
     out: str = arg("out/ppo", "output folder: adapters and heads, metrics.jsonl, summary.json")
-    steps: int = arg(20, "PPO iterations (each: one rollout batch, then --ppo-epochs over it)")
-    batch_size: int = arg(16, "prompts per rollout")
-    minibatch_size: int = arg(8, "rollouts per optimizer step")
-    micro_batch_size: int = arg(8, "rollouts per forward pass; minibatch / micro = gradient accumulation")
-    ppo_epochs: int = arg(1, "passes over each rollout batch (paper: 1)")
-    actor_lr: float = arg(5e-4, "actor learning rate (paper's visible config: 5e-4 with LoRA)")
-    critic_lr: float = arg(5e-5, "critic (and value head) learning rate (paper: 5e-5)")
-    lora_r: int = arg(128, "LoRA rank of the actor and critic adapters (paper: 128)")
-    lora_alpha: float = arg(128.0, "LoRA alpha; scaling = alpha / r = 1 as DeepSpeed-Chat's default (not published)")
-    kl_coef: float = arg(0.02, "beta of the per-token KL penalty -beta * (logp - ref_logp) (paper: 0.02)")
-    target_kl: float = arg(0.0, "> 0: adapt beta toward this KL per sequence (Ziegler et al. 2019); 0: fixed beta")
-    kl_horizon: int = arg(10000, "horizon of the adaptive KL controller, in rollouts")
-    gamma: float = arg(1.0, "discount")
-    lam: float = arg(0.95, "GAE lambda (paper: 0.95)")
-    cliprange: float = arg(0.2, "PPO ratio clip epsilon")
-    cliprange_value: float = arg(0.2, "value clip around the rollout's values")
-    vf_coef: float = arg(0.1, "weight of the value loss")
-    max_grad_norm: float = arg(1.0, "gradient clipping over the trained parameters")
-    temperature: float = arg(1.0, "sampling temperature of rollouts")
-    top_k: int = arg(0, "top-k sampling (0: off)")
-    top_p: float = arg(1.0, "nucleus sampling (1.0: off)")
+    steps: int = arg(20, "PPO iterations (each: one rollout batch, then --ppo-epochs over it)", ge=1)
+    batch_size: int = arg(16, "prompts per rollout", ge=1)
+    minibatch_size: int = arg(8, "rollouts per optimizer step", ge=1, divides="batch_size")
+    micro_batch_size: int = arg(8, "rollouts per forward pass; minibatch / micro = gradient accumulation",
+                                ge=1, divides="minibatch_size")
+    ppo_epochs: int = arg(1, "passes over each rollout batch (paper: 1)", ge=1)
+    actor_lr: float = arg(5e-4, "actor learning rate (paper's visible config: 5e-4 with LoRA)", ge=0)
+    critic_lr: float = arg(5e-5, "critic (and value head) learning rate (paper: 5e-5)", ge=0)
+    lora_r: int = arg(128, "LoRA rank of the actor and critic adapters (paper: 128)", ge=1)
+    lora_alpha: float = arg(128.0, "LoRA alpha; scaling = alpha / r = 1 as DeepSpeed-Chat's default (not published)",
+                            gt=0)
+    kl_coef: float = arg(0.02, "beta of the per-token KL penalty -beta * (logp - ref_logp) (paper: 0.02)", ge=0)
+    target_kl: float = arg(0.0, "> 0: adapt beta toward this KL per sequence (Ziegler et al. 2019); 0: fixed beta",
+                           ge=0)
+    kl_horizon: int = arg(10000, "horizon of the adaptive KL controller, in rollouts", ge=1)
+    gamma: float = arg(1.0, "discount", ge=0, le=1)
+    lam: float = arg(0.95, "GAE lambda (paper: 0.95)", ge=0, le=1)
+    cliprange: float = arg(0.2, "PPO ratio clip epsilon", gt=0)
+    cliprange_value: float = arg(0.2, "value clip around the rollout's values", gt=0)
+    vf_coef: float = arg(0.1, "weight of the value loss", ge=0)
+    max_grad_norm: float = arg(1.0, "gradient clipping over the trained parameters", gt=0)
+    temperature: float = arg(1.0, "sampling temperature of rollouts", gt=0)
+    top_k: int = arg(0, "top-k sampling (0: off)", ge=0)
+    top_p: float = arg(1.0, "nucleus sampling (1.0: off)", gt=0, le=1)
     fold_lora: bool = arg(False, "sample with the actor adapter folded into a copy of the weights: one matmul per "
                                  "layer and token instead of three, for the price of that copy while sampling (on "
                                  "Llama-7b in bf16, 13 GB). Old log-probs still come from the adapter itself")
-    missing_eos_penalty: float = arg(0.0, "subtracted from the score of responses that never emit EOS (0: off)")
-    score_clip: float = arg(0.0, "clip reward-model scores to [-c, c] (0: off)")
+    missing_eos_penalty: float = arg(0.0, "subtracted from the score of responses that never emit EOS (0: off)",
+                                     ge=0)
+    score_clip: float = arg(0.0, "clip reward-model scores to [-c, c] (0: off)", ge=0)
     whiten_rewards: bool = arg(False, "whiten the per-token rewards of each batch (without shifting the mean)")
-    eval_every: int = arg(0, "evaluate on held-out prompts every N steps (0: only at the end)")
-    eval_prompts: int = arg(64, "held-out prompts used by each evaluation")
-    save_every: int = arg(10, "write a resumable checkpoint (OUT/state.pt) every N steps (0: only at the end)")
-    resume: str = arg("", "continue the run in this folder from its last checkpoint, with its saved configuration")
+    eval_every: int = arg(0, "evaluate on held-out prompts every N steps (0: only at the end)", ge=0)
+    eval_prompts: int = arg(64, "held-out prompts used by each evaluation", ge=1)
+    save_every: int = arg(10, "write a resumable checkpoint (OUT/state.pt) every N steps (0: only at the end)",
+                         ge=0)
+    resume: str = arg("", "continue the run in this folder from its last checkpoint, with its saved configuration "
+                          "(--steps may make it longer, --device may change; other flags are refused)")
     max_bad_steps: int = arg(3, "stop after this many steps in a row whose updates all had a non-finite loss or "
-                                "gradient")
+                                "gradient", ge=1)
 
 
 @dataclass
 class GenerateConfig:
     run: str = arg("out/ppo", "a PPO output folder")
     prompt: str = arg("review of the film :", "the prompt")
-    num_samples: int = arg(1, "responses to sample")
-    max_new_tokens: int = arg(0, "0: the run's --max-response-len")
-    temperature: float = arg(1.0, "sampling temperature")
+    num_samples: int = arg(1, "responses to sample", ge=1)
+    max_new_tokens: int = arg(0, "0: the run's --max-response-len", ge=0)
+    temperature: float = arg(1.0, "sampling temperature", gt=0)
     greedy: bool = arg(False, "greedy decoding instead of sampling")
     seed: int = arg(0, "random seed")
     device: str = arg("auto", "auto, cpu, cuda, ...")
@@ -143,11 +158,16 @@ class ExportConfig:
                                 "adapter_config.json + adapter_model.safetensors for peft's PeftModel.from_pretrained",
                       choices=("merged", "peft"))
     out: str = arg("", "output folder (default: RUN/export-FORMAT)")
+    overwrite: bool = arg(False, "write into an --out folder that already holds files")
 
 
 def parse_config(cls, argv, prog):
     p = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(message):  # argparse prints the usage and the error; one line is enough, --help has the rest
+        raise UserError(f"{prog}: {message} (see --help)")
+    p.error = error
     for f in fields(cls):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if f.type is bool:
@@ -165,6 +185,33 @@ def check(cond, msg):
 
 class UserError(Exception):
     """A mistake in the input or the configuration: main() prints it as one line (no traceback) and exits 2."""
+
+
+BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def validate(cfg):
+    """Every flag of a config against the range declared beside its field, before anything is loaded or written:
+    a bad one stops the command with one line naming the flag and what it allows. (Checks that need files, such
+    as whether --sft is a checkpoint, come later, still before any training.)"""
+    for f in fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        for key, (sign, ok) in BOUNDS.items():
+            if key in f.metadata:  # asked as "is it in range", so that NaN fails too
+                check(ok(value, f.metadata[key]), f"{flag} {value}: must be {sign} {f.metadata[key]}")
+        if "divides" in f.metadata:
+            whole = getattr(cfg, f.metadata["divides"])
+            check(whole % value == 0, f"--{f.metadata['divides'].replace('_', '-')} {whole} must be a multiple of "
+                                      f"{flag} {value}")
+    if getattr(cfg, "device", "auto") != "auto":
+        try:
+            device = torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            device = None
+        check(device is not None and device.type in ("cpu", "cuda"),
+              f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
+        check(device.type == "cpu" or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()),
+              f"--device {cfg.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,9 +326,12 @@ def encode_prompt(tok, prompt, max_len, chat=False):
     """A prompt (text, or a list of {role, content} messages from conversational data) -> at most max_len ids.
     A long prompt keeps its end: it is what the response answers."""
     if chat:
-        return encode_chat(tok, prompt if isinstance(prompt, list) else to_messages(prompt), max_len)
-    text = prompt if isinstance(prompt, str) else hh_text(prompt)
-    return tok(text)["input_ids"][-max_len:]  # with the tokenizer's BOS, if it adds one
+        ids = encode_chat(tok, prompt if isinstance(prompt, list) else to_messages(prompt), max_len)
+    else:
+        text = prompt if isinstance(prompt, str) else hh_text(prompt)
+        ids = tok(text)["input_ids"][-max_len:]  # with the tokenizer's BOS, if it adds one
+    check(ids, f"the prompt {str(prompt)[:50]!r} tokenizes to nothing")
+    return ids
 
 
 def chat_ids(tok, messages):
@@ -319,6 +369,7 @@ def hh_text(messages):
     """Messages as an HH transcript for a model without a chat template: "\n\nHuman: ...\n\nAssistant:"."""
     names = dict(user="Human", assistant="Assistant")
     return "".join(f"\n\n{names.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages) + HH_MARKER
+
 
 
 def to_messages(prompt):
@@ -375,13 +426,18 @@ def load_pairs(path):
     """-> list of {prompt, chosen, rejected}. Accepts {prompt, chosen, rejected} or Anthropic HH {chosen, rejected}
     (whole transcripts; split at the last "\\n\\nAssistant:", which stays in the prompt), and TRL's conversational
     format (lists of {role, content} messages, see from_conversation)."""
+    check(not os.path.isdir(path), f"{path}: a folder, not a JSONL file")
     check(os.path.isfile(path), f"{path}: no such file")
     pairs = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:  # bytes, so a line that is not UTF-8 can be named
+        for n, raw in enumerate(fh, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8")
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -503,7 +559,14 @@ def load_lm(name, device, dtype, dropout=True):
                         f"({str(e).strip().splitlines()[0]})") from None
     if not dropout:
         no_dropout(config)
-    return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype).to(device), tok
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # missing or damaged weights: OSError, safetensors' own error, ...
+        raise UserError(f"{name}: could not load the model's weights "
+                        f"({(str(e).strip().splitlines() or [''])[0][:150]})") from None
+    return lm.to(device), tok
 
 
 def build_tiny(name, texts, seed, device):
@@ -527,6 +590,67 @@ def build_tiny(name, texts, seed, device):
     return AutoModelForCausalLM.from_config(config).to(device), tok
 
 
+# ---- files a user keeps: read with a one-line error, write only where asked ----
+
+def read_file(path, load):
+    """load(path), or one line naming the file when it is missing or damaged (truncated, not what it should be)."""
+    check(os.path.isfile(path), f"{path}: missing")
+    try:
+        return load(path)
+    except Exception as e:  # torch.load / json / safetensors each fail their own way on a damaged file
+        raise UserError(f"{path}: damaged or not what it should be ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:100]})") from None
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def claim_out(path, overwrite, stale=()):
+    """Checks an output folder before any work; creates nothing. It must be a folder we can write, and hold no
+    other run's files unless --overwrite, which first deletes `stale` (files that would pass two runs off as one)."""
+    check(not os.path.isfile(path), f"--out {path}: a file, not a folder")
+    held = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if held:
+        check(overwrite, f"--out {path} already holds another run ({', '.join(held[:3])}{', ...' * (len(held) > 3)});"
+                         f" choose another --out, --overwrite to replace it" +
+                         (f", or `ppo --resume {path}` to continue it" if RUN_FILE in held else ""))
+        for name in stale:
+            if os.path.isfile(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    check(os.path.isdir(parent) and os.access(parent, os.W_OK), f"--out {path}: cannot write there ({parent} is not "
+                                                                 f"a writable folder)")
+
+
+@contextmanager
+def on_interrupt(where):
+    """Ctrl-C inside the block: one line, `interrupted <where()>` (the step, and what still holds), no traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted {where()}") from None
+
+
+@contextmanager
+def uninterrupted():
+    """Ctrl-C waits until the block is done, so a checkpoint is never left half written."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # not the main thread's default handler (a worker thread, a caller's own handler): leave it alone
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda *_: pressed.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if pressed:
+            raise KeyboardInterrupt
+
+
 HEADS_FILE, META_FILE = "heads.pt", "hydra.json"
 
 
@@ -544,12 +668,15 @@ def load_checkpoint(path, device, dtype, dropout=True):
     """-> (HydraModel, tokenizer, meta) from a folder written by save_checkpoint."""
     check(os.path.isfile(os.path.join(path, META_FILE)), f"{path}: not a hydra-ppo checkpoint (no {META_FILE}); "
                                                          f"make one with `python hydra_ppo.py sft`")
+    meta = read_file(os.path.join(path, META_FILE), read_json)
+    heads = read_file(os.path.join(path, HEADS_FILE), lambda p: torch.load(p, map_location=device, weights_only=True))
     lm, tok = load_lm(path, device, dtype, dropout)
     model = HydraModel(lm)
-    model.load_state_dict(torch.load(os.path.join(path, HEADS_FILE), map_location=device, weights_only=True),
-                          strict=False)
-    with open(os.path.join(path, META_FILE)) as fh:
-        return model, tok, json.load(fh)
+    try:
+        model.load_state_dict(heads, strict=False)
+    except (RuntimeError, AttributeError) as e:  # wrong shapes, or not a state dict at all
+        raise UserError(f"{path}/{HEADS_FILE} does not fit this model ({str(e).splitlines()[0][:100]})") from None
+    return model, tok, meta
 
 
 def add_adapter(lm, cfg, adapter="default"):
@@ -689,11 +816,16 @@ def evaluate_sft(model, tok, pairs, cfg, device, autocast):
 
 
 def sft(cfg: SFTConfig):
+    validate(cfg)
     rank, world, device_name = init_distributed(cfg.device)
     device, dtype, autocast = setup_device(device_name)
     check(cfg.batch_size % cfg.micro_batch_size == 0,
           f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
     check(cfg.max_prompt_len > 0 and cfg.max_response_len > 1, "--max-prompt-len must be > 0, --max-response-len > 1")
+    check(not (cfg.save_every and cfg.lora_r), "--save-every saves full fine-tuning checkpoints; with --lora-r the "
+                                               "adapter is merged into the model only at the end")
+    if rank == 0:
+        claim_out(cfg.out, cfg.overwrite)
     pairs = load_pairs(cfg.data)
     train, held_out = split_pairs(pairs, cfg.eval_frac, cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -723,12 +855,20 @@ def sft(cfg: SFTConfig):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * world)))  # global batch
     os.makedirs(cfg.out, exist_ok=True)
+    # The prompt format goes with the checkpoint: ppo refuses to use it with another one.
+    meta = dict(task=cfg.task, base_model=cfg.model, chat_template=cfg.chat_template, max_prompt_len=cfg.max_prompt_len,
+                max_response_len=cfg.max_response_len)
 
     rng = random.Random(cfg.seed)
-    order = []
+    order, step, saved = [], 0, 0
     t0 = time.time()
     model.train()
-    with open(os.path.join(cfg.out, "metrics.jsonl") if rank == 0 else os.devnull, "w") as log, \
+
+    def stopped():  # Ctrl-C: where the run was, and what it kept
+        return f"at step {step} of {steps}; " + (f"{cfg.out} holds the checkpoint of step {saved}" if saved else
+                                                 "nothing saved yet (--save-every N saves a long run every N steps)")
+    with on_interrupt(stopped), \
+            open(os.path.join(cfg.out, "metrics.jsonl") if rank == 0 else os.devnull, "w") as log, \
             tqdm(range(1, steps + 1), desc=f"sft ({cfg.task})", dynamic_ncols=True, disable=rank > 0) as bar:
         for step in bar:
             stats = {}
@@ -751,19 +891,24 @@ def sft(cfg: SFTConfig):
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()}, refresh=False)
             if step % cfg.log_every == 0 or step == steps:
                 log_line(log, dict(step=step, **stats, grad_norm=grad_norm, lr=lr, time=time.time() - t0))
+            if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+                with uninterrupted():
+                    if rank == 0:
+                        save_checkpoint(cfg.out, model, tok, meta)
+                    saved = step
 
     if cfg.lora_r:  # the checkpoint is a plain transformers model again (rounded to the trunk's dtype: bf16 on CUDA)
         merge_lora(model.lm, "default")
+    if rank == 0:  # saved before evaluating: a failure there loses no training
+        with uninterrupted():
+            save_checkpoint(cfg.out, model, tok, meta)
     metrics = evaluate_sft(model, tok, held_out, cfg, device, autocast)  # of exactly the model that is saved
     print(f"held-out ({len(held_out)} pairs): LM loss {metrics['lm_loss']:.3f}"
           + (f", reward-model pairwise accuracy {metrics['rm_acc']:.3f}" if rm_coef else ""))
     summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=len(train), held_out_pairs=len(held_out),
                    **{"held_out_" + k: v for k, v in metrics.items()}, truncated_prompts=cut_prompts,
                    truncated_responses=cut_responses, world_size=world, time_s=time.time() - t0, config=asdict(cfg))
-    if rank == 0:  # the prompt format goes with the checkpoint: ppo refuses to use it in another one
-        save_checkpoint(cfg.out, model, tok, dict(task=cfg.task, base_model=cfg.model, chat_template=cfg.chat_template,
-                                                  max_prompt_len=cfg.max_prompt_len,
-                                                  max_response_len=cfg.max_response_len))
+    if rank == 0:
         write_json(os.path.join(cfg.out, "summary.json"), summary)
     barrier()  # the other ranks may load this checkpoint next (the pipeline's PPO stage)
     print(f"saved checkpoint to {cfg.out}")
@@ -1202,14 +1347,14 @@ def checkpoint_task(path, flag):
     meta = os.path.join(path, META_FILE)
     check(os.path.isfile(meta), f"{flag} {path}: not a hydra-ppo checkpoint (no {META_FILE}); "
                                 f"make one with `python hydra_ppo.py sft`")
-    with open(meta) as fh:
-        return json.load(fh)["task"]
+    task = read_file(meta, read_json)
+    check(isinstance(task, dict) and "task" in task, f"{meta}: no 'task' field (damaged?)")
+    return task["task"]
 
 
 def check_prompt_format(cfg, path, flag):
     """A model trained on chat-formatted prompts sees other prompts wrongly, and the other way round: refuse."""
-    with open(os.path.join(path, META_FILE)) as fh:
-        chat = json.load(fh).get("chat_template")  # None: a checkpoint from before it was recorded
+    chat = read_file(os.path.join(path, META_FILE), read_json).get("chat_template")  # None: from before it was recorded
     check(chat is None or chat == cfg.chat_template,
           f"{flag} {path} was trained {'with' if chat else 'without'} --chat-template: run ppo "
           f"{'with' if chat else 'without'} it too (prompts must be formatted as in training)")
@@ -1228,16 +1373,14 @@ def setup_ppo(cfg, load):
 
 
 def ppo(cfg: PPOConfig, judge=None):
+    validate(cfg)
     if cfg.resume:  # the run's own configuration, saved when it started
-        check(os.path.isfile(os.path.join(cfg.resume, STATE_FILE)), f"--resume {cfg.resume}: no checkpoint there "
-                                                                     f"({STATE_FILE}) to resume from")
-        check(os.path.isfile(os.path.join(cfg.resume, RUN_FILE)), f"--resume {cfg.resume}: no {RUN_FILE} (the run's "
-                                                                   f"configuration) beside {STATE_FILE}")
-        with open(os.path.join(cfg.resume, RUN_FILE)) as fh:
-            cfg = PPOConfig(**{**json.load(fh), "resume": cfg.resume, "out": cfg.resume})
+        cfg = resume_config(cfg)
     check_ppo_config(cfg)
     rank, world, device_name = init_distributed(cfg.device)
     device, dtype, autocast = setup_device(device_name)
+    if rank == 0 and not cfg.resume:
+        claim_out(cfg.out, cfg.overwrite, stale=(STATE_FILE, POLICY_FILE, "summary.json"))
     train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
     train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
     roles, opt, params = setup_ppo(cfg, checkpoint_loader(cfg, device, dtype))
@@ -1248,17 +1391,25 @@ def ppo(cfg: PPOConfig, judge=None):
     log_path = os.path.join(cfg.out, "metrics.jsonl")
     first, beta, order, bad, saved, t0 = 1, cfg.kl_coef, [], 0, 0, time.time()
     if cfg.resume:
-        state = load_state(cfg.out, params, opt, rng, generator)
+        state = load_state(cfg.out, params, opt, rng, generator, cfg.mode)
+        check(state["step"] <= cfg.steps,
+              f"--steps {cfg.steps}: the run in {cfg.out} is already at step {state['step']}")
         first, beta, order, saved = state["step"] + 1, state["beta"], state["order"], state["step"]
         barrier()
         if rank == 0:
             keep_log_until(log_path, state["step"])  # the steps after the checkpoint are done again
         print(f"resuming {cfg.out} after step {state['step']}")
-    elif rank == 0:
-        write_json(os.path.join(cfg.out, RUN_FILE), asdict(cfg))
+    if rank == 0:  # resumed with a longer --steps: from now on that is the run's length
+        write_json(os.path.join(cfg.out, RUN_FILE), asdict(replace(cfg, resume="")))
     if world > 1:
         torch.manual_seed(cfg.seed + 1000 * rank + first)  # data parallel: every rank samples its own responses
-    with open(log_path if rank == 0 else os.devnull, "a" if cfg.resume else "w") as log, \
+    step = first
+
+    def stopped():  # Ctrl-C: where the run was, and how to go on
+        return f"at step {step}; " + (f"resume with: python hydra_ppo.py ppo --resume {cfg.out}"
+                                      if os.path.isfile(os.path.join(cfg.out, STATE_FILE)) else
+                                      f"no checkpoint yet (the first comes after step {cfg.save_every or cfg.steps})")
+    with on_interrupt(stopped), open(log_path if rank == 0 else os.devnull, "a" if cfg.resume else "w") as log, \
             tqdm(range(first, cfg.steps + 1), desc=f"ppo ({cfg.mode})", dynamic_ncols=True,
                  initial=first - 1, total=cfg.steps, disable=rank > 0) as bar:
         for step in bar:
@@ -1286,7 +1437,7 @@ def ppo(cfg: PPOConfig, judge=None):
                       f"--critic-lr, --score-clip 5, --max-grad-norm 0.5")
             elif (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 if rank == 0:
-                    save_state(cfg.out, step, params, opt, beta, rng, order, generator)
+                    save_state(cfg.out, step, params, opt, beta, rng, order, generator, cfg.mode)
                 saved = step
 
     if rank == 0:
@@ -1309,13 +1460,14 @@ def ppo(cfg: PPOConfig, judge=None):
 STATE_FILE = "state.pt"
 
 
-def save_state(out, step, params, opt, beta, rng, order, generator):
+def save_state(out, step, params, opt, beta, rng, order, generator, mode):
     """Everything a resumed run needs to continue exactly: the trained parameters (in trainable_groups' order),
-    the optimizer, adaptive-KL beta, the prompt order and every RNG. Written to a temporary file and renamed, so a
-    kill at any moment leaves the previous checkpoint whole."""
+    the optimizer, adaptive-KL beta, the prompt order and every RNG (and the mode: lora and dlora train tensors of
+    the same shapes). Written to a temporary file and renamed, so a kill at any moment leaves the previous
+    checkpoint whole."""
     state = dict(step=step, params=[p.detach().cpu() for p in params], opt=opt.state_dict(), beta=beta, order=order,
                  python_rng=rng.getstate(), torch_rng=torch.get_rng_state(), generator=generator.get_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], mode=mode)
     path = os.path.join(out, STATE_FILE)
     with open(path + ".tmp", "wb") as fh:
         torch.save(state, fh)
@@ -1324,8 +1476,13 @@ def save_state(out, step, params, opt, beta, rng, order, generator):
     os.replace(path + ".tmp", path)  # atomic on POSIX and Windows
 
 
-def load_state(out, params, opt, rng, generator):
-    state = torch.load(os.path.join(out, STATE_FILE), map_location="cpu", weights_only=True)
+def load_state(out, params, opt, rng, generator, mode):
+    path = os.path.join(out, STATE_FILE)
+    state = read_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    keys = ("step", "params", "opt", "beta", "order", "python_rng", "torch_rng", "generator", "cuda_rng")
+    check(isinstance(state, dict) and all(k in state for k in keys), f"{path}: not a resumable checkpoint (damaged?)")
+    check(state.get("mode", mode) == mode, f"{path} was written by a --mode {state.get('mode')} run; this run's "
+                                           f"{RUN_FILE} says --mode {mode}")
     check(len(state["params"]) == len(params) and all(a.shape == b.shape for a, b in zip(state["params"], params)),
           f"{out}/{STATE_FILE} does not match this run's trained parameters")
     with torch.no_grad():
@@ -1341,17 +1498,57 @@ def load_state(out, params, opt, rng, generator):
 
 
 def keep_log_until(path, step):
-    """Drop the metrics lines of steps after `step` (they run again), atomically."""
-    with open(path) as fh:
-        lines = [l for l in fh if l.strip() and json.loads(l)["step"] <= step]
-    with open(path + ".tmp", "w") as fh:
+    """Drop the metrics lines of steps after `step` (they run again), atomically. A last line cut short by a kill
+    is one of them; a damaged line before it stops the resume with its line number."""
+    rows = open(path, "rb").readlines() if os.path.isfile(path) else []  # a log that is gone starts again empty
+    lines = []
+    for n, line in enumerate(rows, 1):
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # not a JSON object with a step (ValueError: bad JSON, bad UTF-8)
+            check(n == len(rows) or not line.strip(), f"{path}:{n}: not a metrics line (damaged?); fix or delete "
+                                                      f"that line to resume")
+            continue
+        if keep:
+            lines.append(line)
+    with open(path + ".tmp", "wb") as fh:
         fh.writelines(lines)
     os.replace(path + ".tmp", path)
 
 
 def write_json(path, obj):
-    with open(path, "w") as fh:
+    """Written to a temporary file and renamed: a crash leaves the old file or the new one, never half of one."""
+    with open(path + ".tmp", "w") as fh:
         json.dump(obj, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+RESUMABLE = ("steps", "device")  # what `ppo --resume` may change; it would ignore any other flag, so refuses it
+
+
+def resume_config(cfg):
+    """--resume DIR: the configuration the run saved when it started, with a longer --steps or another --device
+    if given."""
+    check(os.path.isfile(os.path.join(cfg.resume, STATE_FILE)), f"--resume {cfg.resume}: no checkpoint there "
+                                                                 f"({STATE_FILE}) to resume from")
+    saved = load_run_config(cfg.resume, "--resume")
+    default = PPOConfig()
+    ignored = ["--" + f.name.replace("_", "-") for f in fields(cfg) if f.name not in ("resume",) + RESUMABLE
+               and getattr(cfg, f.name) != getattr(default, f.name)]
+    check(not ignored, f"--resume {cfg.resume} continues the run with its saved configuration: drop "
+                       f"{', '.join(ignored)} (only --steps and --device may change)")
+    changed = {k: getattr(cfg, k) for k in RESUMABLE if getattr(cfg, k) != getattr(default, k)}
+    return replace(saved, **changed, resume=cfg.resume, out=cfg.resume)
+
+
+def load_run_config(run_dir, flag):
+    """The PPOConfig a run saved in RUN_FILE."""
+    path = os.path.join(run_dir, RUN_FILE)
+    check(os.path.isfile(path), f"{flag} {run_dir}: not a PPO output folder (no {RUN_FILE})")
+    saved = read_file(path, read_json)
+    check(isinstance(saved, dict) and set(saved) <= {f.name for f in fields(PPOConfig)},
+          f"{path}: not a PPO run's configuration (damaged?)")
+    return PPOConfig(**saved)
 
 
 def save_policy(cfg, roles, tok):
@@ -1369,9 +1566,7 @@ def save_policy(cfg, roles, tok):
 
 def load_policy(run_dir, device, dtype):
     """-> (actor Role, tokenizer, PPOConfig of the run) from a PPO output folder."""
-    check(os.path.isfile(os.path.join(run_dir, RUN_FILE)), f"{run_dir}: not a PPO output folder (no {RUN_FILE})")
-    with open(os.path.join(run_dir, RUN_FILE)) as fh:
-        cfg = PPOConfig(**json.load(fh))
+    cfg = load_run_config(run_dir, "--run")
     if cfg.mode == "full":
         model, tok, _ = load_checkpoint(os.path.join(run_dir, "actor"), device, dtype, dropout=False)
         return Role(model, None, "lm"), tok, cfg
@@ -1380,12 +1575,17 @@ def load_policy(run_dir, device, dtype):
     model, tok, _ = load_checkpoint(cfg.sft, device, dtype, dropout=False)
     adapter = "shared" if cfg.mode == "jhydra" else "actor"
     add_adapter(model.lm, cfg, adapter)
-    state = torch.load(os.path.join(run_dir, POLICY_FILE), map_location=device, weights_only=True)
-    load_lora_state_dict(model.lm, state["actor"])
+    path = os.path.join(run_dir, POLICY_FILE)
+    state = read_file(path, lambda p: torch.load(p, map_location=device, weights_only=True))
+    try:
+        load_lora_state_dict(model.lm, state["actor"])
+    except (KeyError, TypeError, RuntimeError) as e:  # not our file, or the adapters of another configuration
+        raise UserError(f"{path} does not fit {run_dir}/{RUN_FILE} ({type(e).__name__}: {e})") from None
     return Role(model, adapter, "lm"), tok, cfg
 
 
 def generate_cmd(cfg: GenerateConfig):
+    validate(cfg)
     device, dtype, autocast = setup_device(cfg.device)
     actor, tok, run = load_policy(cfg.run, device, dtype)
     actor.model.eval()
@@ -1401,7 +1601,10 @@ def generate_cmd(cfg: GenerateConfig):
 def export(cfg: ExportConfig):
     """merged: the actor as an ordinary transformers checkpoint (from_pretrained loads it; the heads stay behind).
     peft: the actor adapter in peft's format, on top of the SFT checkpoint it was trained from."""
+    validate(cfg)
     out = cfg.out or os.path.join(cfg.run, f"export-{cfg.format}")
+    load_run_config(cfg.run, "--run")  # a run folder, before anything is written beside it
+    claim_out(out, cfg.overwrite)
     actor, tok, run = load_policy(cfg.run, torch.device("cpu"), "auto")  # keep the checkpoint's own dtype
     lm = actor.model.lm
     if cfg.format == "merged":
@@ -1436,20 +1639,21 @@ class PipelineConfig(Common):
     model: str = arg("tiny", "as in `sft --model`: hub name, local folder, or tiny / tiny-opt")
     out: str = arg("out/demo", "output folder; the stages write to OUT/sft and OUT/ppo")
     mode: str = arg("hydra", "PPO configuration that needs only the Hydra-SFT model", choices=("hydra", "jhydra"))
-    max_response_len: int = arg(16, "response tokens kept (SFT) / generated (PPO), EOS included")
-    sft_steps: int = arg(300, "Hydra-SFT optimizer steps")
-    sft_batch_size: int = arg(32, "Hydra-SFT preference pairs per step")
-    sft_lr: float = arg(0.0, "Hydra-SFT learning rate (0: 1e-3 for a tiny model, 1e-5 otherwise)")
-    ppo_steps: int = arg(60, "PPO iterations")
-    batch_size: int = arg(32, "PPO prompts per rollout")
-    minibatch_size: int = arg(16, "PPO rollouts per optimizer step")
-    micro_batch_size: int = arg(16, "rollouts (and SFT pairs) per forward pass")
-    lora_r: int = arg(8, "LoRA rank of the PPO adapters (the paper's 128 is for 1.3b-7b models)")
-    lora_alpha: float = arg(16.0, "LoRA alpha")
-    actor_lr: float = arg(3e-3, "PPO actor learning rate")
-    critic_lr: float = arg(3e-3, "PPO critic learning rate")
-    kl_coef: float = arg(0.02, "beta of the KL penalty (paper: 0.02)")
-    eval_prompts: int = arg(128, "held-out prompts in the final comparison")
+    max_response_len: int = arg(16, "response tokens kept (SFT) / generated (PPO), EOS included", ge=2)
+    sft_steps: int = arg(300, "Hydra-SFT optimizer steps", ge=1)
+    sft_batch_size: int = arg(32, "Hydra-SFT preference pairs per step", ge=1)
+    sft_lr: float = arg(0.0, "Hydra-SFT learning rate (0: 1e-3 for a tiny model, 1e-5 otherwise)", ge=0)
+    ppo_steps: int = arg(60, "PPO iterations", ge=1)
+    batch_size: int = arg(32, "PPO prompts per rollout", ge=1)
+    minibatch_size: int = arg(16, "PPO rollouts per optimizer step", ge=1, divides="batch_size")
+    micro_batch_size: int = arg(16, "rollouts (and SFT pairs) per forward pass", ge=1,
+                                divides="minibatch_size")
+    lora_r: int = arg(8, "LoRA rank of the PPO adapters (the paper's 128 is for 1.3b-7b models)", ge=1)
+    lora_alpha: float = arg(16.0, "LoRA alpha", gt=0)
+    actor_lr: float = arg(3e-3, "PPO actor learning rate", ge=0)
+    critic_lr: float = arg(3e-3, "PPO critic learning rate", ge=0)
+    kl_coef: float = arg(0.02, "beta of the KL penalty (paper: 0.02)", ge=0)
+    eval_prompts: int = arg(128, "held-out prompts in the final comparison", ge=1)
 
 
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo.jsonl")
@@ -1469,20 +1673,25 @@ def sparkline(xs, width=60):
 
 def pipeline(cfg: PipelineConfig):
     t0 = time.time()
+    validate(cfg)
     common = {f.name: getattr(cfg, f.name) for f in fields(Common)}
     demo = os.path.realpath(cfg.data) == os.path.realpath(DEMO_DATA)
     judge = gold_judge if demo else None  # the gold rule only means something on the built-in task
-    print(f"== 1/2 Hydra-SFT: {cfg.model} on {cfg.data} (LM head + reward head, one model)")
     sft_cfg = SFTConfig(**{**common, "out": os.path.join(cfg.out, "sft")}, model=cfg.model, task="hydra",
                         steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, micro_batch_size=min(
                             cfg.sft_batch_size, cfg.micro_batch_size), lr=cfg.sft_lr)
-    sft_summary = sft(sft_cfg)
-    print(f"\n== 2/2 {'Hydra' if cfg.mode == 'hydra' else 'J-Hydra'}-PPO: LoRA off = reference and reward model")
     ppo_cfg = PPOConfig(**{**common, "out": os.path.join(cfg.out, "ppo")}, mode=cfg.mode, sft=sft_cfg.out,
                         steps=cfg.ppo_steps, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size,
                         micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                         actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef,
                         eval_prompts=cfg.eval_prompts)
+    validate(sft_cfg)  # both stages' flags before the first one runs: a bad PPO flag must not wait for SFT
+    validate(ppo_cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        claim_out(cfg.out, cfg.overwrite, stale=("summary.json",))
+    print(f"== 1/2 Hydra-SFT: {cfg.model} on {cfg.data} (LM head + reward head, one model)")
+    sft_summary = sft(sft_cfg)
+    print(f"\n== 2/2 {'Hydra' if cfg.mode == 'hydra' else 'J-Hydra'}-PPO: LoRA off = reference and reward model")
     ppo_summary = ppo(ppo_cfg, judge=judge)
     with open(os.path.join(ppo_cfg.out, "metrics.jsonl")) as fh:
         scores = [json.loads(line)["score"] for line in fh]
@@ -1543,6 +1752,9 @@ def main(argv=None):
             dist.destroy_process_group()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (those say at which step, and what they kept)
+        print(f"error: interrupted (`{name or 'pipeline'}`)", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:
         print(f"error: CUDA ran out of memory in `{name or 'pipeline'}`: {oom_context(cfg)}. What helps: a smaller "

@@ -1080,3 +1080,270 @@ def test_real_model_hydra_sft_then_ppo(smollm2, smol_tok, tmp_path, chat):
         hp.check_ppo_config(hp.PPOConfig(**{**hp.asdict(ppo_cfg), "chat_template": not chat}))
     ppo_summary = hp.ppo(ppo_cfg)
     assert math.isfinite(ppo_summary["policy_score"]) and ppo_summary["policy_len"] > 0
+
+
+# ---- bad input: one line, exit status 2, and nothing a user made is lost (issue 13) -----------------------------
+
+def tree(root):
+    """{path: sha256} of every file under root: what a refused command must leave exactly as it was."""
+    import hashlib
+    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.fixture
+def work(ckpts, ppo_runs, tmp_path):
+    """A user's work, copied into tmp_path: a Hydra-SFT checkpoint, a finished PPO run (3 steps), a note."""
+    import shutil
+    p = dict(tmp=str(tmp_path), sft=str(tmp_path / "sft"), run=str(tmp_path / "run"), new=str(tmp_path / "new"),
+             file=str(tmp_path / "note.txt"), latin1=str(tmp_path / "latin1.jsonl"))
+    shutil.copytree(ckpts["hydra"], p["sft"])
+    shutil.copytree(ppo_runs["hydra"], p["run"])
+    (tmp_path / "note.txt").write_text("mine\n")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                                            b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n')
+    return p
+
+
+def spoil(key, name, data=None, cut=None, edit=None):
+    """A setup step for the table: replace work[key]/name with `data` (None: delete it), its first `cut` bytes, or
+    edit(its bytes)."""
+    def apply(p):
+        path = os.path.join(p[key], name)
+        old = open(path, "rb").read()
+        new = old[:cut] if cut is not None else edit(old) if edit else data
+        if new is None:
+            os.remove(path)
+        else:
+            open(path, "wb").write(new)
+    return apply
+
+
+def state_of_mode(mode):
+    def edit(raw):
+        import io
+        state = torch.load(io.BytesIO(raw), weights_only=True)
+        buf = io.BytesIO()
+        torch.save(dict(state, mode=mode), buf)
+        return buf.getvalue()
+    return edit
+
+
+SMALL = "--steps 1 --batch-size 2 --minibatch-size 2 --micro-batch-size 2 --eval-prompts 2 --max-response-len 4 " \
+        "--lora-r 2 --device cpu"
+S = "sft --out {new} --steps 2 --batch-size 4 --micro-batch-size 4 --device cpu"  # small: a missing check fails fast
+P = "ppo --sft {sft} --out {new} " + SMALL
+PIPE = "--out {new} --sft-steps 2 --ppo-steps 1 --batch-size 2 --minibatch-size 2 --micro-batch-size 2 " \
+       "--eval-prompts 2 --device cpu"
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+BAD = [  # command line (str.format with the `work` paths), what its one error line must name, setup of the files
+    # data loss: a run never writes into a folder that holds another run
+    ("ppo --sft {sft} --out {run} " + SMALL, "--out {run} already holds another run", None),
+    ("sft --out {sft} --steps 1 --device cpu", "--out {sft} already holds another run", None),
+    (PIPE.replace("{new}", "{run}"), "--out {run} already holds another run", None),
+    ("export --run {run} --out {file}", "--out {file}: a file, not a folder", None),
+    ("export --run {run} --out {sft}", "--out {sft} already holds another run", None),
+    # every numeric flag against its range, before any work
+    (S + " --eval-batch-size 0", "--eval-batch-size 0: must be >= 1", None),
+    (S + " --steps -1", "--steps -1: must be >= 0", None),
+    (S + " --batch-size 0", "--batch-size 0: must be >= 1", None),
+    (S + " --micro-batch-size 5", "--batch-size 4 must be a multiple of --micro-batch-size 5", None),
+    (S + " --log-every 0", "--log-every 0: must be >= 1", None),
+    (S + " --lora-r -1", "--lora-r -1: must be >= 0", None),
+    (S + " --lr -0.1", "--lr -0.1: must be >= 0", None),
+    (S + " --max-grad-norm 0", "--max-grad-norm 0.0: must be > 0", None),
+    (S + " --eval-frac 1", "--eval-frac 1.0: must be < 1", None),
+    (S + " --save-every 5 --lora-r 4", "--save-every", None),
+    (S + " --device foo", "--device foo: not a device", None),
+    (P + " --eval-prompts 0", "--eval-prompts 0: must be >= 1", None),
+    (P + " --kl-horizon 0", "--kl-horizon 0: must be >= 1", None),
+    (P + " --lora-r 0", "--lora-r 0: must be >= 1", None),
+    (P + " --lora-r -1", "--lora-r -1: must be >= 1", None),
+    (P + " --actor-lr -0.0001", "--actor-lr -0.0001: must be >= 0", None),
+    (P + " --temperature 0", "--temperature 0.0: must be > 0", None),
+    (P + " --top-p 0", "--top-p 0.0: must be > 0", None),
+    (P + " --top-k -1", "--top-k -1: must be >= 0", None),
+    (P + " --batch-size -4", "--batch-size -4: must be >= 1", None),
+    (P + " --max-grad-norm 0", "--max-grad-norm 0.0: must be > 0", None),
+    (P + " --steps -1", "--steps -1: must be >= 1", None),
+    (P + " --device foo", "--device foo: not a device", None),
+    pytest.param(P + " --device cuda", "--device cuda: no such CUDA device", None, marks=NO_CUDA),
+    (P + " --mode nope", "--mode: invalid choice: 'nope'", None),
+    (P + " --steps abc", "--steps: invalid int value: 'abc'", None),
+    (P + " --bogus 1", "unrecognized arguments: --bogus 1", None),
+    ("generate --run {run} --num-samples 0", "--num-samples 0: must be >= 1", None),
+    ("generate --run {run} --max-new-tokens -5", "--max-new-tokens -5: must be >= 0", None),
+    ("generate --run {run} --temperature 0", "--temperature 0.0: must be > 0", None),
+    ("generate --run {run} --device foo", "--device foo: not a device", None),
+    # the pipeline checks its PPO flags before its SFT stage runs
+    (PIPE + " --ppo-steps 0", "--ppo-steps 0: must be >= 1", None),
+    (PIPE + " --batch-size 4 --minibatch-size 3", "--batch-size 4 must be a multiple of --minibatch-size 3", None),
+    (PIPE + " --kl-coef -1", "--kl-coef -1.0: must be >= 0", None),
+    (PIPE + " --eval-prompts 0", "--eval-prompts 0: must be >= 1", None),
+    # --resume continues the saved run: flags it would ignore are refused, and it never goes backwards
+    ("ppo --resume {run} --mode jhydra", "drop --mode", None),
+    ("ppo --resume {run} --lora-r 8 --out {new}", "drop --out, --lora-r", None),
+    ("ppo --resume {run} --steps 2", "--steps 2: the run in {run} is already at step 3", None),
+    ("ppo --resume {new}", "--resume {new}: no checkpoint there", None),
+    # paths: data, output folders, runs
+    (S + " --data {tmp}", "{tmp}: a folder, not a JSONL file", None),
+    (S + " --data {latin1}", "{latin1}:2: not UTF-8", None),
+    ("sft --out {file} --steps 1", "--out {file}: a file, not a folder", None),
+    ("ppo --sft {sft} --out {file}/sub", "--out {file}/sub: cannot write there", None),
+    ("generate --run {new}", "--run {new}: not a PPO output folder", None),
+    ("export --run {new}", "--run {new}: not a PPO output folder", None),
+    ("generate --run {run} --prompt ''", "the prompt '' tokenizes to nothing", None),
+    # damaged or missing files
+    (P, "{sft}/heads.pt: missing", spoil("sft", "heads.pt")),
+    (P, "{sft}/heads.pt: damaged", spoil("sft", "heads.pt", cut=50)),
+    (P, "model.safetensors", spoil("sft", "model.safetensors")),
+    (P, "{sft}: could not load the model's weights",
+     spoil("sft", "model.safetensors", cut=300)),
+    (P, "{sft}/hydra.json: damaged", spoil("sft", "hydra.json", b'{"task": ')),
+    ("ppo --resume {run}", "{run}/state.pt: damaged", spoil("run", "state.pt", cut=500)),
+    ("ppo --resume {run}", "{run}/state.pt: damaged", spoil("run", "state.pt", b"\x00garbage" * 9)),
+    ("ppo --resume {run}", "{run}/state.pt was written by a --mode dlora run",
+     spoil("run", "state.pt", edit=state_of_mode("dlora"))),
+    ("ppo --resume {run}", "{run}/run.json: damaged", spoil("run", "run.json", b"{oops")),
+    ("ppo --resume {run}", "{run}/metrics.jsonl:2: not a metrics line",
+     spoil("run", "metrics.jsonl", edit=lambda raw: raw.replace(b"\n", b"\n}{\n", 1))),
+    ("generate --run {run}", "{run}/run.json: damaged", spoil("run", "run.json", cut=20)),
+    ("generate --run {run}", "{run}/policy.pt: damaged", spoil("run", "policy.pt", b"PK\x03\x04 not a zip")),
+    ("export --run {run} --out {new}", "{run}: no policy.pt yet", spoil("run", "policy.pt")),
+]
+
+
+@pytest.mark.parametrize("argv,names,setup", BAD)
+def test_bad_input_is_one_line_and_loses_nothing(work, capsys, argv, names, setup):
+    import shlex
+    if setup:
+        setup(work)
+    before = tree(work["tmp"])
+    capsys.readouterr()
+    code = hp.main(shlex.split(argv.format(**work)))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert err.count("\n") == 1 and err.startswith("error: "), err[-2000:]  # exactly one line
+    assert names.format(**work) in err
+    assert tree(work["tmp"]) == before  # nothing changed, nothing created (not even an empty --out)
+
+
+def one_error_line(err):
+    """The error lines of a stderr that may also hold a progress bar: there must be exactly one, and no traceback."""
+    assert "Traceback" not in err, err[-2000:]
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err[-2000:]
+    return lines[0]
+
+
+def test_ctrl_c_in_ppo_says_where_and_keeps_the_checkpoint(ckpts, tmp_path, capsys):
+    """A real SIGINT (Ctrl-C), sent to this process once the first checkpoint is on disk."""
+    import signal
+    import threading
+    import time
+    out = tmp_path / "ppo"
+    state, done = out / hp.STATE_FILE, threading.Event()
+
+    def ctrl_c_after_the_first_checkpoint():
+        deadline = time.time() + 120
+        while not state.exists() and not done.is_set() and time.time() < deadline:
+            time.sleep(0.02)
+        if not done.is_set():
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt in the main thread, in hp.main
+    ctrl_c = threading.Thread(target=ctrl_c_after_the_first_checkpoint)
+    ctrl_c.start()
+    try:
+        code = hp.main(["ppo", "--sft", ckpts["hydra"], "--out", str(out), "--steps", "500", "--batch-size", "2",
+                        "--minibatch-size", "2", "--micro-batch-size", "2", "--lora-r", "2", "--max-response-len",
+                        "4", "--save-every", "1", "--device", "cpu"])
+    except KeyboardInterrupt:  # caught here, or pytest would take it for the user stopping the tests
+        pytest.fail("Ctrl-C came out of main() as a KeyboardInterrupt")
+    finally:
+        done.set()
+        ctrl_c.join()
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and line.startswith("error: interrupted at step ")
+    assert line.endswith(f"; resume with: python hydra_ppo.py ppo --resume {out}")
+    assert torch.load(state, weights_only=True)["step"] >= 1  # the last checkpoint is whole
+
+
+def test_ctrl_c_in_sft_keeps_the_last_save_every_checkpoint(tmp_path, monkeypatch, capsys):
+    out, calls, real = tmp_path / "sft", [], hp.sft_loss
+
+    def ctrl_c_at_step_5(*a):  # what SIGINT does: a KeyboardInterrupt wherever the main thread is
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(hp, "sft_loss", ctrl_c_at_step_5)
+    code = hp.main(["sft", "--out", str(out), "--steps", "10", "--save-every", "2", "--batch-size", "4",
+                    "--micro-batch-size", "4", "--device", "cpu"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and line == f"error: interrupted at step 5 of 10; {out} holds the checkpoint of step 4"
+    hp.load_checkpoint(str(out), CPU, torch.float32)  # a whole checkpoint
+
+
+def test_ctrl_c_waits_until_a_checkpoint_is_written():
+    import signal
+    import time
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with hp.uninterrupted():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # a default handler would have raised by now
+            written.append(1)
+    assert written == [1] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sft_saves_before_it_evaluates(tmp_path, monkeypatch):
+    def broken(*a):
+        raise RuntimeError("evaluation failed")
+    monkeypatch.setattr(hp, "evaluate_sft", broken)
+    out = str(tmp_path / "sft")
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        hp.sft(hp.SFTConfig(out=out, steps=2, batch_size=4, micro_batch_size=4, device="cpu"))
+    hp.load_checkpoint(out, CPU, torch.float32)  # the training is not lost
+
+
+def test_resume_honours_a_longer_steps_after_a_cut_log_line(work, capsys):
+    run = work["run"]
+    with open(os.path.join(run, "metrics.jsonl"), "a") as fh:
+        fh.write('{"step": 4, "sco')  # what a kill in the middle of a write leaves
+    assert hp.main(["ppo", "--resume", run, "--steps", "5"]) == 0, capsys.readouterr().err[-2000:]
+    assert [json.loads(l)["step"] for l in open(os.path.join(run, "metrics.jsonl"))] == [1, 2, 3, 4, 5]
+    assert json.load(open(os.path.join(run, "run.json")))["steps"] == 5  # a later --resume goes on to step 5
+    assert torch.load(os.path.join(run, hp.STATE_FILE), weights_only=True)["step"] == 5
+
+
+def test_overwrite_never_leaves_two_runs_mixed(work, monkeypatch, capsys):
+    """--overwrite replaces a finished run; when the new one fails at its first step, the old run's state.pt and
+    policy.pt are gone with it (a later `generate` or `--resume` must not take them for the new run's)."""
+    def fails(*a, **kw):
+        raise hp.UserError("step 1 failed")
+    monkeypatch.setattr(hp, "ppo_step", fails)
+    run = work["run"]
+    assert hp.main(["ppo", "--sft", work["sft"], "--out", run, "--overwrite", *SMALL.split()]) == 2
+    assert one_error_line(capsys.readouterr().err) == "error: step 1 failed"
+    assert sorted(os.listdir(run)) == ["metrics.jsonl", "run.json"]
+    assert json.load(open(os.path.join(run, "run.json")))["lora_r"] == 2  # the new run's configuration
+
+
+@pytest.mark.parametrize("argv,names", [
+    ("--batch 0", "--batch 0: must be >= 1"),
+    ("--steps 0", "--steps 0: must be >= 1"),
+    ("--device foo", "--device foo: not a device"),
+    pytest.param("--device cuda", "--device cuda: CUDA is not available here", marks=NO_CUDA),
+    ("--json {tmp}/no/such/folder/b.json", "--json {tmp}/no/such/folder/b.json: cannot write there"),
+    ("--json {tmp}", "--json {tmp}: cannot write there"),
+    ("--configs hydra,nope", "--configs hydra,nope: choose from"),
+    ("--batch x", "argument --batch: invalid int value: 'x'"),
+])
+def test_bench_bad_input_is_one_line(tmp_path, capsys, argv, names):
+    import bench
+    argv = argv.format(tmp=tmp_path)
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv.split())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert names.format(tmp=tmp_path) in err
