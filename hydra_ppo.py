@@ -20,7 +20,7 @@ import sys
 import time
 import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -462,6 +462,7 @@ def save_checkpoint(path, model, tok, meta):
 
 def load_checkpoint(path, device, dtype, dropout=True):
     """-> (HydraModel, tokenizer, meta) from a folder written by save_checkpoint."""
+    check(os.path.exists(path), f"{path}: not found")
     check(os.path.isfile(os.path.join(path, META_FILE)), f"{path}: not a hydra-ppo checkpoint (no {META_FILE}); "
                                                          f"make one with `python hydra_ppo.py sft`")
     lm, tok = load_lm(path, device, dtype, dropout)
@@ -1108,8 +1109,16 @@ def check_ppo_config(cfg):
               f"it does not know; train both from the same base model")
 
 
+def absolute_paths(cfg):
+    """run.json is read by `generate`, `export` and `--resume`, maybe from another directory: its paths must not
+    depend on where the run was started."""
+    paths = {k: getattr(cfg, k) for k in ("sft", "rm", "data", "out")}
+    return replace(cfg, **{k: os.path.abspath(v) for k, v in paths.items() if v})  # "" (no --rm) stays ""
+
+
 def checkpoint_task(path, flag):
     meta = os.path.join(path, META_FILE)
+    check(os.path.exists(path), f"{flag} {path}: not found")
     check(os.path.isfile(meta), f"{flag} {path}: not a hydra-ppo checkpoint (no {META_FILE}); "
                                 f"make one with `python hydra_ppo.py sft`")
     with open(meta) as fh:
@@ -1130,6 +1139,7 @@ def setup_ppo(cfg, load):
 
 def ppo(cfg: PPOConfig, judge=None):
     if cfg.resume:  # the run's own configuration, saved when it started
+        check(os.path.exists(cfg.resume), f"--resume {cfg.resume}: not found")
         check(os.path.isfile(os.path.join(cfg.resume, STATE_FILE)), f"--resume {cfg.resume}: no checkpoint there "
                                                                      f"({STATE_FILE}) to resume from")
         check(os.path.isfile(os.path.join(cfg.resume, RUN_FILE)), f"--resume {cfg.resume}: no {RUN_FILE} (the run's "
@@ -1156,7 +1166,7 @@ def ppo(cfg: PPOConfig, judge=None):
             keep_log_until(log_path, state["step"])  # the steps after the checkpoint are done again
         print(f"resuming {cfg.out} after step {state['step']}")
     elif rank == 0:
-        write_json(os.path.join(cfg.out, RUN_FILE), asdict(cfg))
+        write_json(os.path.join(cfg.out, RUN_FILE), asdict(absolute_paths(cfg)))
     if world > 1:
         torch.manual_seed(cfg.seed + 1000 * rank + first)  # data parallel: every rank samples its own responses
     with open(log_path if rank == 0 else os.devnull, "a" if cfg.resume else "w") as log, \
@@ -1269,6 +1279,7 @@ def save_policy(cfg, roles, tok):
 
 def load_policy(run_dir, device, dtype):
     """-> (actor Role, tokenizer, PPOConfig of the run) from a PPO output folder."""
+    check(os.path.exists(run_dir), f"{run_dir}: not found")
     check(os.path.isfile(os.path.join(run_dir, RUN_FILE)), f"{run_dir}: not a PPO output folder (no {RUN_FILE})")
     with open(os.path.join(run_dir, RUN_FILE)) as fh:
         cfg = PPOConfig(**json.load(fh))

@@ -541,7 +541,7 @@ def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--mode", "dlora"], "needs a reward-model checkpoint"),
     (["--batch-size", "10", "--minibatch-size", "4"], "must be a multiple of --minibatch-size"),
-    (["--sft", "/nonexistent"], "not a hydra-ppo checkpoint"),
+    (["--sft", "/nonexistent"], "--sft /nonexistent: not found"),
 ])
 def test_ppo_config_errors(ckpts, args, message):
     cfg = hp.parse_config(hp.PPOConfig, ["--sft", ckpts["hydra"], *args], "t")
@@ -902,6 +902,8 @@ def test_paths_that_do_not_exist_are_not_found(ckpts, tmp_path):
         hp.load_policy(str(run), CPU, torch.float32)
     with pytest.raises(hp.UserError, match="--sft .*gone: not found"):
         hp.check_ppo_config(hp.PPOConfig(sft=str(tmp_path / "gone")))
+    with pytest.raises(hp.UserError, match="--resume .*gone: not found"):
+        hp.ppo(hp.PPOConfig(resume=str(tmp_path / "gone")))
 
 
 @pytest.mark.parametrize("greedy", [False, True])
