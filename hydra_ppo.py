@@ -858,13 +858,16 @@ def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0
     from transformers import GenerationConfig
     # Every field that shapes the distribution is set here: a checkpoint's generation_config.json (e.g. a
     # repetition_penalty) would otherwise fill in what is left unset, and the samples would not come from pi.
-    gen = GenerationConfig(do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p, min_p=None,
-                           typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+    # Newer transformers (5.24) warn on every call when a field contradicts another, so none does: the minimum
+    # length is given once, as min_length (columns, prompt included), and greedy decoding gets no sampling fields.
+    P = prompt_ids.shape[1]
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+                    eta_cutoff=0.0)
+    gen = GenerationConfig(do_sample=not greedy, **({} if greedy else sampling), repetition_penalty=1.0,
                            no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
                            begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None,
-                           forced_eos_token_id=None, min_length=0, max_new_tokens=max_new_tokens,
-                           min_new_tokens=min_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    P = prompt_ids.shape[1]
+                           forced_eos_token_id=None, min_length=P + min_new_tokens, max_new_tokens=max_new_tokens,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     with adapter_on(role), (folded(role.model, role.adapter) if fold and role.adapter else nullcontext()):
         out = role.model.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
     resp = out[:, P:]                                            # (B, R)
