@@ -93,8 +93,8 @@ class PPOConfig(Common):
     minibatch_size: int = arg(8, "rollouts per optimizer step")
     micro_batch_size: int = arg(8, "rollouts per forward pass; minibatch / micro = gradient accumulation")
     ppo_epochs: int = arg(1, "passes over each rollout batch (paper: 1)")
-    actor_lr: float = arg(5e-4, "actor learning rate (paper's visible config: 5e-4 with LoRA)")
-    critic_lr: float = arg(5e-5, "critic (and value head) learning rate (paper: 5e-5)")
+    actor_lr: float = arg(0.0, "actor learning rate; 0: by mode (LoRA: 5e-4, the paper's visible config; full: 5e-7)")
+    critic_lr: float = arg(0.0, "critic (and value head) learning rate; 0: by mode (LoRA: 5e-5, paper; full: 1e-6)")
     lora_r: int = arg(128, "LoRA rank of the actor and critic adapters (paper: 128)")
     lora_alpha: float = arg(128.0, "LoRA alpha; scaling = alpha / r = 1 as DeepSpeed-Chat's default (not published)")
     kl_coef: float = arg(0.02, "beta of the per-token KL penalty -beta * (logp - ref_logp) (paper: 0.02)")
@@ -808,6 +808,18 @@ def checkpoint_loader(cfg, device, dtype):
     return load
 
 
+# PPO learning rates (actor, critic) where --actor-lr / --critic-lr are 0. LoRA trains a few new weights from zero:
+# the paper's visible config, 5e-4 / 5e-5. Full fine-tuning moves every weight of a trained model, and 5e-4 there
+# took the tiny model to KL 32 in 2 steps: the paper's full fine-tuning scale (5e-7 SFT, 1e-6 RM) instead.
+DEFAULT_LRS = dict(lora=(5e-4, 5e-5), full=(5e-7, 1e-6))
+
+
+def learning_rates(cfg):
+    """-> (actor_lr, critic_lr): the flags, or where one is 0, the default of the mode (DEFAULT_LRS)."""
+    actor_lr, critic_lr = DEFAULT_LRS["full" if cfg.mode == "full" else "lora"]
+    return cfg.actor_lr or actor_lr, cfg.critic_lr or critic_lr
+
+
 def trainable_groups(roles, cfg):
     """Optimizer parameter groups: actor (actor_lr) and critic (critic_lr). Everything else stays frozen."""
     actor, critic = roles["actor"], roles["critic"]
@@ -819,7 +831,8 @@ def trainable_groups(roles, cfg):
     c += list(critic.model.value_head.parameters())  # the value head is new: it trains in every mode
     for p in a + c:
         p.requires_grad_(True)
-    return [dict(params=a, lr=cfg.actor_lr), dict(params=c, lr=cfg.critic_lr)]
+    actor_lr, critic_lr = learning_rates(cfg)
+    return [dict(params=a, lr=actor_lr), dict(params=c, lr=critic_lr)]
 
 
 def adapter_on(role):
@@ -1155,6 +1168,8 @@ def ppo(cfg: PPOConfig, judge=None):
     train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
     train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
     roles, opt, params = setup_ppo(cfg, checkpoint_loader(cfg, device, dtype))
+    print(f"learning rates: actor {opt.param_groups[0]['lr']:g}, critic {opt.param_groups[1]['lr']:g}"
+          + ("" if cfg.actor_lr and cfg.critic_lr else f" (--mode {cfg.mode} defaults where a flag is 0)"))
     tok = load_tokenizer(cfg.sft)
     generator = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
