@@ -800,10 +800,13 @@ def build_roles(cfg, load):
 
 
 def checkpoint_loader(cfg, device, dtype):
-    """build_roles' loader for real runs: full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`."""
+    """build_roles' loader for real runs: full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`,
+    except in full mode, where the frozen reference and reward model are fp32 copies too: a bf16 copy computes
+    differently from the fp32 actor under autocast (norms, residuals), and KL at step 1 must be exactly 0."""
     def load(which, trained):
         path = cfg.sft if which == "sft" else cfg.rm
-        model = load_checkpoint(path, device, torch.float32 if trained else dtype, dropout=False)[0]
+        fp32 = trained or cfg.mode == "full"
+        model = load_checkpoint(path, device, torch.float32 if fp32 else dtype, dropout=False)[0]
         return model.requires_grad_(False)
     return load
 
