@@ -591,7 +591,8 @@ def sft_loss(model, ids, mask, P, n, lm_coef, rm_coef):
 
 @torch.no_grad()
 def evaluate_sft(model, tok, pairs, cfg, device, autocast):
-    """Held-out LM loss (token-weighted) on chosen responses and reward-model pairwise accuracy."""
+    """Held-out LM loss (token-weighted) on chosen responses and reward-model pairwise accuracy; only what cfg.task
+    trained (an untrained reward head's accuracy is noise around 0.5, not a result)."""
     model.eval()
     lm_sum = lm_tokens = correct = 0.0
     for i in range(0, len(pairs), cfg.eval_batch_size):
@@ -605,7 +606,9 @@ def evaluate_sft(model, tok, pairs, cfg, device, autocast):
         lm_sum += -(lp * mask[:n, P:]).sum().item()
         lm_tokens += mask[:n, P:].sum().item()
         correct += (r[:n] > r[n:]).sum().item()
-    return dict(lm_loss=lm_sum / lm_tokens, rm_acc=correct / len(pairs))
+    metrics = dict(lm_loss=lm_sum / lm_tokens, rm_acc=correct / len(pairs))
+    trained = dict(hydra=("lm_loss", "rm_acc"), sft=("lm_loss",), rm=("rm_acc",))[cfg.task]
+    return {k: metrics[k] for k in trained}
 
 
 def sft(cfg: SFTConfig):
@@ -670,8 +673,8 @@ def sft(cfg: SFTConfig):
     if cfg.lora_r:  # the checkpoint is a plain transformers model again (rounded to the trunk's dtype: bf16 on CUDA)
         merge_lora(model.lm, "default")
     metrics = evaluate_sft(model, tok, held_out, cfg, device, autocast)  # of exactly the model that is saved
-    print(f"held-out ({len(held_out)} pairs): LM loss {metrics['lm_loss']:.3f}"
-          + (f", reward-model pairwise accuracy {metrics['rm_acc']:.3f}" if rm_coef else ""))
+    print(f"held-out ({len(held_out)} pairs): " + ", ".join(
+        f"LM loss {v:.3f}" if k == "lm_loss" else f"reward-model pairwise accuracy {v:.3f}" for k, v in metrics.items()))
     summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=len(train), held_out_pairs=len(held_out),
                    **{"held_out_" + k: v for k, v in metrics.items()}, world_size=world, time_s=time.time() - t0,
                    config=asdict(cfg))
