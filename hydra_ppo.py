@@ -117,6 +117,7 @@ class PPOConfig(Common):
     whiten_rewards: bool = arg(False, "whiten the per-token rewards of each batch (without shifting the mean)")
     eval_every: int = arg(0, "evaluate on held-out prompts every N steps (0: only at the end)")
     eval_prompts: int = arg(64, "held-out prompts used by each evaluation")
+    eval_samples: int = arg(1, "responses per held-out prompt from each policy; more narrow the win-rate's interval")
     save_every: int = arg(10, "write a resumable checkpoint (OUT/state.pt) every N steps (0: only at the end)")
     resume: str = arg("", "continue the run in this folder from its last checkpoint, with its saved configuration")
     max_bad_steps: int = arg(3, "stop after this many steps in a row whose updates all had a non-finite loss or "
@@ -1056,16 +1057,35 @@ class Clock:
 # Evaluation: responses of the trained policy vs the SFT policy (LoRA off / the frozen reference) on held-out
 # prompts, judged by the reward model or any judge(prompts, responses) -> list of floats (the paper used GPT-4).
 
+def win_rate_interval(per_prompt, level=0.95, resamples=2000, seed=0):
+    """-> (lo, hi): percentile bootstrap over prompts of the mean win-rate. One draw is one prompt's win-rate (its
+    PPO x SFT response pairs, a tie counting 0.5): responses to the same prompt are not independent, prompts are.
+    Seeded, so the same win-rates give the same interval."""
+    x = torch.tensor(per_prompt, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (resamples, len(x)), generator=g)].mean(1)  # (resamples,) resampled prompt sets
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def verdict(interval):
+    """What a win-rate interval says: PPO is better or worse than SFT only when 0.5 (a tie) lies outside it."""
+    lo, hi = interval
+    return "no significant difference" if lo <= 0.5 <= hi else "PPO better" if lo > 0.5 else "SFT better"
+
+
 @torch.no_grad()
 def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
     for m in models_of(roles):
         m.eval()  # after an update the models are in train(): with checkpointing on, generate would drop its KV cache
+    k = cfg.eval_samples
+    repeated = [p for p in prompts for _ in range(k)]  # rows i*k .. i*k+k-1: k sampled responses to prompt i
     out = {}
     for who in ("policy", "sft"):
         role = roles["actor" if who == "policy" else "ref"]
         rows = []
-        for i in range(0, len(prompts), cfg.eval_batch_size):
-            chunk = prompts[i:i + cfg.eval_batch_size]
+        for i in range(0, len(repeated), cfg.eval_batch_size):
+            chunk = repeated[i:i + cfg.eval_batch_size]
             p_ids, p_mask = prompt_batch(tok, chunk, cfg, device)
             with autocast():
                 ids, mask, _ = generate(role, p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
@@ -1078,16 +1098,22 @@ def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
             rows += [dict(response=t, score=sc, kl=k, length=n) for t, sc, k, n in
                      zip(texts, s["reward"].tolist(), ((s["actor"] - s["ref"]) * resp_mask).sum(1).tolist(),
                          resp_mask.sum(1).tolist())]
-        judged = judge(prompts, [r["response"] for r in rows]) if judge else [r["score"] for r in rows]
+        judged = judge(repeated, [r["response"] for r in rows]) if judge else [r["score"] for r in rows]
         out[who] = [dict(r, judge=j) for r, j in zip(rows, judged)]
     pol, ref = out["policy"], out["sft"]
-    wins = [1.0 if a["judge"] > b["judge"] else 0.5 if a["judge"] == b["judge"] else 0.0 for a, b in zip(pol, ref)]
-    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
-    metrics = dict(win_rate=sum(wins) / len(wins), judge=judge.__name__.removesuffix("_judge") if judge else "reward_model",
+    win = lambda a, b: 1.0 if a["judge"] > b["judge"] else 0.5 if a["judge"] == b["judge"] else 0.0
+    # Per prompt: every PPO response against every SFT response to it (k x k pairs, ties 0.5).
+    wins = [sum(win(a, b) for a in pol[i * k:(i + 1) * k] for b in ref[i * k:(i + 1) * k]) / k ** 2
+            for i in range(len(prompts))]
+    interval = win_rate_interval(wins)
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    metrics = dict(win_rate=sum(wins) / len(wins), win_rate_ci=list(interval), verdict=verdict(interval),
+                   eval_prompts=len(prompts), eval_samples=k,
+                   judge=judge.__name__.removesuffix("_judge") if judge else "reward_model",
                    policy_score=mean(pol, "score"), sft_score=mean(ref, "score"),
                    policy_judge=mean(pol, "judge"), sft_judge=mean(ref, "judge"),
                    policy_kl=mean(pol, "kl"), policy_len=mean(pol, "length"), sft_len=mean(ref, "length"))
-    samples = [dict(prompt=p, policy=a["response"], sft=b["response"]) for p, a, b in zip(prompts, pol, ref)]
+    samples = [dict(prompt=p, policy=pol[i * k]["response"], sft=ref[i * k]["response"]) for i, p in enumerate(prompts)]
     return metrics, samples
 
 
@@ -1098,7 +1124,10 @@ def print_eval(metrics, samples, n=3):
         print(f"{metrics['judge'] + ' score':24}{metrics['sft_judge']:10.3f}{metrics['policy_judge']:10.3f}")
     print(f"{'KL to reference':24}{0.0:10.3f}{metrics['policy_kl']:10.3f}")
     print(f"{'response length':24}{metrics['sft_len']:10.1f}{metrics['policy_len']:10.1f}")
-    print(f"win-rate of PPO over SFT ({metrics['judge']} judge): {metrics['win_rate']:.3f}")
+    lo, hi = metrics["win_rate_ci"]
+    print(f"win-rate of PPO over SFT ({metrics['judge']} judge): {metrics['win_rate']:.3f}, 95% interval "
+          f"[{lo:.3f}, {hi:.3f}] (bootstrap over {metrics['eval_prompts']} prompts x {metrics['eval_samples']} "
+          f"responses): {metrics['verdict']}")
     for s in samples[:n]:
         print(f"\nprompt: {s['prompt']!r}\n  SFT: {s['sft']!r}\n  PPO: {s['policy']!r}")
 
@@ -1116,6 +1145,7 @@ def check_ppo_config(cfg):
     check(cfg.minibatch_size % cfg.micro_batch_size == 0,
           f"--minibatch-size {cfg.minibatch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
     check(cfg.max_prompt_len > 0 and cfg.max_response_len > 0, "--max-prompt-len and --max-response-len must be > 0")
+    check(cfg.eval_samples > 0, "--eval-samples must be > 0")
     sft_task = checkpoint_task(cfg.sft, "--sft")
     if cfg.mode in ("hydra", "jhydra"):
         check(sft_task == "hydra", f"--mode {cfg.mode} needs a Hydra-SFT checkpoint (sft --task hydra); "
