@@ -1397,24 +1397,67 @@ def export(cfg: ExportConfig):
 @dataclass
 class PipelineConfig(Common):
     """Hydra-SFT, then Hydra-PPO, then SFT vs PPO on held-out prompts. With no flags: a tiny model on the built-in
-    review task (data/demo.jsonl), judged by its gold rule. Name --model and --data to run it for real."""
+    review task (data/demo.jsonl), judged by its gold rule. Name --model and --data to run it for real. Flags whose
+    default is 0 ("auto") take their value from PIPELINE_SETTINGS for the model (tiny or real); the run prints them."""
     model: str = arg("tiny", "as in `sft --model`: hub name, local folder, or tiny / tiny-opt")
     out: str = arg("out/demo", "output folder; the stages write to OUT/sft and OUT/ppo")
     mode: str = arg("hydra", "PPO configuration that needs only the Hydra-SFT model", choices=("hydra", "jhydra"))
-    max_response_len: int = arg(16, "response tokens kept (SFT) / generated (PPO), EOS included")
-    sft_steps: int = arg(300, "Hydra-SFT optimizer steps")
+    max_response_len: int = arg(0, "response tokens kept (SFT) / generated (PPO), EOS included (0: auto)")
+    sft_steps: int = arg(0, "Hydra-SFT optimizer steps (0: auto)")
     sft_batch_size: int = arg(32, "Hydra-SFT preference pairs per step")
-    sft_lr: float = arg(0.0, "Hydra-SFT learning rate (0: 1e-3 for a tiny model, 1e-5 otherwise)")
+    sft_lr: float = arg(0.0, "Hydra-SFT learning rate (0: auto)")
     ppo_steps: int = arg(60, "PPO iterations")
     batch_size: int = arg(32, "PPO prompts per rollout")
     minibatch_size: int = arg(16, "PPO rollouts per optimizer step")
     micro_batch_size: int = arg(16, "rollouts (and SFT pairs) per forward pass")
-    lora_r: int = arg(8, "LoRA rank of the PPO adapters (the paper's 128 is for 1.3b-7b models)")
-    lora_alpha: float = arg(16.0, "LoRA alpha")
-    actor_lr: float = arg(3e-3, "PPO actor learning rate")
-    critic_lr: float = arg(3e-3, "PPO critic learning rate")
+    lora_r: int = arg(0, "LoRA rank of the PPO adapters (0: auto; the paper's 128 is for 1.3b-7b models)")
+    lora_alpha: float = arg(0.0, "LoRA alpha (0: auto)")
+    actor_lr: float = arg(0.0, "PPO actor learning rate (0: auto)")
+    critic_lr: float = arg(0.0, "PPO critic learning rate (0: auto)")
     kl_coef: float = arg(0.02, "beta of the KL penalty (paper: 0.02)")
     eval_prompts: int = arg(128, "held-out prompts in the final comparison")
+    eval_samples: int = arg(0, "responses per held-out prompt from each policy (0: auto)")
+
+
+# The pipeline's "auto" settings (its flags that default to 0), in one table. tiny: the demo's in-memory model, on
+# which the demo's measured numbers (README) were made. real: any pretrained model; starting points for a ~135M
+# model (SmolLM2-135M), not yet tuned: a pretrained model needs far smaller steps than a random one, a wider
+# adapter, and room for a sentence. Several evaluation samples per prompt narrow the win-rate's interval.
+PIPELINE_SETTINGS = {
+    "tiny": dict(max_response_len=16, sft_steps=300, sft_lr=1e-3, lora_r=8, lora_alpha=16.0, actor_lr=3e-3,
+                 critic_lr=3e-3, eval_samples=4),
+    "real": dict(max_response_len=48, sft_steps=100, sft_lr=2e-5, lora_r=16, lora_alpha=32.0, actor_lr=1e-4,
+                 critic_lr=1e-4, eval_samples=4),
+}
+
+
+def pipeline_settings(cfg):
+    """-> cfg with every 0 ("auto") field of PIPELINE_SETTINGS filled in for this model, and one printed line that
+    says what it uses and why. Flags set on the command line always win."""
+    tiny = cfg.model in ("tiny", "tiny-opt")
+    table = PIPELINE_SETTINGS["tiny" if tiny else "real"]
+    chosen = {k: getattr(cfg, k) or v for k, v in table.items()}
+    given = [k for k in table if getattr(cfg, k)]
+    if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 prints
+        what = "the tiny model" if tiny else f"a {model_size(count_parameters(cfg.model))} model"
+        print(f"settings for {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())
+              + (f" (given: {', '.join(given)}; the rest from PIPELINE_SETTINGS)" if given else ""))
+    return replace(cfg, **chosen)
+
+
+def count_parameters(name):
+    """Parameters of a hub or local model, from its config alone (built on the meta device: no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--model {name}: could not load its config ({str(e).strip().splitlines()[0]})") from None
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def model_size(n):
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo.jsonl")
@@ -1434,6 +1477,7 @@ def sparkline(xs, width=60):
 
 def pipeline(cfg: PipelineConfig):
     t0 = time.time()
+    cfg = pipeline_settings(cfg)
     common = {f.name: getattr(cfg, f.name) for f in fields(Common)}
     demo = os.path.realpath(cfg.data) == os.path.realpath(DEMO_DATA)
     judge = gold_judge if demo else None  # the gold rule only means something on the built-in task
@@ -1447,14 +1491,16 @@ def pipeline(cfg: PipelineConfig):
                         steps=cfg.ppo_steps, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size,
                         micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                         actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef,
-                        eval_prompts=cfg.eval_prompts)
+                        eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples)
     ppo_summary = ppo(ppo_cfg, judge=judge)
     with open(os.path.join(ppo_cfg.out, "metrics.jsonl")) as fh:
         scores = [json.loads(line)["score"] for line in fh]
     print(f"\nreward-model score over training: {scores[0]:.2f} {sparkline(scores)} {scores[-1]:.2f}")
     summary = dict(stage="pipeline", rm_accuracy=sft_summary["held_out_rm_acc"],
                    sft_lm_loss=sft_summary["held_out_lm_loss"], judge="gold" if demo else "reward_model",
-                   win_rate=ppo_summary["win_rate"], sft_score=ppo_summary["sft_score"],
+                   win_rate=ppo_summary["win_rate"], win_rate_ci=ppo_summary["win_rate_ci"],
+                   verdict=ppo_summary["verdict"], eval_prompts=ppo_summary["eval_prompts"],
+                   eval_samples=ppo_summary["eval_samples"], sft_score=ppo_summary["sft_score"],
                    policy_score=ppo_summary["policy_score"], sft_gold=ppo_summary["sft_judge"] if demo else None,
                    policy_gold=ppo_summary["policy_judge"] if demo else None, kl=ppo_summary["policy_kl"],
                    sft_len=ppo_summary["sft_len"], policy_len=ppo_summary["policy_len"],
@@ -1462,8 +1508,10 @@ def pipeline(cfg: PipelineConfig):
     if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 writes
         write_json(os.path.join(cfg.out, "summary.json"), summary)
         plot_scores(scores, os.path.join(cfg.out, "reward.png"))
-    print(f"\nverdict: reward-model accuracy {summary['rm_accuracy']:.2f} (held out), "
-          f"{summary['judge']} win-rate of {cfg.mode}-PPO over Hydra-SFT {summary['win_rate']:.2f}, "
+    lo, hi = summary["win_rate_ci"]
+    print(f"\nverdict: {summary['verdict']}. {summary['judge']} win-rate of {cfg.mode}-PPO over Hydra-SFT "
+          f"{summary['win_rate']:.2f}, 95% interval [{lo:.2f}, {hi:.2f}] ({summary['eval_prompts']} held-out prompts "
+          f"x {summary['eval_samples']} responses); reward-model accuracy {summary['rm_accuracy']:.2f} (held out), "
           f"KL {summary['kl']:.2f}, {summary['time_s']:.0f} s. Everything is in {cfg.out}/")
     return summary
 

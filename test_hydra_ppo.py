@@ -627,7 +627,7 @@ def test_pipeline_runs_every_stage_and_is_deterministic(tmp_path):
         r = run_cli(*small, "--out", str(out))
         assert r.returncode == 0, r.stderr[-2000:]
         assert "1/2 Hydra-SFT" in r.stdout and "2/2 Hydra-PPO" in r.stdout and "verdict:" in r.stdout
-        assert "win-rate of PPO over SFT (gold judge)" in r.stdout
+        assert "win-rate of PPO over SFT (gold judge)" in r.stdout and "settings for the tiny model:" in r.stdout
         for f in ("sft/summary.json", "sft/model.safetensors", "ppo/summary.json", "ppo/policy.pt", "summary.json"):
             assert (out / f).exists(), f
         assert len((out / "ppo" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -638,6 +638,9 @@ def test_pipeline_runs_every_stage_and_is_deterministic(tmp_path):
         assert isinstance(s[k], float) and math.isfinite(s[k]), k
         assert s[k] == summaries[1][k], f"{k} differs between two runs with the same seed"
     assert s["judge"] == "gold" and 0 <= s["win_rate"] <= 1
+    lo, hi = s["win_rate_ci"]  # the interval, and a verdict that follows from it
+    assert lo <= s["win_rate"] <= hi and s["verdict"] == hp.verdict((lo, hi)) and s["eval_samples"] == 4
+    assert f"verdict: {s['verdict']}." in r.stdout and s["config"]["lora_r"] == 8  # the tiny model's settings
 
 
 def test_sparkline():
@@ -976,7 +979,7 @@ def test_pipeline_settings_follow_the_model(tmp_path, capsys):
     assert {k: getattr(cfg, k) for k in hp.PIPELINE_SETTINGS["real"]} == hp.PIPELINE_SETTINGS["real"]
     n = sum(p.numel() for p in lm.parameters())
     line = capsys.readouterr().out
-    assert f"settings for a {hp.model_size(n)} model:" in line and "lora_r 16" in line
+    assert f"settings for a {hp.model_size(n)} model:" in line and "--lora-r 16," in line
     cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path / "m"), lora_r=4, actor_lr=1e-3))
     assert (cfg.lora_r, cfg.actor_lr, cfg.lora_alpha) == (4, 1e-3, hp.PIPELINE_SETTINGS["real"]["lora_alpha"])
     assert hp.model_size(134_515_008) == "135M" and hp.model_size(6_738_415_616) == "6.7B"
