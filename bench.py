@@ -74,9 +74,10 @@ def child(args):
     B, P, R = args.batch, args.prompt_len, args.response_len
 
     def load(which, trained):  # build_roles' loader: a fresh random-init model, fp32 where it is fully trained
-        torch.manual_seed(0 if which == "sft" else 1)
+        torch.manual_seed(0 if which == "sft" else 1)  # (and in full mode everywhere, as hp.checkpoint_loader)
+        fp32 = trained or args.config == "full"
         with torch.device(device):  # initialise on the device: a 7b model on the CPU first would take minutes
-            lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if trained else dtype)
+            lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if fp32 else dtype)
         return hp.HydraModel(lm).requires_grad_(False)
 
     g = torch.Generator().manual_seed(0)

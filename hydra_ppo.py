@@ -104,8 +104,10 @@ class PPOConfig(Common):
     micro_batch_size: int = arg(8, "rollouts per forward pass; minibatch / micro = gradient accumulation",
                                 ge=1, divides="minibatch_size")
     ppo_epochs: int = arg(1, "passes over each rollout batch (paper: 1)", ge=1)
-    actor_lr: float = arg(5e-4, "actor learning rate (paper's visible config: 5e-4 with LoRA)", ge=0)
-    critic_lr: float = arg(5e-5, "critic (and value head) learning rate (paper: 5e-5)", ge=0)
+    actor_lr: float = arg(0.0, "actor learning rate; 0: by mode (LoRA: 5e-4, the paper's visible config; full: 5e-7)",
+                          ge=0)
+    critic_lr: float = arg(0.0, "critic (and value head) learning rate; 0: by mode (LoRA: 5e-5, paper; full: 1e-6)",
+                           ge=0)
     lora_r: int = arg(128, "LoRA rank of the actor and critic adapters (paper: 128)", ge=1)
     lora_alpha: float = arg(128.0, "LoRA alpha; scaling = alpha / r = 1 as DeepSpeed-Chat's default (not published)",
                             gt=0)
@@ -131,6 +133,8 @@ class PPOConfig(Common):
     whiten_rewards: bool = arg(False, "whiten the per-token rewards of each batch (without shifting the mean)")
     eval_every: int = arg(0, "evaluate on held-out prompts every N steps (0: only at the end)", ge=0)
     eval_prompts: int = arg(64, "held-out prompts used by each evaluation", ge=1)
+    eval_samples: int = arg(1, "responses per held-out prompt from each policy; more narrow the win-rate's interval",
+                            ge=1)
     save_every: int = arg(10, "write a resumable checkpoint (OUT/state.pt) every N steps (0: only at the end)",
                          ge=0)
     resume: str = arg("", "continue the run in this folder from its last checkpoint, with its saved configuration "
@@ -666,6 +670,7 @@ def save_checkpoint(path, model, tok, meta):
 
 def load_checkpoint(path, device, dtype, dropout=True):
     """-> (HydraModel, tokenizer, meta) from a folder written by save_checkpoint."""
+    check(os.path.exists(path), f"{path}: not found")
     check(os.path.isfile(os.path.join(path, META_FILE)), f"{path}: not a hydra-ppo checkpoint (no {META_FILE}); "
                                                          f"make one with `python hydra_ppo.py sft`")
     meta = read_file(os.path.join(path, META_FILE), read_json)
@@ -798,7 +803,8 @@ def sft_loss(model, ids, mask, P, n, lm_coef, rm_coef):
 
 @torch.no_grad()
 def evaluate_sft(model, tok, pairs, cfg, device, autocast):
-    """Held-out LM loss (token-weighted) on chosen responses and reward-model pairwise accuracy."""
+    """Held-out LM loss (token-weighted) on chosen responses and reward-model pairwise accuracy; only what cfg.task
+    trained (an untrained reward head's accuracy is noise around 0.5, not a result)."""
     model.eval()
     lm_sum = lm_tokens = correct = 0.0
     for i in range(0, len(pairs), cfg.eval_batch_size):
@@ -812,7 +818,9 @@ def evaluate_sft(model, tok, pairs, cfg, device, autocast):
         lm_sum += -(lp * mask[:n, P:]).sum().item()
         lm_tokens += mask[:n, P:].sum().item()
         correct += (r[:n] > r[n:]).sum().item()
-    return dict(lm_loss=lm_sum / lm_tokens, rm_acc=correct / len(pairs))
+    metrics = dict(lm_loss=lm_sum / lm_tokens, rm_acc=correct / len(pairs))
+    trained = dict(hydra=("lm_loss", "rm_acc"), sft=("lm_loss",), rm=("rm_acc",))[cfg.task]
+    return {k: metrics[k] for k in trained}
 
 
 def sft(cfg: SFTConfig):
@@ -903,8 +911,8 @@ def sft(cfg: SFTConfig):
         with uninterrupted():
             save_checkpoint(cfg.out, model, tok, meta)
     metrics = evaluate_sft(model, tok, held_out, cfg, device, autocast)  # of exactly the model that is saved
-    print(f"held-out ({len(held_out)} pairs): LM loss {metrics['lm_loss']:.3f}"
-          + (f", reward-model pairwise accuracy {metrics['rm_acc']:.3f}" if rm_coef else ""))
+    print(f"held-out ({len(held_out)} pairs): " + ", ".join(
+        f"LM loss {v:.3f}" if k == "lm_loss" else f"reward-model pairwise accuracy {v:.3f}" for k, v in metrics.items()))
     summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=len(train), held_out_pairs=len(held_out),
                    **{"held_out_" + k: v for k, v in metrics.items()}, truncated_prompts=cut_prompts,
                    truncated_responses=cut_responses, world_size=world, time_s=time.time() - t0, config=asdict(cfg))
@@ -1032,12 +1040,27 @@ def build_roles(cfg, load):
 
 
 def checkpoint_loader(cfg, device, dtype):
-    """build_roles' loader for real runs: full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`."""
+    """build_roles' loader for real runs: full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`,
+    except in full mode, where the frozen reference and reward model are fp32 copies too: a bf16 copy computes
+    differently from the fp32 actor under autocast (norms, residuals), and KL at step 1 must be exactly 0."""
     def load(which, trained):
         path = cfg.sft if which == "sft" else cfg.rm
-        model = load_checkpoint(path, device, torch.float32 if trained else dtype, dropout=False)[0]
+        fp32 = trained or cfg.mode == "full"
+        model = load_checkpoint(path, device, torch.float32 if fp32 else dtype, dropout=False)[0]
         return model.requires_grad_(False)
     return load
+
+
+# PPO learning rates (actor, critic) where --actor-lr / --critic-lr are 0. LoRA trains a few new weights from zero:
+# the paper's visible config, 5e-4 / 5e-5. Full fine-tuning moves every weight of a trained model, and 5e-4 there
+# took the tiny model to KL 32 in 2 steps: the paper's full fine-tuning scale (5e-7 SFT, 1e-6 RM) instead.
+DEFAULT_LRS = dict(lora=(5e-4, 5e-5), full=(5e-7, 1e-6))
+
+
+def learning_rates(cfg):
+    """-> (actor_lr, critic_lr): the flags, or where one is 0, the default of the mode (DEFAULT_LRS)."""
+    actor_lr, critic_lr = DEFAULT_LRS["full" if cfg.mode == "full" else "lora"]
+    return cfg.actor_lr or actor_lr, cfg.critic_lr or critic_lr
 
 
 def trainable_groups(roles, cfg):
@@ -1051,7 +1074,8 @@ def trainable_groups(roles, cfg):
     c += list(critic.model.value_head.parameters())  # the value head is new: it trains in every mode
     for p in a + c:
         p.requires_grad_(True)
-    return [dict(params=a, lr=cfg.actor_lr), dict(params=c, lr=cfg.critic_lr)]
+    actor_lr, critic_lr = learning_rates(cfg)
+    return [dict(params=a, lr=actor_lr), dict(params=c, lr=critic_lr)]
 
 
 def adapter_on(role):
@@ -1090,13 +1114,16 @@ def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0
     from transformers import GenerationConfig
     # Every field that shapes the distribution is set here: a checkpoint's generation_config.json (e.g. a
     # repetition_penalty) would otherwise fill in what is left unset, and the samples would not come from pi.
-    gen = GenerationConfig(do_sample=not greedy, temperature=temperature, top_k=top_k, top_p=top_p, min_p=None,
-                           typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+    # Newer transformers (5.24) warn on every call when a field contradicts another, so none does: the minimum
+    # length is given once, as min_length (columns, prompt included), and greedy decoding gets no sampling fields.
+    P = prompt_ids.shape[1]
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+                    eta_cutoff=0.0)
+    gen = GenerationConfig(do_sample=not greedy, **({} if greedy else sampling), repetition_penalty=1.0,
                            no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
                            begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None,
-                           forced_eos_token_id=None, min_length=0, max_new_tokens=max_new_tokens,
-                           min_new_tokens=min_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    P = prompt_ids.shape[1]
+                           forced_eos_token_id=None, min_length=P + min_new_tokens, max_new_tokens=max_new_tokens,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     with adapter_on(role), (folded(role.model, role.adapter) if fold and role.adapter else nullcontext()):
         out = role.model.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
     resp = out[:, P:]                                            # (B, R)
@@ -1266,16 +1293,35 @@ class Clock:
 # Evaluation: responses of the trained policy vs the SFT policy (LoRA off / the frozen reference) on held-out
 # prompts, judged by the reward model or any judge(prompts, responses) -> list of floats (the paper used GPT-4).
 
+def win_rate_interval(per_prompt, level=0.95, resamples=2000, seed=0):
+    """-> (lo, hi): percentile bootstrap over prompts of the mean win-rate. One draw is one prompt's win-rate (its
+    PPO x SFT response pairs, a tie counting 0.5): responses to the same prompt are not independent, prompts are.
+    Seeded, so the same win-rates give the same interval."""
+    x = torch.tensor(per_prompt, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (resamples, len(x)), generator=g)].mean(1)  # (resamples,) resampled prompt sets
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def verdict(interval):
+    """What a win-rate interval says: PPO is better or worse than SFT only when 0.5 (a tie) lies outside it."""
+    lo, hi = interval
+    return "no significant difference" if lo <= 0.5 <= hi else "PPO better" if lo > 0.5 else "SFT better"
+
+
 @torch.no_grad()
 def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
     for m in models_of(roles):
         m.eval()  # after an update the models are in train(): with checkpointing on, generate would drop its KV cache
+    k = cfg.eval_samples
+    repeated = [p for p in prompts for _ in range(k)]  # rows i*k .. i*k+k-1: k sampled responses to prompt i
     out = {}
     for who in ("policy", "sft"):
         role = roles["actor" if who == "policy" else "ref"]
         rows = []
-        for i in range(0, len(prompts), cfg.eval_batch_size):
-            chunk = prompts[i:i + cfg.eval_batch_size]
+        for i in range(0, len(repeated), cfg.eval_batch_size):
+            chunk = repeated[i:i + cfg.eval_batch_size]
             p_ids, p_mask = prompt_batch(tok, chunk, cfg, device)
             with autocast():
                 ids, mask, _ = generate(role, p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
@@ -1288,16 +1334,22 @@ def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
             rows += [dict(response=t, score=sc, kl=k, length=n) for t, sc, k, n in
                      zip(texts, s["reward"].tolist(), ((s["actor"] - s["ref"]) * resp_mask).sum(1).tolist(),
                          resp_mask.sum(1).tolist())]
-        judged = judge(prompts, [r["response"] for r in rows]) if judge else [r["score"] for r in rows]
+        judged = judge(repeated, [r["response"] for r in rows]) if judge else [r["score"] for r in rows]
         out[who] = [dict(r, judge=j) for r, j in zip(rows, judged)]
     pol, ref = out["policy"], out["sft"]
-    wins = [1.0 if a["judge"] > b["judge"] else 0.5 if a["judge"] == b["judge"] else 0.0 for a, b in zip(pol, ref)]
-    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)
-    metrics = dict(win_rate=sum(wins) / len(wins), judge=judge.__name__.removesuffix("_judge") if judge else "reward_model",
+    win = lambda a, b: 1.0 if a["judge"] > b["judge"] else 0.5 if a["judge"] == b["judge"] else 0.0
+    # Per prompt: every PPO response against every SFT response to it (k x k pairs, ties 0.5).
+    wins = [sum(win(a, b) for a in pol[i * k:(i + 1) * k] for b in ref[i * k:(i + 1) * k]) / k ** 2
+            for i in range(len(prompts))]
+    interval = win_rate_interval(wins)
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    metrics = dict(win_rate=sum(wins) / len(wins), win_rate_ci=list(interval), verdict=verdict(interval),
+                   eval_prompts=len(prompts), eval_samples=k,
+                   judge=judge.__name__.removesuffix("_judge") if judge else "reward_model",
                    policy_score=mean(pol, "score"), sft_score=mean(ref, "score"),
                    policy_judge=mean(pol, "judge"), sft_judge=mean(ref, "judge"),
                    policy_kl=mean(pol, "kl"), policy_len=mean(pol, "length"), sft_len=mean(ref, "length"))
-    samples = [dict(prompt=p, policy=a["response"], sft=b["response"]) for p, a, b in zip(prompts, pol, ref)]
+    samples = [dict(prompt=p, policy=pol[i * k]["response"], sft=ref[i * k]["response"]) for i, p in enumerate(prompts)]
     return metrics, samples
 
 
@@ -1308,7 +1360,10 @@ def print_eval(metrics, samples, n=3):
         print(f"{metrics['judge'] + ' score':24}{metrics['sft_judge']:10.3f}{metrics['policy_judge']:10.3f}")
     print(f"{'KL to reference':24}{0.0:10.3f}{metrics['policy_kl']:10.3f}")
     print(f"{'response length':24}{metrics['sft_len']:10.1f}{metrics['policy_len']:10.1f}")
-    print(f"win-rate of PPO over SFT ({metrics['judge']} judge): {metrics['win_rate']:.3f}")
+    lo, hi = metrics["win_rate_ci"]
+    print(f"win-rate of PPO over SFT ({metrics['judge']} judge): {metrics['win_rate']:.3f}, 95% interval "
+          f"[{lo:.3f}, {hi:.3f}] (bootstrap over {metrics['eval_prompts']} prompts x {metrics['eval_samples']} "
+          f"responses): {metrics['verdict']}")
     for s in samples[:n]:
         print(f"\nprompt: {s['prompt']!r}\n  SFT: {s['sft']!r}\n  PPO: {s['policy']!r}")
 
@@ -1326,6 +1381,7 @@ def check_ppo_config(cfg):
     check(cfg.minibatch_size % cfg.micro_batch_size == 0,
           f"--minibatch-size {cfg.minibatch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
     check(cfg.max_prompt_len > 0 and cfg.max_response_len > 0, "--max-prompt-len and --max-response-len must be > 0")
+    check(cfg.eval_samples > 0, "--eval-samples must be > 0")
     sft_task = checkpoint_task(cfg.sft, "--sft")
     check_prompt_format(cfg, cfg.sft, "--sft")
     if cfg.mode in ("hydra", "jhydra"):
@@ -1343,8 +1399,16 @@ def check_ppo_config(cfg):
               f"it does not know; train both from the same base model")
 
 
+def absolute_paths(cfg):
+    """run.json is read by `generate`, `export` and `--resume`, maybe from another directory: its paths must not
+    depend on where the run was started."""
+    paths = {k: getattr(cfg, k) for k in ("sft", "rm", "data", "out")}
+    return replace(cfg, **{k: os.path.abspath(v) for k, v in paths.items() if v})  # "" (no --rm) stays ""
+
+
 def checkpoint_task(path, flag):
     meta = os.path.join(path, META_FILE)
+    check(os.path.exists(path), f"{flag} {path}: not found")
     check(os.path.isfile(meta), f"{flag} {path}: not a hydra-ppo checkpoint (no {META_FILE}); "
                                 f"make one with `python hydra_ppo.py sft`")
     task = read_file(meta, read_json)
@@ -1384,6 +1448,8 @@ def ppo(cfg: PPOConfig, judge=None):
     train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
     train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
     roles, opt, params = setup_ppo(cfg, checkpoint_loader(cfg, device, dtype))
+    print(f"learning rates: actor {opt.param_groups[0]['lr']:g}, critic {opt.param_groups[1]['lr']:g}"
+          + ("" if cfg.actor_lr and cfg.critic_lr else f" (--mode {cfg.mode} defaults where a flag is 0)"))
     tok = load_tokenizer(cfg.sft)
     generator = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -1399,8 +1465,8 @@ def ppo(cfg: PPOConfig, judge=None):
         if rank == 0:
             keep_log_until(log_path, state["step"])  # the steps after the checkpoint are done again
         print(f"resuming {cfg.out} after step {state['step']}")
-    if rank == 0:  # resumed with a longer --steps: from now on that is the run's length
-        write_json(os.path.join(cfg.out, RUN_FILE), asdict(replace(cfg, resume="")))
+    if rank == 0:  # resumed with a longer --steps: from now on that is the run's length; paths absolute (read from anywhere)
+        write_json(os.path.join(cfg.out, RUN_FILE), asdict(absolute_paths(replace(cfg, resume=""))))
     if world > 1:
         torch.manual_seed(cfg.seed + 1000 * rank + first)  # data parallel: every rank samples its own responses
     step = first
@@ -1529,6 +1595,7 @@ RESUMABLE = ("steps", "device")  # what `ppo --resume` may change; it would igno
 def resume_config(cfg):
     """--resume DIR: the configuration the run saved when it started, with a longer --steps or another --device
     if given."""
+    check(os.path.exists(cfg.resume), f"--resume {cfg.resume}: not found")
     check(os.path.isfile(os.path.join(cfg.resume, STATE_FILE)), f"--resume {cfg.resume}: no checkpoint there "
                                                                  f"({STATE_FILE}) to resume from")
     saved = load_run_config(cfg.resume, "--resume")
@@ -1544,6 +1611,7 @@ def resume_config(cfg):
 def load_run_config(run_dir, flag):
     """The PPOConfig a run saved in RUN_FILE."""
     path = os.path.join(run_dir, RUN_FILE)
+    check(os.path.exists(run_dir), f"{flag} {run_dir}: not found")
     check(os.path.isfile(path), f"{flag} {run_dir}: not a PPO output folder (no {RUN_FILE})")
     saved = read_file(path, read_json)
     check(isinstance(saved, dict) and set(saved) <= {f.name for f in fields(PPOConfig)},
@@ -1635,25 +1703,68 @@ def export(cfg: ExportConfig):
 @dataclass
 class PipelineConfig(Common):
     """Hydra-SFT, then Hydra-PPO, then SFT vs PPO on held-out prompts. With no flags: a tiny model on the built-in
-    review task (data/demo.jsonl), judged by its gold rule. Name --model and --data to run it for real."""
+    review task (data/demo.jsonl), judged by its gold rule. Name --model and --data to run it for real. Flags whose
+    default is 0 ("auto") take their value from PIPELINE_SETTINGS for the model (tiny or real); the run prints them."""
     model: str = arg("tiny", "as in `sft --model`: hub name, local folder, or tiny / tiny-opt")
     out: str = arg("out/demo", "output folder; the stages write to OUT/sft and OUT/ppo")
     mode: str = arg("hydra", "PPO configuration that needs only the Hydra-SFT model", choices=("hydra", "jhydra"))
-    max_response_len: int = arg(16, "response tokens kept (SFT) / generated (PPO), EOS included", ge=2)
-    sft_steps: int = arg(300, "Hydra-SFT optimizer steps", ge=1)
+    max_response_len: int = arg(0, "response tokens kept (SFT) / generated (PPO), EOS included (0: auto)", ge=0)
+    sft_steps: int = arg(0, "Hydra-SFT optimizer steps (0: auto)", ge=0)
     sft_batch_size: int = arg(32, "Hydra-SFT preference pairs per step", ge=1)
-    sft_lr: float = arg(0.0, "Hydra-SFT learning rate (0: 1e-3 for a tiny model, 1e-5 otherwise)", ge=0)
+    sft_lr: float = arg(0.0, "Hydra-SFT learning rate (0: auto)", ge=0)
     ppo_steps: int = arg(60, "PPO iterations", ge=1)
     batch_size: int = arg(32, "PPO prompts per rollout", ge=1)
     minibatch_size: int = arg(16, "PPO rollouts per optimizer step", ge=1, divides="batch_size")
     micro_batch_size: int = arg(16, "rollouts (and SFT pairs) per forward pass", ge=1,
                                 divides="minibatch_size")
-    lora_r: int = arg(8, "LoRA rank of the PPO adapters (the paper's 128 is for 1.3b-7b models)", ge=1)
-    lora_alpha: float = arg(16.0, "LoRA alpha", gt=0)
-    actor_lr: float = arg(3e-3, "PPO actor learning rate", ge=0)
-    critic_lr: float = arg(3e-3, "PPO critic learning rate", ge=0)
+    lora_r: int = arg(0, "LoRA rank of the PPO adapters (0: auto; the paper's 128 is for 1.3b-7b models)", ge=0)
+    lora_alpha: float = arg(0.0, "LoRA alpha (0: auto)", ge=0)
+    actor_lr: float = arg(0.0, "PPO actor learning rate (0: auto)", ge=0)
+    critic_lr: float = arg(0.0, "PPO critic learning rate (0: auto)", ge=0)
     kl_coef: float = arg(0.02, "beta of the KL penalty (paper: 0.02)", ge=0)
     eval_prompts: int = arg(128, "held-out prompts in the final comparison", ge=1)
+    eval_samples: int = arg(0, "responses per held-out prompt from each policy (0: auto)", ge=0)
+
+
+# The pipeline's "auto" settings (its flags that default to 0), in one table. tiny: the demo's in-memory model, on
+# which the demo's measured numbers (README) were made. real: any pretrained model; starting points for a ~135M
+# model (SmolLM2-135M), not yet tuned: a pretrained model needs far smaller steps than a random one, a wider
+# adapter, and room for a sentence. Several evaluation samples per prompt narrow the win-rate's interval.
+PIPELINE_SETTINGS = {
+    "tiny": dict(max_response_len=16, sft_steps=300, sft_lr=1e-3, lora_r=8, lora_alpha=16.0, actor_lr=3e-3,
+                 critic_lr=3e-3, eval_samples=4),
+    "real": dict(max_response_len=48, sft_steps=100, sft_lr=2e-5, lora_r=16, lora_alpha=32.0, actor_lr=1e-4,
+                 critic_lr=1e-4, eval_samples=4),
+}
+
+
+def pipeline_settings(cfg):
+    """-> cfg with every 0 ("auto") field of PIPELINE_SETTINGS filled in for this model, and one printed line that
+    says what it uses and why. Flags set on the command line always win."""
+    tiny = cfg.model in ("tiny", "tiny-opt")
+    table = PIPELINE_SETTINGS["tiny" if tiny else "real"]
+    chosen = {k: getattr(cfg, k) or v for k, v in table.items()}
+    given = [k for k in table if getattr(cfg, k)]
+    if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 prints
+        what = "the tiny model" if tiny else f"a {model_size(count_parameters(cfg.model))} model"
+        print(f"settings for {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())
+              + (f" (given: {', '.join(given)}; the rest from PIPELINE_SETTINGS)" if given else ""))
+    return replace(cfg, **chosen)
+
+
+def count_parameters(name):
+    """Parameters of a hub or local model, from its config alone (built on the meta device: no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"--model {name}: could not load its config ({str(e).strip().splitlines()[0]})") from None
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def model_size(n):
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo.jsonl")
@@ -1674,6 +1785,7 @@ def sparkline(xs, width=60):
 def pipeline(cfg: PipelineConfig):
     t0 = time.time()
     validate(cfg)
+    cfg = pipeline_settings(cfg)
     common = {f.name: getattr(cfg, f.name) for f in fields(Common)}
     demo = os.path.realpath(cfg.data) == os.path.realpath(DEMO_DATA)
     judge = gold_judge if demo else None  # the gold rule only means something on the built-in task
@@ -1684,7 +1796,7 @@ def pipeline(cfg: PipelineConfig):
                         steps=cfg.ppo_steps, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size,
                         micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                         actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef,
-                        eval_prompts=cfg.eval_prompts)
+                        eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples)
     validate(sft_cfg)  # both stages' flags before the first one runs: a bad PPO flag must not wait for SFT
     validate(ppo_cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -1698,7 +1810,9 @@ def pipeline(cfg: PipelineConfig):
     print(f"\nreward-model score over training: {scores[0]:.2f} {sparkline(scores)} {scores[-1]:.2f}")
     summary = dict(stage="pipeline", rm_accuracy=sft_summary["held_out_rm_acc"],
                    sft_lm_loss=sft_summary["held_out_lm_loss"], judge="gold" if demo else "reward_model",
-                   win_rate=ppo_summary["win_rate"], sft_score=ppo_summary["sft_score"],
+                   win_rate=ppo_summary["win_rate"], win_rate_ci=ppo_summary["win_rate_ci"],
+                   verdict=ppo_summary["verdict"], eval_prompts=ppo_summary["eval_prompts"],
+                   eval_samples=ppo_summary["eval_samples"], sft_score=ppo_summary["sft_score"],
                    policy_score=ppo_summary["policy_score"], sft_gold=ppo_summary["sft_judge"] if demo else None,
                    policy_gold=ppo_summary["policy_judge"] if demo else None, kl=ppo_summary["policy_kl"],
                    sft_len=ppo_summary["sft_len"], policy_len=ppo_summary["policy_len"],
@@ -1706,8 +1820,10 @@ def pipeline(cfg: PipelineConfig):
     if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 writes
         write_json(os.path.join(cfg.out, "summary.json"), summary)
         plot_scores(scores, os.path.join(cfg.out, "reward.png"))
-    print(f"\nverdict: reward-model accuracy {summary['rm_accuracy']:.2f} (held out), "
-          f"{summary['judge']} win-rate of {cfg.mode}-PPO over Hydra-SFT {summary['win_rate']:.2f}, "
+    lo, hi = summary["win_rate_ci"]
+    print(f"\nverdict: {summary['verdict']}. {summary['judge']} win-rate of {cfg.mode}-PPO over Hydra-SFT "
+          f"{summary['win_rate']:.2f}, 95% interval [{lo:.2f}, {hi:.2f}] ({summary['eval_prompts']} held-out prompts "
+          f"x {summary['eval_samples']} responses); reward-model accuracy {summary['rm_accuracy']:.2f} (held out), "
           f"KL {summary['kl']:.2f}, {summary['time_s']:.0f} s. Everything is in {cfg.out}/")
     return summary
 

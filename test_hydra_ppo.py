@@ -603,7 +603,7 @@ def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--mode", "dlora"], "needs a reward-model checkpoint"),
     (["--batch-size", "10", "--minibatch-size", "4"], "must be a multiple of --minibatch-size"),
-    (["--sft", "/nonexistent"], "not a hydra-ppo checkpoint"),
+    (["--sft", "/nonexistent"], "--sft /nonexistent: not found"),
     (["--chat-template"], "was trained without --chat-template"),
 ])
 def test_ppo_config_errors(ckpts, args, message):
@@ -697,7 +697,7 @@ def test_pipeline_runs_every_stage_and_is_deterministic(tmp_path):
         r = run_cli(*small, "--out", str(out))
         assert r.returncode == 0, r.stderr[-2000:]
         assert "1/2 Hydra-SFT" in r.stdout and "2/2 Hydra-PPO" in r.stdout and "verdict:" in r.stdout
-        assert "win-rate of PPO over SFT (gold judge)" in r.stdout
+        assert "win-rate of PPO over SFT (gold judge)" in r.stdout and "settings for the tiny model:" in r.stdout
         for f in ("sft/summary.json", "sft/model.safetensors", "ppo/summary.json", "ppo/policy.pt", "summary.json"):
             assert (out / f).exists(), f
         assert len((out / "ppo" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -708,6 +708,9 @@ def test_pipeline_runs_every_stage_and_is_deterministic(tmp_path):
         assert isinstance(s[k], float) and math.isfinite(s[k]), k
         assert s[k] == summaries[1][k], f"{k} differs between two runs with the same seed"
     assert s["judge"] == "gold" and 0 <= s["win_rate"] <= 1
+    lo, hi = s["win_rate_ci"]  # the interval, and a verdict that follows from it
+    assert lo <= s["win_rate"] <= hi and s["verdict"] == hp.verdict((lo, hi)) and s["eval_samples"] == 4
+    assert f"verdict: {s['verdict']}." in r.stdout and s["config"]["lora_r"] == 8  # the tiny model's settings
 
 
 def test_sparkline():
@@ -1347,3 +1350,161 @@ def test_bench_bad_input_is_one_line(tmp_path, capsys, argv, names):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
     assert names.format(tmp=tmp_path) in err
+
+
+# ---- issue 12: paths, warnings, full-mode defaults, pipeline settings, what SFT reports, evaluation noise ---------
+
+def test_run_json_holds_absolute_paths_that_work_from_another_directory(ckpts, tmp_path, monkeypatch, capsys):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)  # a run started with relative paths ...
+    hp.ppo(ppo_config(ckpts, "hydra", sft=os.path.relpath(ckpts["hydra"]), data=os.path.relpath(DEMO), out="run",
+                      steps=1))
+    saved = json.load(open(work / "run" / "run.json"))
+    assert all(os.path.isabs(saved[k]) for k in ("sft", "data", "out")) and saved["rm"] == ""
+    monkeypatch.chdir(elsewhere)  # ... is used from another directory
+    run = str(work / "run")
+    capsys.readouterr()
+    hp.generate_cmd(hp.GenerateConfig(run=run, max_new_tokens=4, device="cpu"))
+    assert capsys.readouterr().out.strip()
+    hp.export(hp.ExportConfig(run=run, format="peft", out=str(tmp_path / "peft")))
+    assert hp.ppo(hp.PPOConfig(resume=run))["steps"] == 1  # nothing left to train: it evaluates the saved state
+
+
+def test_paths_that_do_not_exist_are_not_found(ckpts, tmp_path):
+    with pytest.raises(hp.UserError, match="nope: not found"):
+        hp.load_policy(str(tmp_path / "nope"), CPU, torch.float32)
+    run = tmp_path / "run"  # a run whose SFT checkpoint has since been deleted
+    run.mkdir()
+    hp.write_json(str(run / hp.RUN_FILE), hp.asdict(hp.PPOConfig(sft=str(tmp_path / "gone"))))
+    (run / hp.POLICY_FILE).write_bytes(b"")
+    with pytest.raises(hp.UserError, match="gone: not found"):
+        hp.load_policy(str(run), CPU, torch.float32)
+    with pytest.raises(hp.UserError, match="--sft .*gone: not found"):
+        hp.check_ppo_config(hp.PPOConfig(sft=str(tmp_path / "gone")))
+    with pytest.raises(hp.UserError, match="--resume .*gone: not found"):
+        hp.ppo(hp.PPOConfig(resume=str(tmp_path / "gone")))
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_generate_prints_no_warnings(greedy):
+    """transformers >= 5.24 warned on every call about our own settings (min_new_tokens and min_length both set;
+    sampling flags with greedy decoding): 68 lines in the demo."""
+    import logging
+    import warnings
+    lm, tok = tiny()
+    role = hp.Role(hp.HydraModel(lm), None, "lm")
+    p_ids, p_mask = hp.pad([hp.encode_prompt(tok, "review of the film :", 16)] * 2, tok.pad_token_id, "left")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    if hasattr(logging.Logger, "warning_once"):  # transformers says some things once per process: say them again
+        logging.Logger.warning_once.cache_clear()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for kw in (dict(), dict(temperature=0.7, top_k=5, top_p=0.9), dict(min_new_tokens=3)):
+                ids, mask, _ = hp.generate(role, p_ids, p_mask, tok, 6, greedy=greedy, **kw)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    assert [str(w.message) for w in caught] == []
+    assert (mask[:, p_ids.shape[1]:].sum(1) >= 3).all()  # min_new_tokens still holds EOS back
+
+
+def test_full_fine_tuning_gets_its_own_learning_rates(ckpts):
+    """LoRA's 5e-4 on every weight of the model gave a KL of 32 after 2 steps: full fine-tuning defaults to the
+    paper's full fine-tuning scale (5e-7 actor, 1e-6 critic); an explicit rate always wins."""
+    def lrs(cfg):
+        return [g["lr"] for g in hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))[1].param_groups]
+    assert hp.PPOConfig().actor_lr == hp.PPOConfig().critic_lr == 0.0  # 0: by mode
+    assert lrs(ppo_config(ckpts, "full")) == [5e-7, 1e-6]
+    assert lrs(ppo_config(ckpts, "hydra")) == [5e-4, 5e-5]
+    assert lrs(ppo_config(ckpts, "full", actor_lr=1e-5, critic_lr=2e-5)) == [1e-5, 2e-5]
+    assert hp.learning_rates(ppo_config(ckpts, "lora", critic_lr=1e-4)) == (5e-4, 1e-4)
+
+
+def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
+    """On CUDA frozen trunks load in bf16 and the trained copies in fp32 (master weights, autocast). In full mode the
+    reference and reward model must still equal the initial actor and critic exactly: KL 0 at step 1."""
+    cfg = ppo_config(ckpts, "full")
+    roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.bfloat16))
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    tok = hp.load_tokenizer(cfg.sft)
+    prompts = [hp.encode_prompt(tok, p["prompt"], 16) for p in hp.make_demo_pairs(cfg.batch_size)]
+    p_ids, p_mask = hp.pad(prompts, tok.pad_token_id, "left")
+    torch.manual_seed(0)
+    batch, stats = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, cfg.kl_coef)
+    assert torch.equal(batch["logprobs"], batch["ref_logprobs"]) and stats["kl"] == 0.0
+    with torch.no_grad(), autocast():
+        h_critic = roles["critic"].model(batch["ids"], batch["mask"])
+        h_reward = roles["reward"].model(batch["ids"], batch["mask"])
+    assert torch.equal(h_critic, h_reward)
+
+
+def test_pipeline_settings_follow_the_model(tmp_path, capsys):
+    """The pipeline's tiny-model settings (lr 3e-3, r 8, 16 tokens) are wrong for a pretrained model: 0 means
+    "by model" (one table, PIPELINE_SETTINGS), the choice is printed in one line, explicit flags win."""
+    cfg = hp.pipeline_settings(hp.PipelineConfig())
+    assert (cfg.lora_r, cfg.actor_lr, cfg.max_response_len, cfg.sft_steps) == (8, 3e-3, 16, 300)
+    assert "settings for the tiny model:" in capsys.readouterr().out
+    lm, tok = tiny()  # any model that is not built in memory counts as a real one; here a tiny Llama in a folder
+    lm.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path / "m")))
+    assert {k: getattr(cfg, k) for k in hp.PIPELINE_SETTINGS["real"]} == hp.PIPELINE_SETTINGS["real"]
+    n = sum(p.numel() for p in lm.parameters())
+    line = capsys.readouterr().out
+    assert f"settings for a {hp.model_size(n)} model:" in line and "--lora-r 16," in line
+    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path / "m"), lora_r=4, actor_lr=1e-3))
+    assert (cfg.lora_r, cfg.actor_lr, cfg.lora_alpha) == (4, 1e-3, hp.PIPELINE_SETTINGS["real"]["lora_alpha"])
+    assert hp.model_size(134_515_008) == "135M" and hp.model_size(6_738_415_616) == "6.7B"
+
+
+@pytest.mark.parametrize("task,trained,untrained", [("sft", "lm_loss", "rm_acc"), ("rm", "rm_acc", "lm_loss")])
+def test_sft_reports_only_what_it_trained(tmp_path, capsys, task, trained, untrained):
+    summary = hp.sft(hp.SFTConfig(data=DEMO, out=str(tmp_path), task=task, steps=1, device="cpu"))
+    printed = capsys.readouterr().out
+    on_disk = json.load(open(tmp_path / "summary.json"))
+    for s in (summary, on_disk):
+        assert "held_out_" + trained in s and "held_out_" + untrained not in s
+    assert ("LM loss" in printed) == (task == "sft") and ("accuracy" in printed) == (task == "rm")
+
+
+def test_win_rate_interval_known_cases():
+    assert hp.win_rate_interval([1.0] * 20) == (1.0, 1.0)
+    assert hp.win_rate_interval([0.5] * 20) == (0.5, 0.5)  # all ties
+    lo, hi = hp.win_rate_interval([0.0, 1.0] * 200)  # mean 0.5, sd 0.5, 400 prompts: 0.5 +- 1.96 * 0.5 / 20
+    assert lo == pytest.approx(0.451, abs=0.01) and hi == pytest.approx(0.549, abs=0.01)
+    lo, hi = hp.win_rate_interval([1.0] * 30 + [0.0] * 10)  # 0.75 +- 1.96 * sqrt(0.75 * 0.25 / 40) = 0.134
+    assert lo == pytest.approx(0.616, abs=0.03) and hi == pytest.approx(0.884, abs=0.03)
+    x = [0.25, 0.5, 0.75, 1.0, 0.5, 0.0, 0.75]
+    assert hp.win_rate_interval(x) == hp.win_rate_interval(x)  # seeded: the same numbers give the same interval
+    assert hp.win_rate_interval(x)[0] < sum(x) / len(x) < hp.win_rate_interval(x)[1]
+
+
+def test_verdict_wording():
+    assert hp.verdict((0.45, 0.62)) == "no significant difference"
+    assert hp.verdict((0.5, 0.7)) == "no significant difference"  # the interval contains 0.5
+    assert hp.verdict((0.52, 0.7)) == "PPO better"
+    assert hp.verdict((0.2, 0.49)) == "SFT better"
+
+
+def test_evaluation_with_several_samples_per_prompt(ckpts):
+    cfg = ppo_config(ckpts, "hydra", eval_samples=3)
+    roles, _, _ = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    tok = hp.load_tokenizer(cfg.sft)
+    prompts = [p["prompt"] for p in hp.make_demo_pairs(5, seed=5)]
+    judged = []
+
+    def judge(ps, rs):
+        judged.append(len(rs))
+        return [hp.gold_score(r) for r in rs]
+    torch.manual_seed(0)
+    metrics, samples = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU, hp.nullcontext, judge)
+    assert judged == [15, 15]  # policy and SFT: 3 responses to each of the 5 prompts
+    assert len(samples) == 5 and metrics["eval_samples"] == 3 and metrics["eval_prompts"] == 5
+    lo, hi = metrics["win_rate_ci"]
+    assert lo <= metrics["win_rate"] <= hi and metrics["verdict"] == hp.verdict((lo, hi))
