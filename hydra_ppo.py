@@ -6,9 +6,18 @@ arXiv 2309.00754) in one file of plain PyTorch + transformers.
     python hydra_ppo.py ppo --mode hydra --sft DIR --data D   # PPO in one of the paper's five configurations
     python hydra_ppo.py SUBCOMMAND --help                     # every flag with its default (also generate, export)
 
-Read top to bottom: configuration, the two-head model, tokens and padding, data, models and checkpoints, data
-parallel, Hydra-SFT, PPO building blocks (GAE, losses), the five configurations, rollout/score/update, evaluation,
-the PPO stage (with resume and export), the whole pipeline, command line.
+Two parts, each read top to bottom; every name is defined before it is used.
+
+Part I, the method: one-line errors; configuration (SFTConfig, PPOConfig); device and precision; the token layout;
+    the two-head model (HydraModel); the Hydra-SFT loss; PPO maths (whitening, GAE, losses, KL controller); the five
+    configurations (build_roles, trainable_groups: the only places that branch on the mode); sampling (generate);
+    one PPO iteration, `ppo_step`: 1 sample, 2 score, 3 KL-shaped rewards, 4 GAE, 5 update.
+Part II, running it for real: flags; text to tokens; preference data and the demo task; models and checkpoints;
+    data parallel (torchrun); the `sft` command (the Hydra-SFT loop); evaluation (win-rate); the `ppo` command (the
+    outer PPO loop: prompts, ppo_step, adaptive KL, logs, evaluation, resumable checkpoints); generate and export;
+    the pipeline (`python hydra_ppo.py`); the command line.
+The outer loops live in Part II because most of their lines are about running for real (sharding, logging, resume,
+Ctrl-C); the method they repeat is ppo_step and sft_loss.
 """
 import argparse
 import json
@@ -32,6 +41,23 @@ from tqdm.auto import tqdm
 
 from lora import (DEFAULT_TARGETS, LoRALinear, add_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
                   lora_state_dict, merge_lora, use_adapter)
+
+
+# ================================================================================================================
+# PART I: THE METHOD
+# ================================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------------
+# One-line errors: a mistake in the input stops a command with one line, never a traceback.
+
+class UserError(Exception):
+    """A mistake in the input or the configuration: main() prints it as one line (no traceback) and exits 2."""
+
+
+def check(cond, msg):
+    """A user-facing check: a one-line error instead of a traceback (main() prints it and exits 2)."""
+    if not cond:
+        raise UserError(msg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,81 +169,6 @@ class PPOConfig(Common):
                                 "gradient", ge=1)
 
 
-@dataclass
-class GenerateConfig:
-    run: str = arg("out/ppo", "a PPO output folder")
-    prompt: str = arg("review of the film :", "the prompt")
-    num_samples: int = arg(1, "responses to sample", ge=1)
-    max_new_tokens: int = arg(0, "0: the run's --max-response-len", ge=0)
-    temperature: float = arg(1.0, "sampling temperature", gt=0)
-    greedy: bool = arg(False, "greedy decoding instead of sampling")
-    seed: int = arg(0, "random seed")
-    device: str = arg("auto", "auto, cpu, cuda, ...")
-
-
-@dataclass
-class ExportConfig:
-    run: str = arg("out/ppo", "a PPO output folder")
-    format: str = arg("merged", "merged: a plain transformers checkpoint with the actor adapter folded in; peft: "
-                                "adapter_config.json + adapter_model.safetensors for peft's PeftModel.from_pretrained",
-                      choices=("merged", "peft"))
-    out: str = arg("", "output folder (default: RUN/export-FORMAT)")
-    overwrite: bool = arg(False, "write into an --out folder that already holds files")
-
-
-def parse_config(cls, argv, prog):
-    p = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def error(message):  # argparse prints the usage and the error; one line is enough, --help has the rest
-        raise UserError(f"{prog}: {message} (see --help)")
-    p.error = error
-    for f in fields(cls):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
-        else:
-            p.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta.get("choices"))
-    return cls(**vars(p.parse_args(argv)))
-
-
-def check(cond, msg):
-    """A user-facing check: a one-line error instead of a traceback (main() prints it and exits 2)."""
-    if not cond:
-        raise UserError(msg)
-
-
-class UserError(Exception):
-    """A mistake in the input or the configuration: main() prints it as one line (no traceback) and exits 2."""
-
-
-BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
-
-
-def validate(cfg):
-    """Every flag of a config against the range declared beside its field, before anything is loaded or written:
-    a bad one stops the command with one line naming the flag and what it allows. (Checks that need files, such
-    as whether --sft is a checkpoint, come later, still before any training.)"""
-    for f in fields(cfg):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        for key, (sign, ok) in BOUNDS.items():
-            if key in f.metadata:  # asked as "is it in range", so that NaN fails too
-                check(ok(value, f.metadata[key]), f"{flag} {value}: must be {sign} {f.metadata[key]}")
-        if "divides" in f.metadata:
-            whole = getattr(cfg, f.metadata["divides"])
-            check(whole % value == 0, f"--{f.metadata['divides'].replace('_', '-')} {whole} must be a multiple of "
-                                      f"{flag} {value}")
-    if getattr(cfg, "device", "auto") != "auto":
-        try:
-            device = torch.device(cfg.device)
-        except (RuntimeError, ValueError):
-            device = None
-        check(device is not None and device.type in ("cpu", "cuda"),
-              f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
-        check(device.type == "cpu" or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()),
-              f"--device {cfg.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Device and precision (nanoGPT style): bf16 weights + autocast on CUDA, fp32 on CPU. Heads always compute in fp32.
 
@@ -229,6 +180,32 @@ def setup_device(name):
     dtype = torch.bfloat16 if cuda else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     return device, dtype, autocast
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokens and padding. One layout everywhere (SFT, rollout, scoring): prompts LEFT-padded to P columns, responses
+# RIGHT-padded after them, so every response starts at column P:   [pad pad p p p | r r r EOS pad]
+
+def pad(seqs, pad_id, side):
+    """list of token lists -> ids (B, L), mask (B, L); `side` is where the padding goes."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(L - len(s), L) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def collate(prompts, responses, pad_id):
+    """-> ids (B, P+R), mask (B, P+R), P. Responses (with their EOS) start at column P in every row."""
+    p_ids, p_mask = pad(prompts, pad_id, "left")
+    r_ids, r_mask = pad(responses, pad_id, "right")
+    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1]
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,38 +281,494 @@ class HydraModel(nn.Module):
             return self.reward_head(h.float()).squeeze(-1)  # (B,)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tokens and padding. One layout everywhere (SFT, rollout, scoring): prompts LEFT-padded to P columns, responses
-# RIGHT-padded after them, so every response starts at column P:   [pad pad p p p | r r r EOS pad]
-
-def pad(seqs, pad_id, side):
-    """list of token lists -> ids (B, L), mask (B, L); `side` is where the padding goes."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(L - len(s), L) if side == "left" else slice(0, len(s))
-        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
-
-
-def collate(prompts, responses, pad_id):
-    """-> ids (B, P+R), mask (B, P+R), P. Responses (with their EOS) start at column P in every row."""
-    p_ids, p_mask = pad(prompts, pad_id, "left")
-    r_ids, r_mask = pad(responses, pad_id, "right")
-    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1]
-
-
-def encode_prompt(tok, prompt, max_len, chat=False):
-    """A prompt (text, or a list of {role, content} messages from conversational data) -> at most max_len ids.
-    A long prompt keeps its end: it is what the response answers."""
-    if chat:
-        ids = encode_chat(tok, prompt if isinstance(prompt, list) else to_messages(prompt), max_len)
+def checkpointing_on(lm):
+    """Activation (gradient) checkpointing; transformers 5 renamed it. Non-reentrant: works with a frozen trunk."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        text = prompt if isinstance(prompt, str) else hh_text(prompt)
-        ids = tok(text)["input_ids"][-max_len:]  # with the tokenizer's BOS, if it adds one
-    check(ids, f"the prompt {str(prompt)[:50]!r} tokenizes to nothing")
-    return ids
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hydra-SFT: one decoder pass over [prompt+chosen ; prompt+rejected] feeds both heads.
+#   loss = lm_coef * CE(chosen response tokens) + rm_coef * -log sigmoid(r_chosen - r_rejected)
+
+def sft_loss(model, ids, mask, P, n, lm_coef, rm_coef):
+    """-> (loss, stats). n = number of pairs; rows beyond n are the rejected responses."""
+    h = model(ids, mask)                                   # (n or 2n, T, H): the only decoder pass
+    loss, stats = 0.0, {}
+    if lm_coef:
+        lm_loss = -masked_mean(model.logprobs(h[:n], ids[:n], P), mask[:n, P:])  # mean CE over chosen tokens
+        loss, stats["lm_loss"] = loss + lm_coef * lm_loss, lm_loss.item()
+    if rm_coef:
+        r = model.score(h, mask)                           # (2n,)
+        rm_loss = -F.logsigmoid(r[:n] - r[n:]).mean()      # Bradley-Terry pairwise loss
+        loss, stats["rm_loss"] = loss + rm_coef * rm_loss, rm_loss.item()
+        stats["rm_acc"] = (r[:n] > r[n:]).float().mean().item()
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPO maths: small pure functions on (B, R) tensors; `mask` is 1 on real response tokens (right-padded).
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x - mean) / std over the real tokens; shift_mean=False adds the mean back (scales, keeps the sign of the mean)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    white = (x - mean) * torch.rsqrt(var + 1e-8)
+    return white if shift_mean else white + mean
+
+
+def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation (Schulman et al. 2015), per token of right-padded responses.
+        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   the value after the last real token is 0
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        returns = A + V
+    rewards, values, mask: (B, R) over response tokens. -> (advantages, returns), both (B, R) and 0 on padding."""
+    rewards, values = rewards * mask, values * mask  # padding carries no reward and no value
+    R = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(last)  # 0 past the end (masked)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    """Clipped surrogate (Schulman et al. 2017):  L = E[max(-A r, -A clip(r, 1-eps, 1+eps))],  r = pi/pi_old."""
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    with torch.no_grad():
+        stats = dict(pg_loss=pg_loss.item(),
+                     approx_kl=masked_mean((ratio - 1) - logratio, mask).item(),  # k3 estimator, >= 0
+                     clipfrac=masked_mean((pg_losses2 > pg_losses).float(), mask).item(),
+                     ratio=masked_mean(ratio, mask).item())
+    return pg_loss, stats
+
+
+def ppo_value_loss(vpred, old_values, returns, mask, cliprange_value):
+    """Clipped value loss:  0.5 * E[max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)]."""
+    vpred_clipped = old_values + torch.clamp(vpred - old_values, -cliprange_value, cliprange_value)
+    vf_losses = torch.max((vpred - returns) ** 2, (vpred_clipped - returns) ** 2)
+    vf_loss = 0.5 * masked_mean(vf_losses, mask)
+    with torch.no_grad():
+        stats = dict(vf_loss=vf_loss.item(),
+                     vf_clipfrac=masked_mean(((vpred_clipped - returns) ** 2 > (vpred - returns) ** 2).float(),
+                                             mask).item())
+    return vf_loss, stats
+
+
+def explained_variance(values, returns, mask):
+    return 1 - (masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask)
+                / masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)).item()
+
+
+def update_kl_coef(beta, kl, target, n, horizon):
+    """Adaptive KL controller (Ziegler et al. 2019): nudge beta so the KL per sequence approaches `target`."""
+    error = max(-0.2, min(0.2, kl / target - 1))
+    return beta * (1 + error * n / horizon)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The five PPO configurations (paper, Table 2). A role is (trunk, adapter, head); adapter None means LoRA off.
+#
+#   mode     static models  LoRA sets  actor               critic                reference        reward model
+#   full     4              0          SFT copy, trained   RM copy, trained      frozen SFT copy  frozen RM copy
+#   lora     4              2          SFT + LoRA          RM + LoRA             frozen SFT copy  frozen RM copy
+#   dlora    2              2          SFT + LoRA          RM + LoRA             actor, LoRA off  critic, LoRA off
+#   jhydra   1              1          Hydra + shared, LM  same LoRA, value head LoRA off, LM     LoRA off, reward
+#   hydra    1              2          Hydra + actor, LM   Hydra + critic, value LoRA off, LM     LoRA off, reward
+
+class Role(typing.NamedTuple):
+    model: HydraModel
+    adapter: typing.Optional[str]  # None: LoRA off (the frozen checkpoint itself)
+    head: str                      # "lm" | "value" | "reward"
+
+
+def add_adapter(lm, cfg, adapter="default"):
+    """add_lora with the run's rank, alpha and --lora-targets; a one-line error when no layer matches."""
+    targets = tuple(t.strip() for t in cfg.lora_targets.split(",")) if cfg.lora_targets else DEFAULT_TARGETS
+    try:
+        return add_lora(lm, targets, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
+    except ValueError as e:
+        raise UserError(f"{e} (--lora-targets)") from None
+
+
+def build_roles(cfg, load):
+    """-> roles: exactly the models that cfg.mode holds. load(which, trained) returns a new, frozen HydraModel of
+    the "sft" or "rm" checkpoint (the benchmark passes a loader of random-init models instead)."""
+    def lora(model, adapter):
+        add_adapter(model.lm, cfg, adapter)
+
+    sft_model = load("sft", trained=cfg.mode == "full")
+    if cfg.mode in ("hydra", "jhydra"):
+        m = sft_model
+        a, c = ("actor", "critic") if cfg.mode == "hydra" else ("shared", "shared")
+        lora(m, a)
+        if c != a:
+            lora(m, c)
+        roles = dict(actor=Role(m, a, "lm"), critic=Role(m, c, "value"), ref=Role(m, None, "lm"),
+                     reward=Role(m, None, "reward"))
+    else:
+        rm_model = load("rm", trained=cfg.mode == "full")
+        if cfg.mode == "full":
+            roles = dict(actor=Role(sft_model, None, "lm"), critic=Role(rm_model, None, "value"),
+                         ref=Role(load("sft", False), None, "lm"), reward=Role(load("rm", False), None, "reward"))
+        else:
+            lora(sft_model, "actor")
+            lora(rm_model, "critic")
+            ref = sft_model if cfg.mode == "dlora" else load("sft", False)   # dynamic LoRA: LoRA off is the reference
+            reward = rm_model if cfg.mode == "dlora" else load("rm", False)  # ... and the reward model
+            roles = dict(actor=Role(sft_model, "actor", "lm"), critic=Role(rm_model, "critic", "value"),
+                         ref=Role(ref, None, "lm"), reward=Role(reward, None, "reward"))
+    critic = roles["critic"].model
+    critic.value_head.load_state_dict(critic.reward_head.state_dict())  # the critic starts from the reward model
+    return roles
+
+
+# PPO learning rates (actor, critic) where --actor-lr / --critic-lr are 0. LoRA trains a few new weights from zero:
+# the paper's visible config, 5e-4 / 5e-5. Full fine-tuning moves every weight of a trained model, and 5e-4 there
+# took the tiny model to KL 32 in 2 steps: the paper's full fine-tuning scale (5e-7 SFT, 1e-6 RM) instead.
+DEFAULT_LRS = dict(lora=(5e-4, 5e-5), full=(5e-7, 1e-6))
+
+
+def learning_rates(cfg):
+    """-> (actor_lr, critic_lr): the flags, or where one is 0, the default of the mode (DEFAULT_LRS)."""
+    actor_lr, critic_lr = DEFAULT_LRS["full" if cfg.mode == "full" else "lora"]
+    return cfg.actor_lr or actor_lr, cfg.critic_lr or critic_lr
+
+
+def trainable_groups(roles, cfg):
+    """Optimizer parameter groups: actor (actor_lr) and critic (critic_lr). Everything else stays frozen."""
+    actor, critic = roles["actor"], roles["critic"]
+    if cfg.mode == "full":
+        a, c = list(actor.model.lm.parameters()), list(critic.model.lm.base_model.parameters())
+    else:
+        a = lora_parameters(actor.model, actor.adapter)
+        c = [] if critic.adapter == actor.adapter else lora_parameters(critic.model, critic.adapter)
+    c += list(critic.model.value_head.parameters())  # the value head is new: it trains in every mode
+    for p in a + c:
+        p.requires_grad_(True)
+    actor_lr, critic_lr = learning_rates(cfg)
+    return [dict(params=a, lr=actor_lr), dict(params=c, lr=critic_lr)]
+
+
+def setup_ppo(cfg, load):
+    """-> roles, optimizer, trained parameters. LoRA's A init draws from the seeded RNG."""
+    torch.manual_seed(cfg.seed)
+    roles = build_roles(cfg, load)
+    groups = trainable_groups(roles, cfg)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    if cfg.grad_checkpointing:
+        for r in (roles["actor"], roles["critic"]):
+            checkpointing_on(r.model.lm)
+    return roles, opt, [p for g in groups for p in g["params"]]
+
+
+def adapter_on(role):
+    return use_adapter(role.model, role.adapter) if role.adapter else lora_off(role.model)
+
+
+def passes(roles, names):
+    """Group roles by (trunk, adapter): one decoder pass feeds every head of a group. In hydra the reference and
+    the reward model share one pass; in jhydra the actor and the critic do too."""
+    groups = {}
+    for n in names:
+        r = roles[n]
+        groups.setdefault((id(r.model), r.adapter), (r, []))[1].append(n)
+    return list(groups.values())
+
+
+def read_head(role, h, ids, mask, P, temperature):
+    if role.head == "lm":
+        return role.model.logprobs(h, ids, P, temperature=temperature)  # (B, R)
+    return role.model.values(h, P) if role.head == "value" else role.model.score(h, mask)  # (B, R) / (B,)
+
+
+def models_of(roles):
+    return list({id(r.model): r.model for r in roles.values()}.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+@torch.no_grad()
+def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+             greedy=False, min_new_tokens=0, fold=False):
+    """Sample responses from `role` (its adapter on, or LoRA off; fold: the adapter folded into a copy of the
+    weights). -> ids (B, P+R), mask (B, P+R), has_eos (B,).
+    Responses are cut after their first EOS (kept: the policy learns to stop) and right-padded."""
+    from transformers import GenerationConfig
+    # Every field that shapes the distribution is set here: a checkpoint's generation_config.json (e.g. a
+    # repetition_penalty) would otherwise fill in what is left unset, and the samples would not come from pi.
+    # Newer transformers (5.24) warn on every call when a field contradicts another, so none does: the minimum
+    # length is given once, as min_length (columns, prompt included), and greedy decoding gets no sampling fields.
+    P = prompt_ids.shape[1]
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+                    eta_cutoff=0.0)
+    gen = GenerationConfig(do_sample=not greedy, **({} if greedy else sampling), repetition_penalty=1.0,
+                           no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
+                           begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None,
+                           forced_eos_token_id=None, min_length=P + min_new_tokens, max_new_tokens=max_new_tokens,
+                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    with adapter_on(role), (folded(role.model, role.adapter) if fold and role.adapter else nullcontext()):
+        out = role.model.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+    resp = out[:, P:]                                            # (B, R)
+    is_eos = resp == tok.eos_token_id
+    has_eos = is_eos.any(1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(1), resp.shape[1])
+    resp_mask = (torch.arange(resp.shape[1], device=resp.device) <= first_eos[:, None]).long()  # EOS included
+    R = int(resp_mask.sum(1).max())
+    resp, resp_mask = resp[:, :R].masked_fill(resp_mask[:, :R] == 0, tok.pad_token_id), resp_mask[:, :R]
+    return torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1), has_eos
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One PPO iteration
+
+class Clock:
+    """Seconds since the last call (CUDA work is asynchronous: synchronize before reading the time)."""
+    def __init__(self, device):
+        self.device, self.t = device, time.perf_counter()
+
+    def __call__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t, self.t = self.t, time.perf_counter()
+        return self.t - t
+
+
+@torch.no_grad()
+def score_rollout(roles, ids, mask, P, chunk, autocast, temperature=1.0):
+    """Step 2: old log-probs (actor), reference log-probs, values (critic) and the reward-model score, in chunks
+    of `chunk` rows. -> dict of (B, R) tensors and 'reward' (B,)."""
+    out = {n: [] for n in roles}
+    for i in range(0, ids.shape[0], chunk):
+        ids_c, mask_c = ids[i:i + chunk], mask[i:i + chunk]
+        for role, names in passes(roles, list(roles)):
+            with adapter_on(role), autocast():
+                h = role.model(ids_c, mask_c)  # (b, P+R, H)
+                for n in names:
+                    out[n].append(read_head(roles[n], h, ids_c, mask_c, P, temperature).float())
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
+def one_pass(cfg, B=None):
+    """The paper's setting: 1 PPO epoch and one optimizer step from one forward pass over the whole rollout batch
+    of B rows (minibatch = micro-batch = batch). That forward runs at theta_old, so its own outputs, detached, are
+    the old log-probs (and, where the critic shares the actor's pass, the old values): step 2 skips that pass and
+    steps 3-4 run inside the update. Exact, not an approximation: the ratio is 1 by construction."""
+    B = cfg.batch_size if B is None else B
+    return cfg.ppo_epochs == 1 and B <= min(cfg.minibatch_size, cfg.micro_batch_size)
+
+
+def average_gradients(params):
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
+        work.wait()
+    for p in params:
+        p.grad /= dist.get_world_size()
+
+
+def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
+    """Step 5: ppo_epochs over shuffled minibatches (one optimizer step each) with gradient accumulation over
+    micro-batches. -> a list of stats dicts, one per minibatch, in order. In the one_pass setting the batch comes
+    without old log-probs: the actor's forward here supplies them, then steps 3-4 run (their stats are returned too)."""
+    ids, mask, P = batch["ids"], batch["mask"], batch["P"]
+    B = ids.shape[0]
+    for m in models_of(roles):
+        m.train()  # dropout is off everywhere; in transformers, train() is what turns checkpointing on
+    all_stats = []
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=generator).to(ids.device)
+        for mb in perm.split(cfg.minibatch_size):
+            stats = {}
+            for idx in mb.split(cfg.micro_batch_size):
+                weight = len(idx) / len(mb)
+                m = batch["resp_mask"][idx]  # (b, R)
+                for role, names in passes(roles, ("actor", "critic")):  # 2 passes (1 in jhydra)
+                    # backward() inside the adapter context: gradient checkpointing recomputes with this adapter
+                    with adapter_on(role):
+                        with autocast():
+                            h = role.model(ids[idx], mask[idx])
+                            loss, s = 0.0, {}
+                            if "actor" in names:
+                                logprobs, entropy = role.model.logprobs(h, ids[idx], P, entropy=True,
+                                                                        temperature=cfg.temperature)
+                                logprobs = logprobs.float()
+                            if "critic" in names:
+                                vpred = role.model.values(h, P)
+                            if "advantages" not in batch:  # one_pass: this forward is at theta_old
+                                assert len(idx) == B, "one_pass needs one forward over the whole batch"
+                                batch["logprobs"] = torch.empty_like(logprobs).index_copy(0, idx, logprobs.detach())
+                                if "critic" in names:  # jhydra: the values come from the same pass
+                                    batch["values"] = torch.empty_like(vpred).index_copy(0, idx, vpred.detach())
+                                s.update(rewards_and_advantages(batch, cfg))  # steps 3-4
+                            if "actor" in names:
+                                pg_loss, s2 = ppo_policy_loss(logprobs, batch["logprobs"][idx],
+                                                              batch["advantages"][idx], m, cfg.cliprange)
+                                s.update(s2, entropy=masked_mean(entropy, m).item())
+                                loss = loss + pg_loss
+                            if "critic" in names:
+                                vf_loss, s2 = ppo_value_loss(vpred, batch["values"][idx], batch["returns"][idx], m,
+                                                             cfg.cliprange_value)
+                                s.update(s2)
+                                loss = loss + cfg.vf_coef * vf_loss
+                        (loss * weight).backward()
+                    for k, v in s.items():
+                        stats[k] = stats.get(k, 0.0) + v * weight
+            average_gradients(params)  # data parallel (no-op in one process)
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+            stats["skipped"] = float(not math.isfinite(stats["grad_norm"]))  # NaN/inf loss or gradient
+            if not stats["skipped"]:
+                opt.step()  # never step with a non-finite gradient: the parameters stay good
+            opt.zero_grad(set_to_none=True)
+            all_stats.append(stats)
+    return all_stats
+
+
+def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens=0):
+    """Steps 1-4 for one batch of left-padded prompts (B, P). -> batch dict (tensors for the update), stats.
+    In the one_pass setting steps 3-4 wait for the update, whose forward gives the old log-probs."""
+    device, clock = p_ids.device, Clock(p_ids.device)
+    for m in models_of(roles):
+        m.eval()
+    # 1. Rollout: sample responses from the actor.
+    with autocast():
+        ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
+                                      cfg.top_k, cfg.top_p, min_new_tokens=min_new_tokens, fold=cfg.fold_lora)
+    P = p_ids.shape[1]
+    t_generate = clock()
+    # 2. Score: old and reference log-probs, values, and the reward model's score at the last response token.
+    #    one_pass: the update's first forward gives the old log-probs (and values, if in the same pass): skip it here.
+    later = passes(roles, ("actor", "critic"))[0][1] if one_pass(cfg, ids.shape[0]) else []
+    s = score_rollout({n: r for n, r in roles.items() if n not in later}, ids, mask, P, cfg.micro_batch_size,
+                      autocast, cfg.temperature)
+    batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=beta,
+                 resp_mask=mask[:, P:].float(),  # (B, R) 1 on response tokens up to EOS
+                 ref_logprobs=s["ref"], score=s["reward"], logprobs=s.get("actor"), values=s.get("critic"))
+    stats = dict(time_generate=t_generate, time_score=clock())
+    if not later:
+        stats.update(rewards_and_advantages(batch, cfg))
+    return batch, stats
+
+
+def rewards_and_advantages(batch, cfg):
+    """Steps 3-4: KL-shaped rewards, then GAE advantages and returns, added to `batch`. -> stats."""
+    resp_mask, score, beta, values = batch["resp_mask"], batch["score"], batch["beta"], batch["values"]
+    # 3. Rewards: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last response token.
+    if cfg.score_clip:
+        score = score.clamp(-cfg.score_clip, cfg.score_clip)
+    if cfg.missing_eos_penalty:
+        score = torch.where(batch["has_eos"], score, score - cfg.missing_eos_penalty)
+    kl = (batch["logprobs"] - batch["ref_logprobs"]) * resp_mask  # (B, R) per-token log-ratio
+    rewards = -beta * kl
+    last = resp_mask.sum(1).long() - 1                            # (B,) index of the last response token
+    rewards[torch.arange(len(last), device=last.device), last] += score
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, resp_mask, shift_mean=False) * resp_mask
+    # 4. Advantages: GAE over the response tokens, whitened over real tokens.
+    advantages, returns = compute_gae(rewards, values, resp_mask, cfg.gamma, cfg.lam)
+    batch["advantages"], batch["returns"] = masked_whiten(advantages, resp_mask) * resp_mask, returns
+    return dict(score=score.mean().item(), kl=kl.sum(1).mean().item(), beta=beta,
+                reward=rewards.sum(1).mean().item(), response_len=resp_mask.sum(1).mean().item(),
+                eos_frac=batch["has_eos"].float().mean().item(),
+                explained_var=explained_variance(values, returns, resp_mask))
+
+
+def ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, generator, min_new_tokens=0):
+    """One PPO iteration on a batch of prompts: steps 1-4 (rollout_batch), then step 5 (ppo_update).
+    -> batch, stats (the update's averaged over its minibatches, and the time of each phase)."""
+    batch, stats = rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens)
+    clock = Clock(p_ids.device)
+    mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)
+    stats["time_update"] = clock()
+    stats.update({k: sum(s[k] for s in mb_stats if k in s) / len(mb_stats) for k in mb_stats[0]})
+    return batch, stats
+
+
+# ================================================================================================================
+# PART II: RUNNING IT FOR REAL
+# ================================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags: parsed from the config dataclasses, checked against the ranges declared beside each field.
+
+def parse_config(cls, argv, prog):
+    p = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(message):  # argparse prints the usage and the error; one line is enough, --help has the rest
+        raise UserError(f"{prog}: {message} (see --help)")
+    p.error = error
+    for f in fields(cls):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta.get("choices"))
+    return cls(**vars(p.parse_args(argv)))
+
+
+BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def validate(cfg):
+    """Every flag of a config against the range declared beside its field, before anything is loaded or written:
+    a bad one stops the command with one line naming the flag and what it allows. (Checks that need files, such
+    as whether --sft is a checkpoint, come later, still before any training.)"""
+    for f in fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        for key, (sign, ok) in BOUNDS.items():
+            if key in f.metadata:  # asked as "is it in range", so that NaN fails too
+                check(ok(value, f.metadata[key]), f"{flag} {value}: must be {sign} {f.metadata[key]}")
+        if "divides" in f.metadata:
+            whole = getattr(cfg, f.metadata["divides"])
+            check(whole % value == 0, f"--{f.metadata['divides'].replace('_', '-')} {whole} must be a multiple of "
+                                      f"{flag} {value}")
+    if getattr(cfg, "device", "auto") != "auto":
+        try:
+            device = torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            device = None
+        check(device is not None and device.type in ("cpu", "cuda"),
+              f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
+        check(device.type == "cpu" or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()),
+              f"--device {cfg.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text to tokens: prompts (plain, HH transcripts, chat messages) and responses, in the token layout of Part I.
+
+HH_MARKER = "\n\nAssistant:"
+
+
+def hh_text(messages):
+    """Messages as an HH transcript for a model without a chat template: "\n\nHuman: ...\n\nAssistant:"."""
+    names = dict(user="Human", assistant="Assistant")
+    return "".join(f"\n\n{names.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages) + HH_MARKER
+
+
+def to_messages(prompt):
+    """An HH transcript ("\n\nHuman: ...\n\nAssistant: ...\n\nAssistant:") as chat turns; other text: one user turn."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # [before, role, text, role, text, ...]
+    if len(parts) < 3:
+        return [dict(role="user", content=prompt.strip())]
+    turns = [dict(role="user" if r == "Human" else "assistant", content=t.strip())
+             for r, t in zip(parts[1::2], parts[2::2])]
+    return turns[:-1] if turns[-1] == dict(role="assistant", content="") else turns  # the open turn is generated
 
 
 def chat_ids(tok, messages):
@@ -369,21 +802,25 @@ def encode_chat(tok, messages, max_len):
     raise UserError(f"--max-prompt-len {max_len} leaves no room for the conversation's text")
 
 
-def hh_text(messages):
-    """Messages as an HH transcript for a model without a chat template: "\n\nHuman: ...\n\nAssistant:"."""
-    names = dict(user="Human", assistant="Assistant")
-    return "".join(f"\n\n{names.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages) + HH_MARKER
+def encode_prompt(tok, prompt, max_len, chat=False):
+    """A prompt (text, or a list of {role, content} messages from conversational data) -> at most max_len ids.
+    A long prompt keeps its end: it is what the response answers."""
+    if chat:
+        ids = encode_chat(tok, prompt if isinstance(prompt, list) else to_messages(prompt), max_len)
+    else:
+        text = prompt if isinstance(prompt, str) else hh_text(prompt)
+        ids = tok(text)["input_ids"][-max_len:]  # with the tokenizer's BOS, if it adds one
+    check(ids, f"the prompt {str(prompt)[:50]!r} tokenizes to nothing")
+    return ids
 
 
-
-def to_messages(prompt):
-    """An HH transcript ("\n\nHuman: ...\n\nAssistant: ...\n\nAssistant:") as chat turns; other text: one user turn."""
-    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # [before, role, text, role, text, ...]
-    if len(parts) < 3:
-        return [dict(role="user", content=prompt.strip())]
-    turns = [dict(role="user" if r == "Human" else "assistant", content=t.strip())
-             for r, t in zip(parts[1::2], parts[2::2])]
-    return turns[:-1] if turns[-1] == dict(role="assistant", content="") else turns  # the open turn is generated
+def encode_response(tok, text, max_len, chat=False):
+    """-> at most max_len ids: the response and its EOS, or, when that does not fit, its first max_len tokens and no
+    EOS (an EOS after a cut would teach the model to stop mid-sentence). With a chat template the text loses its
+    leading space: HH's "Assistant: text" has one, but after the template's assistant header the chat model writes
+    "text" (SmolLM2: log-prob of the first token -11 with the space, -2 without)."""
+    ids = tok(text.lstrip() if chat else text, add_special_tokens=False)["input_ids"]
+    return ids + [tok.eos_token_id] if len(ids) < max_len else ids[:max_len]
 
 
 def prompt_batch(tok, prompts, cfg, device):
@@ -398,15 +835,6 @@ def decode_responses(tok, ids, mask, P):
     return tok.batch_decode(ids[:, P:].masked_fill(mask[:, P:] == 0, tok.pad_token_id), skip_special_tokens=True)
 
 
-def encode_response(tok, text, max_len, chat=False):
-    """-> at most max_len ids: the response and its EOS, or, when that does not fit, its first max_len tokens and no
-    EOS (an EOS after a cut would teach the model to stop mid-sentence). With a chat template the text loses its
-    leading space: HH's "Assistant: text" has one, but after the template's assistant header the chat model writes
-    "text" (SmolLM2: log-prob of the first token -11 with the space, -2 without)."""
-    ids = tok(text.lstrip() if chat else text, add_special_tokens=False)["input_ids"]
-    return ids + [tok.eos_token_id] if len(ids) < max_len else ids[:max_len]
-
-
 def count_truncated(tok, pairs, cfg):
     """How many prompts and responses (chosen and rejected) of `pairs` encode_prompt / encode_response cut."""
     prompts = sum(len(encode_prompt(tok, p["prompt"], 10 ** 9, cfg.chat_template)) > cfg.max_prompt_len
@@ -416,14 +844,32 @@ def count_truncated(tok, pairs, cfg):
     return prompts, responses
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Preference data: JSONL, one pair per line.
+# Preference data: JSONL, one pair per line; the built-in demo task.
 
-HH_MARKER = "\n\nAssistant:"
+def from_conversation(row, where):
+    """TRL's conversational preference format -> {prompt: messages, chosen: text, rejected: text}. `chosen` and
+    `rejected` are lists of {role, content} messages ending in one assistant message; the prompt is the `prompt`
+    list, or, without one, the messages both share. The prompt stays a list of messages (a chat template formats
+    it as such; without one, hh_text writes it as an HH transcript); the replies become HH-style " text"."""
+    for k in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
+        check(k in row, f"{where}: missing field {k!r}")
+        check(isinstance(row[k], list) and row[k] and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in row[k]), f"{where}: field {k!r} is not a list of {{role, content}} messages")
+    if "prompt" in row:
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    else:  # implicit prompt: the messages before the first difference
+        n = 0
+        while n < min(len(row["chosen"]), len(row["rejected"])) and row["chosen"][n] == row["rejected"][n]:
+            n += 1
+        check(n > 0, f"{where}: 'chosen' and 'rejected' share no prompt message (and there is no 'prompt' field)")
+        prompt, chosen, rejected = row["chosen"][:n], row["chosen"][n:], row["rejected"][n:]
+    for k, reply in (("chosen", chosen), ("rejected", rejected)):
+        check(len(reply) == 1 and reply[0]["role"] == "assistant" and reply[0]["content"].strip(),
+              f"{where}: {k!r} must be one non-empty assistant message after the prompt")
+    reply = lambda messages: " " + messages[0]["content"].lstrip()
+    return dict(prompt=prompt, chosen=reply(chosen), rejected=reply(rejected))
 
 
 def load_pairs(path):
@@ -467,29 +913,14 @@ def load_pairs(path):
     return pairs
 
 
-def from_conversation(row, where):
-    """TRL's conversational preference format -> {prompt: messages, chosen: text, rejected: text}. `chosen` and
-    `rejected` are lists of {role, content} messages ending in one assistant message; the prompt is the `prompt`
-    list, or, without one, the messages both share. The prompt stays a list of messages (a chat template formats
-    it as such; without one, hh_text writes it as an HH transcript); the replies become HH-style " text"."""
-    for k in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
-        check(k in row, f"{where}: missing field {k!r}")
-        check(isinstance(row[k], list) and row[k] and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in row[k]), f"{where}: field {k!r} is not a list of {{role, content}} messages")
-    if "prompt" in row:
-        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    else:  # implicit prompt: the messages before the first difference
-        n = 0
-        while n < min(len(row["chosen"]), len(row["rejected"])) and row["chosen"][n] == row["rejected"][n]:
-            n += 1
-        check(n > 0, f"{where}: 'chosen' and 'rejected' share no prompt message (and there is no 'prompt' field)")
-        prompt, chosen, rejected = row["chosen"][:n], row["chosen"][n:], row["rejected"][n:]
-    for k, reply in (("chosen", chosen), ("rejected", rejected)):
-        check(len(reply) == 1 and reply[0]["role"] == "assistant" and reply[0]["content"].strip(),
-              f"{where}: {k!r} must be one non-empty assistant message after the prompt")
-    reply = lambda messages: " " + messages[0]["content"].lstrip()
-    return dict(prompt=prompt, chosen=reply(chosen), rejected=reply(rejected))
+def split_pairs(pairs, eval_frac, seed):
+    """Deterministic (train, held_out) split; at least one pair on each side."""
+    check(0 < eval_frac < 1, f"--eval-frac must be in (0, 1), got {eval_frac}")
+    check(len(pairs) >= 2, f"need at least 2 preference pairs to hold one out, got {len(pairs)}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(pairs) * eval_frac)), len(pairs) - 1)
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
 # The built-in task (data/demo.jsonl): short reviews. The "gold" rule stands in for the human labeller (the paper
@@ -497,8 +928,14 @@ def from_conversation(row, where):
 # higher-gold one marked chosen. The models never see the rule, only the pairs; SFT on the chosen reviews learns
 # "somewhat positive", so PPO against the learned reward model has room to do better.
 POSITIVE = "good great fine nice lovely superb happy wonderful".split()
+
+
 NEGATIVE = "bad awful poor boring ugly terrible sad dull".split()
+
+
 NEUTRAL = "the it was is and very quite so a rather".split()
+
+
 TOPICS = "film book song meal game hotel phone show album play".split()
 
 
@@ -521,16 +958,6 @@ def make_demo_pairs(n, seed=0):
             chosen, rejected = (a, b) if gold_score(a) > gold_score(b) else (b, a)
             pairs.append(dict(prompt=prompt, chosen=chosen, rejected=rejected))
     return pairs
-
-
-def split_pairs(pairs, eval_frac, seed):
-    """Deterministic (train, held_out) split; at least one pair on each side."""
-    check(0 < eval_frac < 1, f"--eval-frac must be in (0, 1), got {eval_frac}")
-    check(len(pairs) >= 2, f"need at least 2 preference pairs to hold one out, got {len(pairs)}")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(max(1, round(len(pairs) * eval_frac)), len(pairs) - 1)
-    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -596,6 +1023,15 @@ def build_tiny(name, texts, seed, device):
 
 # ---- files a user keeps: read with a one-line error, write only where asked ----
 
+HEADS_FILE, META_FILE = "heads.pt", "hydra.json"
+
+
+POLICY_FILE, RUN_FILE = "policy.pt", "run.json"
+
+
+STATE_FILE = "state.pt"
+
+
 def read_file(path, load):
     """load(path), or one line naming the file when it is missing or damaged (truncated, not what it should be)."""
     check(os.path.isfile(path), f"{path}: missing")
@@ -609,6 +1045,18 @@ def read_file(path, load):
 def read_json(path):
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def write_json(path, obj):
+    """Written to a temporary file and renamed: a crash leaves the old file or the new one, never half of one."""
+    with open(path + ".tmp", "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def log_line(fh, record):
+    fh.write(json.dumps(record) + "\n")
+    fh.flush()  # a crash loses nothing already logged
 
 
 def claim_out(path, overwrite, stale=()):
@@ -655,9 +1103,6 @@ def uninterrupted():
             raise KeyboardInterrupt
 
 
-HEADS_FILE, META_FILE = "heads.pt", "hydra.json"
-
-
 def save_checkpoint(path, model, tok, meta):
     """A transformers folder (save_pretrained: the LM and tokenizer) plus our heads and what trained them."""
     os.makedirs(path, exist_ok=True)
@@ -684,28 +1129,6 @@ def load_checkpoint(path, device, dtype, dropout=True):
     return model, tok, meta
 
 
-def add_adapter(lm, cfg, adapter="default"):
-    """add_lora with the run's rank, alpha and --lora-targets; a one-line error when no layer matches."""
-    targets = tuple(t.strip() for t in cfg.lora_targets.split(",")) if cfg.lora_targets else DEFAULT_TARGETS
-    try:
-        return add_lora(lm, targets, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
-    except ValueError as e:
-        raise UserError(f"{e} (--lora-targets)") from None
-
-
-def checkpointing_on(lm):
-    """Activation (gradient) checkpointing; transformers 5 renamed it. Non-reentrant: works with a frozen trunk."""
-    if hasattr(lm, "activation_checkpointing_enable"):
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def log_line(fh, record):
-    fh.write(json.dumps(record) + "\n")
-    fh.flush()  # a crash loses nothing already logged
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Data parallel: `torchrun --nproc_per_node N hydra_ppo.py ...`. Each rank trains on its own shard of every batch
 # (prompts for PPO, pairs for SFT); the gradients of the trained parameters are averaged (an all-reduce per trained
@@ -727,19 +1150,6 @@ def init_distributed(device):
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
     return dist.get_rank(), world, device
-
-
-def average_gradients(params):
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
-        work.wait()
-    for p in params:
-        p.grad /= dist.get_world_size()
 
 
 def mean_over_ranks(stats):
@@ -772,8 +1182,7 @@ def barrier():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Hydra-SFT: one decoder pass over [prompt+chosen ; prompt+rejected] feeds both heads.
-#   loss = lm_coef * CE(chosen response tokens) + rm_coef * -log sigmoid(r_chosen - r_rejected)
+# The sft command: the Hydra-SFT loop.
 
 def sft_batch(tok, pairs, cfg, with_rejected):
     """Rows [0, n): prompt + chosen; rows [n, 2n): prompt + rejected (when with_rejected)."""
@@ -784,21 +1193,6 @@ def sft_batch(tok, pairs, cfg, with_rejected):
         responses = responses + [encode_response(tok, p["rejected"], cfg.max_response_len, cfg.chat_template)
                                  for p in pairs]
     return collate(prompts, responses, tok.pad_token_id)
-
-
-def sft_loss(model, ids, mask, P, n, lm_coef, rm_coef):
-    """-> (loss, stats). n = number of pairs; rows beyond n are the rejected responses."""
-    h = model(ids, mask)                                   # (n or 2n, T, H): the only decoder pass
-    loss, stats = 0.0, {}
-    if lm_coef:
-        lm_loss = -masked_mean(model.logprobs(h[:n], ids[:n], P), mask[:n, P:])  # mean CE over chosen tokens
-        loss, stats["lm_loss"] = loss + lm_coef * lm_loss, lm_loss.item()
-    if rm_coef:
-        r = model.score(h, mask)                           # (2n,)
-        rm_loss = -F.logsigmoid(r[:n] - r[n:]).mean()      # Bradley-Terry pairwise loss
-        loss, stats["rm_loss"] = loss + rm_coef * rm_loss, rm_loss.item()
-        stats["rm_acc"] = (r[:n] > r[n:]).float().mean().item()
-    return loss, stats
 
 
 @torch.no_grad()
@@ -924,372 +1318,6 @@ def sft(cfg: SFTConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# PPO building blocks: small pure functions on (B, R) tensors; `mask` is 1 on real response tokens (right-padded).
-
-def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the real tokens; shift_mean=False adds the mean back (scales, keeps the sign of the mean)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    white = (x - mean) * torch.rsqrt(var + 1e-8)
-    return white if shift_mean else white + mean
-
-
-def compute_gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """Generalized advantage estimation (Schulman et al. 2015), per token of right-padded responses.
-        delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   the value after the last real token is 0
-        A_t     = delta_t + gamma * lam * A_{t+1}
-        returns = A + V
-    rewards, values, mask: (B, R) over response tokens. -> (advantages, returns), both (B, R) and 0 on padding."""
-    rewards, values = rewards * mask, values * mask  # padding carries no reward and no value
-    R = rewards.shape[1]
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(R)):
-        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(last)  # 0 past the end (masked)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * last
-        advantages[:, t] = last
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
-
-
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
-    """Clipped surrogate (Schulman et al. 2017):  L = E[max(-A r, -A clip(r, 1-eps, 1+eps))],  r = pi/pi_old."""
-    logratio = logprobs - old_logprobs
-    ratio = torch.exp(logratio)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
-    with torch.no_grad():
-        stats = dict(pg_loss=pg_loss.item(),
-                     approx_kl=masked_mean((ratio - 1) - logratio, mask).item(),  # k3 estimator, >= 0
-                     clipfrac=masked_mean((pg_losses2 > pg_losses).float(), mask).item(),
-                     ratio=masked_mean(ratio, mask).item())
-    return pg_loss, stats
-
-
-def ppo_value_loss(vpred, old_values, returns, mask, cliprange_value):
-    """Clipped value loss:  0.5 * E[max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)]."""
-    vpred_clipped = old_values + torch.clamp(vpred - old_values, -cliprange_value, cliprange_value)
-    vf_losses = torch.max((vpred - returns) ** 2, (vpred_clipped - returns) ** 2)
-    vf_loss = 0.5 * masked_mean(vf_losses, mask)
-    with torch.no_grad():
-        stats = dict(vf_loss=vf_loss.item(),
-                     vf_clipfrac=masked_mean(((vpred_clipped - returns) ** 2 > (vpred - returns) ** 2).float(),
-                                             mask).item())
-    return vf_loss, stats
-
-
-def explained_variance(values, returns, mask):
-    return 1 - (masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask)
-                / masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)).item()
-
-
-def update_kl_coef(beta, kl, target, n, horizon):
-    """Adaptive KL controller (Ziegler et al. 2019): nudge beta so the KL per sequence approaches `target`."""
-    error = max(-0.2, min(0.2, kl / target - 1))
-    return beta * (1 + error * n / horizon)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The five PPO configurations (paper, Table 2). A role is (trunk, adapter, head); adapter None means LoRA off.
-#
-#   mode     static models  LoRA sets  actor               critic                reference        reward model
-#   full     4              0          SFT copy, trained   RM copy, trained      frozen SFT copy  frozen RM copy
-#   lora     4              2          SFT + LoRA          RM + LoRA             frozen SFT copy  frozen RM copy
-#   dlora    2              2          SFT + LoRA          RM + LoRA             actor, LoRA off  critic, LoRA off
-#   jhydra   1              1          Hydra + shared, LM  same LoRA, value head LoRA off, LM     LoRA off, reward
-#   hydra    1              2          Hydra + actor, LM   Hydra + critic, value LoRA off, LM     LoRA off, reward
-
-class Role(typing.NamedTuple):
-    model: HydraModel
-    adapter: typing.Optional[str]  # None: LoRA off (the frozen checkpoint itself)
-    head: str                      # "lm" | "value" | "reward"
-
-
-def build_roles(cfg, load):
-    """-> roles: exactly the models that cfg.mode holds. load(which, trained) returns a new, frozen HydraModel of
-    the "sft" or "rm" checkpoint (the benchmark passes a loader of random-init models instead)."""
-    def lora(model, adapter):
-        add_adapter(model.lm, cfg, adapter)
-
-    sft_model = load("sft", trained=cfg.mode == "full")
-    if cfg.mode in ("hydra", "jhydra"):
-        m = sft_model
-        a, c = ("actor", "critic") if cfg.mode == "hydra" else ("shared", "shared")
-        lora(m, a)
-        if c != a:
-            lora(m, c)
-        roles = dict(actor=Role(m, a, "lm"), critic=Role(m, c, "value"), ref=Role(m, None, "lm"),
-                     reward=Role(m, None, "reward"))
-    else:
-        rm_model = load("rm", trained=cfg.mode == "full")
-        if cfg.mode == "full":
-            roles = dict(actor=Role(sft_model, None, "lm"), critic=Role(rm_model, None, "value"),
-                         ref=Role(load("sft", False), None, "lm"), reward=Role(load("rm", False), None, "reward"))
-        else:
-            lora(sft_model, "actor")
-            lora(rm_model, "critic")
-            ref = sft_model if cfg.mode == "dlora" else load("sft", False)   # dynamic LoRA: LoRA off is the reference
-            reward = rm_model if cfg.mode == "dlora" else load("rm", False)  # ... and the reward model
-            roles = dict(actor=Role(sft_model, "actor", "lm"), critic=Role(rm_model, "critic", "value"),
-                         ref=Role(ref, None, "lm"), reward=Role(reward, None, "reward"))
-    critic = roles["critic"].model
-    critic.value_head.load_state_dict(critic.reward_head.state_dict())  # the critic starts from the reward model
-    return roles
-
-
-def checkpoint_loader(cfg, device, dtype):
-    """build_roles' loader for real runs: full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`,
-    except in full mode, where the frozen reference and reward model are fp32 copies too: a bf16 copy computes
-    differently from the fp32 actor under autocast (norms, residuals), and KL at step 1 must be exactly 0."""
-    def load(which, trained):
-        path = cfg.sft if which == "sft" else cfg.rm
-        fp32 = trained or cfg.mode == "full"
-        model = load_checkpoint(path, device, torch.float32 if fp32 else dtype, dropout=False)[0]
-        return model.requires_grad_(False)
-    return load
-
-
-# PPO learning rates (actor, critic) where --actor-lr / --critic-lr are 0. LoRA trains a few new weights from zero:
-# the paper's visible config, 5e-4 / 5e-5. Full fine-tuning moves every weight of a trained model, and 5e-4 there
-# took the tiny model to KL 32 in 2 steps: the paper's full fine-tuning scale (5e-7 SFT, 1e-6 RM) instead.
-DEFAULT_LRS = dict(lora=(5e-4, 5e-5), full=(5e-7, 1e-6))
-
-
-def learning_rates(cfg):
-    """-> (actor_lr, critic_lr): the flags, or where one is 0, the default of the mode (DEFAULT_LRS)."""
-    actor_lr, critic_lr = DEFAULT_LRS["full" if cfg.mode == "full" else "lora"]
-    return cfg.actor_lr or actor_lr, cfg.critic_lr or critic_lr
-
-
-def trainable_groups(roles, cfg):
-    """Optimizer parameter groups: actor (actor_lr) and critic (critic_lr). Everything else stays frozen."""
-    actor, critic = roles["actor"], roles["critic"]
-    if cfg.mode == "full":
-        a, c = list(actor.model.lm.parameters()), list(critic.model.lm.base_model.parameters())
-    else:
-        a = lora_parameters(actor.model, actor.adapter)
-        c = [] if critic.adapter == actor.adapter else lora_parameters(critic.model, critic.adapter)
-    c += list(critic.model.value_head.parameters())  # the value head is new: it trains in every mode
-    for p in a + c:
-        p.requires_grad_(True)
-    actor_lr, critic_lr = learning_rates(cfg)
-    return [dict(params=a, lr=actor_lr), dict(params=c, lr=critic_lr)]
-
-
-def adapter_on(role):
-    return use_adapter(role.model, role.adapter) if role.adapter else lora_off(role.model)
-
-
-def passes(roles, names):
-    """Group roles by (trunk, adapter): one decoder pass feeds every head of a group. In hydra the reference and
-    the reward model share one pass; in jhydra the actor and the critic do too."""
-    groups = {}
-    for n in names:
-        r = roles[n]
-        groups.setdefault((id(r.model), r.adapter), (r, []))[1].append(n)
-    return list(groups.values())
-
-
-def read_head(role, h, ids, mask, P, temperature):
-    if role.head == "lm":
-        return role.model.logprobs(h, ids, P, temperature=temperature)  # (B, R)
-    return role.model.values(h, P) if role.head == "value" else role.model.score(h, mask)  # (B, R) / (B,)
-
-
-def models_of(roles):
-    return list({id(r.model): r.model for r in roles.values()}.values())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rollout, scoring and the update
-
-@torch.no_grad()
-def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-             greedy=False, min_new_tokens=0, fold=False):
-    """Sample responses from `role` (its adapter on, or LoRA off; fold: the adapter folded into a copy of the
-    weights). -> ids (B, P+R), mask (B, P+R), has_eos (B,).
-    Responses are cut after their first EOS (kept: the policy learns to stop) and right-padded."""
-    from transformers import GenerationConfig
-    # Every field that shapes the distribution is set here: a checkpoint's generation_config.json (e.g. a
-    # repetition_penalty) would otherwise fill in what is left unset, and the samples would not come from pi.
-    # Newer transformers (5.24) warn on every call when a field contradicts another, so none does: the minimum
-    # length is given once, as min_length (columns, prompt included), and greedy decoding gets no sampling fields.
-    P = prompt_ids.shape[1]
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
-                    eta_cutoff=0.0)
-    gen = GenerationConfig(do_sample=not greedy, **({} if greedy else sampling), repetition_penalty=1.0,
-                           no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
-                           begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None,
-                           forced_eos_token_id=None, min_length=P + min_new_tokens, max_new_tokens=max_new_tokens,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    with adapter_on(role), (folded(role.model, role.adapter) if fold and role.adapter else nullcontext()):
-        out = role.model.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
-    resp = out[:, P:]                                            # (B, R)
-    is_eos = resp == tok.eos_token_id
-    has_eos = is_eos.any(1)
-    first_eos = torch.where(has_eos, is_eos.int().argmax(1), resp.shape[1])
-    resp_mask = (torch.arange(resp.shape[1], device=resp.device) <= first_eos[:, None]).long()  # EOS included
-    R = int(resp_mask.sum(1).max())
-    resp, resp_mask = resp[:, :R].masked_fill(resp_mask[:, :R] == 0, tok.pad_token_id), resp_mask[:, :R]
-    return torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1), has_eos
-
-
-@torch.no_grad()
-def score_rollout(roles, ids, mask, P, chunk, autocast, temperature=1.0):
-    """Step 2: old log-probs (actor), reference log-probs, values (critic) and the reward-model score, in chunks
-    of `chunk` rows. -> dict of (B, R) tensors and 'reward' (B,)."""
-    out = {n: [] for n in roles}
-    for i in range(0, ids.shape[0], chunk):
-        ids_c, mask_c = ids[i:i + chunk], mask[i:i + chunk]
-        for role, names in passes(roles, list(roles)):
-            with adapter_on(role), autocast():
-                h = role.model(ids_c, mask_c)  # (b, P+R, H)
-                for n in names:
-                    out[n].append(read_head(roles[n], h, ids_c, mask_c, P, temperature).float())
-    return {n: torch.cat(v) for n, v in out.items()}
-
-
-def one_pass(cfg, B=None):
-    """The paper's setting: 1 PPO epoch and one optimizer step from one forward pass over the whole rollout batch
-    of B rows (minibatch = micro-batch = batch). That forward runs at theta_old, so its own outputs, detached, are
-    the old log-probs (and, where the critic shares the actor's pass, the old values): step 2 skips that pass and
-    steps 3-4 run inside the update. Exact, not an approximation: the ratio is 1 by construction."""
-    B = cfg.batch_size if B is None else B
-    return cfg.ppo_epochs == 1 and B <= min(cfg.minibatch_size, cfg.micro_batch_size)
-
-
-def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
-    """Step 5: ppo_epochs over shuffled minibatches (one optimizer step each) with gradient accumulation over
-    micro-batches. -> a list of stats dicts, one per minibatch, in order. In the one_pass setting the batch comes
-    without old log-probs: the actor's forward here supplies them, then steps 3-4 run (their stats are returned too)."""
-    ids, mask, P = batch["ids"], batch["mask"], batch["P"]
-    B = ids.shape[0]
-    for m in models_of(roles):
-        m.train()  # dropout is off everywhere; in transformers, train() is what turns checkpointing on
-    all_stats = []
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=generator).to(ids.device)
-        for mb in perm.split(cfg.minibatch_size):
-            stats = {}
-            for idx in mb.split(cfg.micro_batch_size):
-                weight = len(idx) / len(mb)
-                m = batch["resp_mask"][idx]  # (b, R)
-                for role, names in passes(roles, ("actor", "critic")):  # 2 passes (1 in jhydra)
-                    # backward() inside the adapter context: gradient checkpointing recomputes with this adapter
-                    with adapter_on(role):
-                        with autocast():
-                            h = role.model(ids[idx], mask[idx])
-                            loss, s = 0.0, {}
-                            if "actor" in names:
-                                logprobs, entropy = role.model.logprobs(h, ids[idx], P, entropy=True,
-                                                                        temperature=cfg.temperature)
-                                logprobs = logprobs.float()
-                            if "critic" in names:
-                                vpred = role.model.values(h, P)
-                            if "advantages" not in batch:  # one_pass: this forward is at theta_old
-                                assert len(idx) == B, "one_pass needs one forward over the whole batch"
-                                batch["logprobs"] = torch.empty_like(logprobs).index_copy(0, idx, logprobs.detach())
-                                if "critic" in names:  # jhydra: the values come from the same pass
-                                    batch["values"] = torch.empty_like(vpred).index_copy(0, idx, vpred.detach())
-                                s.update(rewards_and_advantages(batch, cfg))  # steps 3-4
-                            if "actor" in names:
-                                pg_loss, s2 = ppo_policy_loss(logprobs, batch["logprobs"][idx],
-                                                              batch["advantages"][idx], m, cfg.cliprange)
-                                s.update(s2, entropy=masked_mean(entropy, m).item())
-                                loss = loss + pg_loss
-                            if "critic" in names:
-                                vf_loss, s2 = ppo_value_loss(vpred, batch["values"][idx], batch["returns"][idx], m,
-                                                             cfg.cliprange_value)
-                                s.update(s2)
-                                loss = loss + cfg.vf_coef * vf_loss
-                        (loss * weight).backward()
-                    for k, v in s.items():
-                        stats[k] = stats.get(k, 0.0) + v * weight
-            average_gradients(params)  # data parallel (no-op in one process)
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            stats["skipped"] = float(not math.isfinite(stats["grad_norm"]))  # NaN/inf loss or gradient
-            if not stats["skipped"]:
-                opt.step()  # never step with a non-finite gradient: the parameters stay good
-            opt.zero_grad(set_to_none=True)
-            all_stats.append(stats)
-    return all_stats
-
-
-def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens=0):
-    """Steps 1-4 for one batch of left-padded prompts (B, P). -> batch dict (tensors for the update), stats.
-    In the one_pass setting steps 3-4 wait for the update, whose forward gives the old log-probs."""
-    device, clock = p_ids.device, Clock(p_ids.device)
-    for m in models_of(roles):
-        m.eval()
-    # 1. Rollout: sample responses from the actor.
-    with autocast():
-        ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
-                                      cfg.top_k, cfg.top_p, min_new_tokens=min_new_tokens, fold=cfg.fold_lora)
-    P = p_ids.shape[1]
-    t_generate = clock()
-    # 2. Score: old and reference log-probs, values, and the reward model's score at the last response token.
-    #    one_pass: the update's first forward gives the old log-probs (and values, if in the same pass): skip it here.
-    later = passes(roles, ("actor", "critic"))[0][1] if one_pass(cfg, ids.shape[0]) else []
-    s = score_rollout({n: r for n, r in roles.items() if n not in later}, ids, mask, P, cfg.micro_batch_size,
-                      autocast, cfg.temperature)
-    batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=beta,
-                 resp_mask=mask[:, P:].float(),  # (B, R) 1 on response tokens up to EOS
-                 ref_logprobs=s["ref"], score=s["reward"], logprobs=s.get("actor"), values=s.get("critic"))
-    stats = dict(time_generate=t_generate, time_score=clock())
-    if not later:
-        stats.update(rewards_and_advantages(batch, cfg))
-    return batch, stats
-
-
-def rewards_and_advantages(batch, cfg):
-    """Steps 3-4: KL-shaped rewards, then GAE advantages and returns, added to `batch`. -> stats."""
-    resp_mask, score, beta, values = batch["resp_mask"], batch["score"], batch["beta"], batch["values"]
-    # 3. Rewards: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last response token.
-    if cfg.score_clip:
-        score = score.clamp(-cfg.score_clip, cfg.score_clip)
-    if cfg.missing_eos_penalty:
-        score = torch.where(batch["has_eos"], score, score - cfg.missing_eos_penalty)
-    kl = (batch["logprobs"] - batch["ref_logprobs"]) * resp_mask  # (B, R) per-token log-ratio
-    rewards = -beta * kl
-    last = resp_mask.sum(1).long() - 1                            # (B,) index of the last response token
-    rewards[torch.arange(len(last), device=last.device), last] += score
-    if cfg.whiten_rewards:
-        rewards = masked_whiten(rewards, resp_mask, shift_mean=False) * resp_mask
-    # 4. Advantages: GAE over the response tokens, whitened over real tokens.
-    advantages, returns = compute_gae(rewards, values, resp_mask, cfg.gamma, cfg.lam)
-    batch["advantages"], batch["returns"] = masked_whiten(advantages, resp_mask) * resp_mask, returns
-    return dict(score=score.mean().item(), kl=kl.sum(1).mean().item(), beta=beta,
-                reward=rewards.sum(1).mean().item(), response_len=resp_mask.sum(1).mean().item(),
-                eos_frac=batch["has_eos"].float().mean().item(),
-                explained_var=explained_variance(values, returns, resp_mask))
-
-
-def ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, generator, min_new_tokens=0):
-    """One PPO iteration on a batch of prompts: steps 1-4 (rollout_batch), then step 5 (ppo_update).
-    -> batch, stats (the update's averaged over its minibatches, and the time of each phase)."""
-    batch, stats = rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens)
-    clock = Clock(p_ids.device)
-    mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)
-    stats["time_update"] = clock()
-    stats.update({k: sum(s[k] for s in mb_stats if k in s) / len(mb_stats) for k in mb_stats[0]})
-    return batch, stats
-
-
-class Clock:
-    """Seconds since the last call (CUDA work is asynchronous: synchronize before reading the time)."""
-    def __init__(self, device):
-        self.device, self.t = device, time.perf_counter()
-
-    def __call__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t, self.t = self.t, time.perf_counter()
-        return self.t - t
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Evaluation: responses of the trained policy vs the SFT policy (LoRA off / the frozen reference) on held-out
 # prompts, judged by the reward model or any judge(prompts, responses) -> list of floats (the paper used GPT-4).
 
@@ -1369,9 +1397,36 @@ def print_eval(metrics, samples, n=3):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The PPO stage
+# The ppo command: the outer PPO loop, with resumable checkpoints.
 
-POLICY_FILE, RUN_FILE = "policy.pt", "run.json"
+def checkpoint_loader(cfg, device, dtype):
+    """build_roles' loader for real runs: full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`,
+    except in full mode, where the frozen reference and reward model are fp32 copies too: a bf16 copy computes
+    differently from the fp32 actor under autocast (norms, residuals), and KL at step 1 must be exactly 0."""
+    def load(which, trained):
+        path = cfg.sft if which == "sft" else cfg.rm
+        fp32 = trained or cfg.mode == "full"
+        model = load_checkpoint(path, device, torch.float32 if fp32 else dtype, dropout=False)[0]
+        return model.requires_grad_(False)
+    return load
+
+
+def checkpoint_task(path, flag):
+    meta = os.path.join(path, META_FILE)
+    check(os.path.exists(path), f"{flag} {path}: not found")
+    check(os.path.isfile(meta), f"{flag} {path}: not a hydra-ppo checkpoint (no {META_FILE}); "
+                                f"make one with `python hydra_ppo.py sft`")
+    task = read_file(meta, read_json)
+    check(isinstance(task, dict) and "task" in task, f"{meta}: no 'task' field (damaged?)")
+    return task["task"]
+
+
+def check_prompt_format(cfg, path, flag):
+    """A model trained on chat-formatted prompts sees other prompts wrongly, and the other way round: refuse."""
+    chat = read_file(os.path.join(path, META_FILE), read_json).get("chat_template")  # None: from before it was recorded
+    check(chat is None or chat == cfg.chat_template,
+          f"{flag} {path} was trained {'with' if chat else 'without'} --chat-template: run ppo "
+          f"{'with' if chat else 'without'} it too (prompts must be formatted as in training)")
 
 
 def check_ppo_config(cfg):
@@ -1406,34 +1461,105 @@ def absolute_paths(cfg):
     return replace(cfg, **{k: os.path.abspath(v) for k, v in paths.items() if v})  # "" (no --rm) stays ""
 
 
-def checkpoint_task(path, flag):
-    meta = os.path.join(path, META_FILE)
-    check(os.path.exists(path), f"{flag} {path}: not found")
-    check(os.path.isfile(meta), f"{flag} {path}: not a hydra-ppo checkpoint (no {META_FILE}); "
-                                f"make one with `python hydra_ppo.py sft`")
-    task = read_file(meta, read_json)
-    check(isinstance(task, dict) and "task" in task, f"{meta}: no 'task' field (damaged?)")
-    return task["task"]
+# ---- checkpoints that a killed run resumes from ----
+
+def save_state(out, step, params, opt, beta, rng, order, generator, mode):
+    """Everything a resumed run needs to continue exactly: the trained parameters (in trainable_groups' order),
+    the optimizer, adaptive-KL beta, the prompt order and every RNG (and the mode: lora and dlora train tensors of
+    the same shapes). Written to a temporary file and renamed, so a kill at any moment leaves the previous
+    checkpoint whole."""
+    state = dict(step=step, params=[p.detach().cpu() for p in params], opt=opt.state_dict(), beta=beta, order=order,
+                 python_rng=rng.getstate(), torch_rng=torch.get_rng_state(), generator=generator.get_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], mode=mode)
+    path = os.path.join(out, STATE_FILE)
+    with open(path + ".tmp", "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(path + ".tmp", path)  # atomic on POSIX and Windows
 
 
-def check_prompt_format(cfg, path, flag):
-    """A model trained on chat-formatted prompts sees other prompts wrongly, and the other way round: refuse."""
-    chat = read_file(os.path.join(path, META_FILE), read_json).get("chat_template")  # None: from before it was recorded
-    check(chat is None or chat == cfg.chat_template,
-          f"{flag} {path} was trained {'with' if chat else 'without'} --chat-template: run ppo "
-          f"{'with' if chat else 'without'} it too (prompts must be formatted as in training)")
+def load_state(out, params, opt, rng, generator, mode):
+    path = os.path.join(out, STATE_FILE)
+    state = read_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    keys = ("step", "params", "opt", "beta", "order", "python_rng", "torch_rng", "generator", "cuda_rng")
+    check(isinstance(state, dict) and all(k in state for k in keys), f"{path}: not a resumable checkpoint (damaged?)")
+    check(state.get("mode", mode) == mode, f"{path} was written by a --mode {state.get('mode')} run; this run's "
+                                           f"{RUN_FILE} says --mode {mode}")
+    check(len(state["params"]) == len(params) and all(a.shape == b.shape for a, b in zip(state["params"], params)),
+          f"{out}/{STATE_FILE} does not match this run's trained parameters")
+    with torch.no_grad():
+        for p, saved in zip(params, state["params"]):
+            p.copy_(saved)
+    opt.load_state_dict(state["opt"])
+    rng.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
+    torch.set_rng_state(state["torch_rng"])
+    generator.set_state(state["generator"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state
 
 
-def setup_ppo(cfg, load):
-    """-> roles, optimizer, trained parameters. LoRA's A init draws from the seeded RNG."""
-    torch.manual_seed(cfg.seed)
-    roles = build_roles(cfg, load)
-    groups = trainable_groups(roles, cfg)
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    if cfg.grad_checkpointing:
-        for r in (roles["actor"], roles["critic"]):
-            checkpointing_on(r.model.lm)
-    return roles, opt, [p for g in groups for p in g["params"]]
+def keep_log_until(path, step):
+    """Drop the metrics lines of steps after `step` (they run again), atomically. A last line cut short by a kill
+    is one of them; a damaged line before it stops the resume with its line number."""
+    rows = open(path, "rb").readlines() if os.path.isfile(path) else []  # a log that is gone starts again empty
+    lines = []
+    for n, line in enumerate(rows, 1):
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # not a JSON object with a step (ValueError: bad JSON, bad UTF-8)
+            check(n == len(rows) or not line.strip(), f"{path}:{n}: not a metrics line (damaged?); fix or delete "
+                                                      f"that line to resume")
+            continue
+        if keep:
+            lines.append(line)
+    with open(path + ".tmp", "wb") as fh:
+        fh.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+RESUMABLE = ("steps", "device")  # what `ppo --resume` may change; it would ignore any other flag, so refuses it
+
+
+def load_run_config(run_dir, flag):
+    """The PPOConfig a run saved in RUN_FILE."""
+    path = os.path.join(run_dir, RUN_FILE)
+    check(os.path.exists(run_dir), f"{flag} {run_dir}: not found")
+    check(os.path.isfile(path), f"{flag} {run_dir}: not a PPO output folder (no {RUN_FILE})")
+    saved = read_file(path, read_json)
+    check(isinstance(saved, dict) and set(saved) <= {f.name for f in fields(PPOConfig)},
+          f"{path}: not a PPO run's configuration (damaged?)")
+    return PPOConfig(**saved)
+
+
+def resume_config(cfg):
+    """--resume DIR: the configuration the run saved when it started, with a longer --steps or another --device
+    if given."""
+    check(os.path.exists(cfg.resume), f"--resume {cfg.resume}: not found")
+    check(os.path.isfile(os.path.join(cfg.resume, STATE_FILE)), f"--resume {cfg.resume}: no checkpoint there "
+                                                                 f"({STATE_FILE}) to resume from")
+    saved = load_run_config(cfg.resume, "--resume")
+    default = PPOConfig()
+    ignored = ["--" + f.name.replace("_", "-") for f in fields(cfg) if f.name not in ("resume",) + RESUMABLE
+               and getattr(cfg, f.name) != getattr(default, f.name)]
+    check(not ignored, f"--resume {cfg.resume} continues the run with its saved configuration: drop "
+                       f"{', '.join(ignored)} (only --steps and --device may change)")
+    changed = {k: getattr(cfg, k) for k in RESUMABLE if getattr(cfg, k) != getattr(default, k)}
+    return replace(saved, **changed, resume=cfg.resume, out=cfg.resume)
+
+
+def save_policy(cfg, roles, tok):
+    """LoRA modes: the trained adapters and the value head (the frozen checkpoints stay where they are).
+    full: the whole actor as a checkpoint folder."""
+    actor, critic = roles["actor"], roles["critic"]
+    if cfg.mode == "full":
+        save_checkpoint(os.path.join(cfg.out, "actor"), actor.model, tok, dict(task="sft", base_model=cfg.sft,
+                                                                                chat_template=cfg.chat_template))
+    else:
+        torch.save(dict(actor=lora_state_dict(actor.model.lm, actor.adapter),
+                        critic=lora_state_dict(critic.model.lm, critic.adapter),
+                        value_head=critic.model.value_head.state_dict()), os.path.join(cfg.out, POLICY_FILE))
 
 
 def ppo(cfg: PPOConfig, judge=None):
@@ -1521,115 +1647,29 @@ def ppo(cfg: PPOConfig, judge=None):
     return summary
 
 
-# ---- checkpoints that a killed run resumes from ----
+# ----------------------------------------------------------------------------------------------------------------
+# Generate and export: sample from a finished run, or hand its policy to transformers / peft.
 
-STATE_FILE = "state.pt"
-
-
-def save_state(out, step, params, opt, beta, rng, order, generator, mode):
-    """Everything a resumed run needs to continue exactly: the trained parameters (in trainable_groups' order),
-    the optimizer, adaptive-KL beta, the prompt order and every RNG (and the mode: lora and dlora train tensors of
-    the same shapes). Written to a temporary file and renamed, so a kill at any moment leaves the previous
-    checkpoint whole."""
-    state = dict(step=step, params=[p.detach().cpu() for p in params], opt=opt.state_dict(), beta=beta, order=order,
-                 python_rng=rng.getstate(), torch_rng=torch.get_rng_state(), generator=generator.get_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], mode=mode)
-    path = os.path.join(out, STATE_FILE)
-    with open(path + ".tmp", "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(path + ".tmp", path)  # atomic on POSIX and Windows
+@dataclass
+class GenerateConfig:
+    run: str = arg("out/ppo", "a PPO output folder")
+    prompt: str = arg("review of the film :", "the prompt")
+    num_samples: int = arg(1, "responses to sample", ge=1)
+    max_new_tokens: int = arg(0, "0: the run's --max-response-len", ge=0)
+    temperature: float = arg(1.0, "sampling temperature", gt=0)
+    greedy: bool = arg(False, "greedy decoding instead of sampling")
+    seed: int = arg(0, "random seed")
+    device: str = arg("auto", "auto, cpu, cuda, ...")
 
 
-def load_state(out, params, opt, rng, generator, mode):
-    path = os.path.join(out, STATE_FILE)
-    state = read_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
-    keys = ("step", "params", "opt", "beta", "order", "python_rng", "torch_rng", "generator", "cuda_rng")
-    check(isinstance(state, dict) and all(k in state for k in keys), f"{path}: not a resumable checkpoint (damaged?)")
-    check(state.get("mode", mode) == mode, f"{path} was written by a --mode {state.get('mode')} run; this run's "
-                                           f"{RUN_FILE} says --mode {mode}")
-    check(len(state["params"]) == len(params) and all(a.shape == b.shape for a, b in zip(state["params"], params)),
-          f"{out}/{STATE_FILE} does not match this run's trained parameters")
-    with torch.no_grad():
-        for p, saved in zip(params, state["params"]):
-            p.copy_(saved)
-    opt.load_state_dict(state["opt"])
-    rng.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
-    torch.set_rng_state(state["torch_rng"])
-    generator.set_state(state["generator"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state
-
-
-def keep_log_until(path, step):
-    """Drop the metrics lines of steps after `step` (they run again), atomically. A last line cut short by a kill
-    is one of them; a damaged line before it stops the resume with its line number."""
-    rows = open(path, "rb").readlines() if os.path.isfile(path) else []  # a log that is gone starts again empty
-    lines = []
-    for n, line in enumerate(rows, 1):
-        try:
-            keep = json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):  # not a JSON object with a step (ValueError: bad JSON, bad UTF-8)
-            check(n == len(rows) or not line.strip(), f"{path}:{n}: not a metrics line (damaged?); fix or delete "
-                                                      f"that line to resume")
-            continue
-        if keep:
-            lines.append(line)
-    with open(path + ".tmp", "wb") as fh:
-        fh.writelines(lines)
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path, obj):
-    """Written to a temporary file and renamed: a crash leaves the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-RESUMABLE = ("steps", "device")  # what `ppo --resume` may change; it would ignore any other flag, so refuses it
-
-
-def resume_config(cfg):
-    """--resume DIR: the configuration the run saved when it started, with a longer --steps or another --device
-    if given."""
-    check(os.path.exists(cfg.resume), f"--resume {cfg.resume}: not found")
-    check(os.path.isfile(os.path.join(cfg.resume, STATE_FILE)), f"--resume {cfg.resume}: no checkpoint there "
-                                                                 f"({STATE_FILE}) to resume from")
-    saved = load_run_config(cfg.resume, "--resume")
-    default = PPOConfig()
-    ignored = ["--" + f.name.replace("_", "-") for f in fields(cfg) if f.name not in ("resume",) + RESUMABLE
-               and getattr(cfg, f.name) != getattr(default, f.name)]
-    check(not ignored, f"--resume {cfg.resume} continues the run with its saved configuration: drop "
-                       f"{', '.join(ignored)} (only --steps and --device may change)")
-    changed = {k: getattr(cfg, k) for k in RESUMABLE if getattr(cfg, k) != getattr(default, k)}
-    return replace(saved, **changed, resume=cfg.resume, out=cfg.resume)
-
-
-def load_run_config(run_dir, flag):
-    """The PPOConfig a run saved in RUN_FILE."""
-    path = os.path.join(run_dir, RUN_FILE)
-    check(os.path.exists(run_dir), f"{flag} {run_dir}: not found")
-    check(os.path.isfile(path), f"{flag} {run_dir}: not a PPO output folder (no {RUN_FILE})")
-    saved = read_file(path, read_json)
-    check(isinstance(saved, dict) and set(saved) <= {f.name for f in fields(PPOConfig)},
-          f"{path}: not a PPO run's configuration (damaged?)")
-    return PPOConfig(**saved)
-
-
-def save_policy(cfg, roles, tok):
-    """LoRA modes: the trained adapters and the value head (the frozen checkpoints stay where they are).
-    full: the whole actor as a checkpoint folder."""
-    actor, critic = roles["actor"], roles["critic"]
-    if cfg.mode == "full":
-        save_checkpoint(os.path.join(cfg.out, "actor"), actor.model, tok, dict(task="sft", base_model=cfg.sft,
-                                                                                chat_template=cfg.chat_template))
-    else:
-        torch.save(dict(actor=lora_state_dict(actor.model.lm, actor.adapter),
-                        critic=lora_state_dict(critic.model.lm, critic.adapter),
-                        value_head=critic.model.value_head.state_dict()), os.path.join(cfg.out, POLICY_FILE))
+@dataclass
+class ExportConfig:
+    run: str = arg("out/ppo", "a PPO output folder")
+    format: str = arg("merged", "merged: a plain transformers checkpoint with the actor adapter folded in; peft: "
+                                "adapter_config.json + adapter_model.safetensors for peft's PeftModel.from_pretrained",
+                      choices=("merged", "peft"))
+    out: str = arg("", "output folder (default: RUN/export-FORMAT)")
+    overwrite: bool = arg(False, "write into an --out folder that already holds files")
 
 
 def load_policy(run_dir, device, dtype):
@@ -1782,6 +1822,23 @@ def sparkline(xs, width=60):
     return "".join("▁▂▃▄▅▆▇█"[min(7, int(8 * (x - lo) / (hi - lo + 1e-12)))] for x in xs)
 
 
+def plot_scores(scores, path):
+    """A PNG of the reward curve when matplotlib happens to be installed (it is not a requirement)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    plt.figure(figsize=(5, 3))
+    plt.plot(range(1, len(scores) + 1), scores)
+    plt.xlabel("PPO step")
+    plt.ylabel("reward-model score")
+    plt.tight_layout()
+    plt.savefig(path)
+    plt.close()
+
+
 def pipeline(cfg: PipelineConfig):
     t0 = time.time()
     validate(cfg)
@@ -1826,23 +1883,6 @@ def pipeline(cfg: PipelineConfig):
           f"x {summary['eval_samples']} responses); reward-model accuracy {summary['rm_accuracy']:.2f} (held out), "
           f"KL {summary['kl']:.2f}, {summary['time_s']:.0f} s. Everything is in {cfg.out}/")
     return summary
-
-
-def plot_scores(scores, path):
-    """A PNG of the reward curve when matplotlib happens to be installed (it is not a requirement)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    plt.figure(figsize=(5, 3))
-    plt.plot(range(1, len(scores) + 1), scores)
-    plt.xlabel("PPO step")
-    plt.ylabel("reward-model score")
-    plt.tight_layout()
-    plt.savefig(path)
-    plt.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
