@@ -377,7 +377,9 @@ def update_kl_coef(beta, kl, target, n, horizon):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The five PPO configurations (paper, Table 2). A role is (trunk, adapter, head); adapter None means LoRA off.
+# The five PPO configurations (paper, Table 2). Four roles: actor, critic, ref (the reference policy) and rm (the
+# reward model). A role is (trunk, adapter, head); adapter None means no adapter: LoRA off on a LoRA trunk, or in full
+# mode a whole model (trained for the actor and the critic, frozen for ref and rm).
 #
 #   mode     static models  LoRA sets  actor               critic                reference        reward model
 #   full     4              0          SFT copy, trained   RM copy, trained      frozen SFT copy  frozen RM copy
@@ -388,8 +390,8 @@ def update_kl_coef(beta, kl, target, n, horizon):
 
 class Role(typing.NamedTuple):
     model: HydraModel
-    adapter: typing.Optional[str]  # None: LoRA off (the frozen checkpoint itself)
-    head: str                      # "lm" | "value" | "reward"
+    adapter: typing.Optional[str]  # None: no adapter (LoRA off; in full mode the whole model, maybe trained)
+    head: str                      # "lm" | "value" | "reward" (the reward head)
 
 
 def add_adapter(lm, cfg, adapter="default"):
@@ -402,32 +404,32 @@ def add_adapter(lm, cfg, adapter="default"):
 
 
 def build_roles(cfg, load):
-    """-> roles: exactly the models that cfg.mode holds. load(which, trained) returns a new, frozen HydraModel of
-    the "sft" or "rm" checkpoint (the benchmark passes a loader of random-init models instead)."""
+    """-> {actor, critic, ref, rm: Role}: exactly the models that cfg.mode holds. load(which, trained) returns a new,
+    frozen HydraModel of the "sft" or "rm" checkpoint (the benchmark passes a loader of random-init models instead)."""
     def lora(model, adapter):
         add_adapter(model.lm, cfg, adapter)
 
     sft_model = load("sft", trained=cfg.mode == "full")
     if cfg.mode in ("hydra", "jhydra"):
-        m = sft_model
+        model = sft_model  # one trunk: LoRA off is the reference and the reward model
         a, c = ("actor", "critic") if cfg.mode == "hydra" else ("shared", "shared")
-        lora(m, a)
+        lora(model, a)
         if c != a:
-            lora(m, c)
-        roles = dict(actor=Role(m, a, "lm"), critic=Role(m, c, "value"), ref=Role(m, None, "lm"),
-                     reward=Role(m, None, "reward"))
+            lora(model, c)
+        roles = dict(actor=Role(model, a, "lm"), critic=Role(model, c, "value"), ref=Role(model, None, "lm"),
+                     rm=Role(model, None, "reward"))
     else:
         rm_model = load("rm", trained=cfg.mode == "full")
         if cfg.mode == "full":
             roles = dict(actor=Role(sft_model, None, "lm"), critic=Role(rm_model, None, "value"),
-                         ref=Role(load("sft", False), None, "lm"), reward=Role(load("rm", False), None, "reward"))
+                         ref=Role(load("sft", False), None, "lm"), rm=Role(load("rm", False), None, "reward"))
         else:
             lora(sft_model, "actor")
             lora(rm_model, "critic")
             ref = sft_model if cfg.mode == "dlora" else load("sft", False)   # dynamic LoRA: LoRA off is the reference
-            reward = rm_model if cfg.mode == "dlora" else load("rm", False)  # ... and the reward model
+            rm = rm_model if cfg.mode == "dlora" else load("rm", False)     # ... and the reward model
             roles = dict(actor=Role(sft_model, "actor", "lm"), critic=Role(rm_model, "critic", "value"),
-                         ref=Role(ref, None, "lm"), reward=Role(reward, None, "reward"))
+                         ref=Role(ref, None, "lm"), rm=Role(rm, None, "reward"))
     critic = roles["critic"].model
     critic.value_head.load_state_dict(critic.reward_head.state_dict())  # the critic starts from the reward model
     return roles
@@ -531,7 +533,11 @@ def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One PPO iteration
+# One PPO iteration. ppo_step, at the end of this section, runs the five steps in order:
+#   1 sample (generate)  2 score (score_rollout)  3 KL-shaped rewards, 4 GAE (rewards_and_advantages)  5 update
+# (ppo_update -> optimizer_step -> actor_critic_loss). Tensors of the rollout: ids, mask (B, P+R) in the token
+# layout above; resp_mask (B, R) 1 on response tokens up to EOS; per-token logprobs, ref_logprobs, values (B, R);
+# score (B,), the reward model's.
 
 class Clock:
     """Seconds since the last call (CUDA work is asynchronous: synchronize before reading the time)."""
@@ -547,8 +553,8 @@ class Clock:
 
 @torch.no_grad()
 def score_rollout(roles, ids, mask, P, chunk, autocast, temperature=1.0):
-    """Step 2: old log-probs (actor), reference log-probs, values (critic) and the reward-model score, in chunks
-    of `chunk` rows. -> dict of (B, R) tensors and 'reward' (B,)."""
+    """Step 2: every role's head on the rollout, in chunks of `chunk` rows, one decoder pass per (trunk, adapter)
+    (see passes). -> {role name: (B, R) log-probs (actor, ref) or values (critic), (B,) score (rm)}."""
     out = {n: [] for n in roles}
     for i in range(0, ids.shape[0], chunk):
         ids_c, mask_c = ids[i:i + chunk], mask[i:i + chunk]
@@ -558,111 +564,6 @@ def score_rollout(roles, ids, mask, P, chunk, autocast, temperature=1.0):
                 for n in names:
                     out[n].append(read_head(roles[n], h, ids_c, mask_c, P, temperature).float())
     return {n: torch.cat(v) for n, v in out.items()}
-
-
-def one_pass(cfg, B=None):
-    """The paper's setting: 1 PPO epoch and one optimizer step from one forward pass over the whole rollout batch
-    of B rows (minibatch = micro-batch = batch). That forward runs at theta_old, so its own outputs, detached, are
-    the old log-probs (and, where the critic shares the actor's pass, the old values): step 2 skips that pass and
-    steps 3-4 run inside the update. Exact, not an approximation: the ratio is 1 by construction."""
-    B = cfg.batch_size if B is None else B
-    return cfg.ppo_epochs == 1 and B <= min(cfg.minibatch_size, cfg.micro_batch_size)
-
-
-def average_gradients(params):
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
-        work.wait()
-    for p in params:
-        p.grad /= dist.get_world_size()
-
-
-def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
-    """Step 5: ppo_epochs over shuffled minibatches (one optimizer step each) with gradient accumulation over
-    micro-batches. -> a list of stats dicts, one per minibatch, in order. In the one_pass setting the batch comes
-    without old log-probs: the actor's forward here supplies them, then steps 3-4 run (their stats are returned too)."""
-    ids, mask, P = batch["ids"], batch["mask"], batch["P"]
-    B = ids.shape[0]
-    for m in models_of(roles):
-        m.train()  # dropout is off everywhere; in transformers, train() is what turns checkpointing on
-    all_stats = []
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=generator).to(ids.device)
-        for mb in perm.split(cfg.minibatch_size):
-            stats = {}
-            for idx in mb.split(cfg.micro_batch_size):
-                weight = len(idx) / len(mb)
-                m = batch["resp_mask"][idx]  # (b, R)
-                for role, names in passes(roles, ("actor", "critic")):  # 2 passes (1 in jhydra)
-                    # backward() inside the adapter context: gradient checkpointing recomputes with this adapter
-                    with adapter_on(role):
-                        with autocast():
-                            h = role.model(ids[idx], mask[idx])
-                            loss, s = 0.0, {}
-                            if "actor" in names:
-                                logprobs, entropy = role.model.logprobs(h, ids[idx], P, entropy=True,
-                                                                        temperature=cfg.temperature)
-                                logprobs = logprobs.float()
-                            if "critic" in names:
-                                vpred = role.model.values(h, P)
-                            if "advantages" not in batch:  # one_pass: this forward is at theta_old
-                                assert len(idx) == B, "one_pass needs one forward over the whole batch"
-                                batch["logprobs"] = torch.empty_like(logprobs).index_copy(0, idx, logprobs.detach())
-                                if "critic" in names:  # jhydra: the values come from the same pass
-                                    batch["values"] = torch.empty_like(vpred).index_copy(0, idx, vpred.detach())
-                                s.update(rewards_and_advantages(batch, cfg))  # steps 3-4
-                            if "actor" in names:
-                                pg_loss, s2 = ppo_policy_loss(logprobs, batch["logprobs"][idx],
-                                                              batch["advantages"][idx], m, cfg.cliprange)
-                                s.update(s2, entropy=masked_mean(entropy, m).item())
-                                loss = loss + pg_loss
-                            if "critic" in names:
-                                vf_loss, s2 = ppo_value_loss(vpred, batch["values"][idx], batch["returns"][idx], m,
-                                                             cfg.cliprange_value)
-                                s.update(s2)
-                                loss = loss + cfg.vf_coef * vf_loss
-                        (loss * weight).backward()
-                    for k, v in s.items():
-                        stats[k] = stats.get(k, 0.0) + v * weight
-            average_gradients(params)  # data parallel (no-op in one process)
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            stats["skipped"] = float(not math.isfinite(stats["grad_norm"]))  # NaN/inf loss or gradient
-            if not stats["skipped"]:
-                opt.step()  # never step with a non-finite gradient: the parameters stay good
-            opt.zero_grad(set_to_none=True)
-            all_stats.append(stats)
-    return all_stats
-
-
-def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens=0):
-    """Steps 1-4 for one batch of left-padded prompts (B, P). -> batch dict (tensors for the update), stats.
-    In the one_pass setting steps 3-4 wait for the update, whose forward gives the old log-probs."""
-    device, clock = p_ids.device, Clock(p_ids.device)
-    for m in models_of(roles):
-        m.eval()
-    # 1. Rollout: sample responses from the actor.
-    with autocast():
-        ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
-                                      cfg.top_k, cfg.top_p, min_new_tokens=min_new_tokens, fold=cfg.fold_lora)
-    P = p_ids.shape[1]
-    t_generate = clock()
-    # 2. Score: old and reference log-probs, values, and the reward model's score at the last response token.
-    #    one_pass: the update's first forward gives the old log-probs (and values, if in the same pass): skip it here.
-    later = passes(roles, ("actor", "critic"))[0][1] if one_pass(cfg, ids.shape[0]) else []
-    s = score_rollout({n: r for n, r in roles.items() if n not in later}, ids, mask, P, cfg.micro_batch_size,
-                      autocast, cfg.temperature)
-    batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=beta,
-                 resp_mask=mask[:, P:].float(),  # (B, R) 1 on response tokens up to EOS
-                 ref_logprobs=s["ref"], score=s["reward"], logprobs=s.get("actor"), values=s.get("critic"))
-    stats = dict(time_generate=t_generate, time_score=clock())
-    if not later:
-        stats.update(rewards_and_advantages(batch, cfg))
-    return batch, stats
 
 
 def rewards_and_advantages(batch, cfg):
@@ -688,11 +589,134 @@ def rewards_and_advantages(batch, cfg):
                 explained_var=explained_variance(values, returns, resp_mask))
 
 
+def one_pass(cfg, B=None):
+    """The fast path of the paper's setting: 1 PPO epoch and one optimizer step from one forward pass over the whole
+    rollout batch of B rows (minibatch = micro-batch = batch). That forward runs at theta_old, so its own outputs,
+    detached, are the old log-probs (and, where the critic shares the actor's pass, the old values): step 2 skips
+    that pass and steps 3-4 run inside the update (old_from_this_pass). Exact, not an approximation: the ratio is 1
+    by construction. It saves one decoder pass per iteration."""
+    B = cfg.batch_size if B is None else B
+    return cfg.ppo_epochs == 1 and B <= min(cfg.minibatch_size, cfg.micro_batch_size)
+
+
+def old_from_this_pass(batch, idx, logprobs, values, cfg):
+    """The one_pass fast path, at the update's first forward (theta_old): its detached outputs become the old
+    log-probs (and the old values where the critic shares the pass: jhydra), then steps 3-4 run. -> their stats."""
+    assert len(idx) == batch["ids"].shape[0], "one_pass needs one forward over the whole batch"
+    batch["logprobs"] = torch.empty_like(logprobs).index_copy(0, idx, logprobs.detach())
+    if values is not None:
+        batch["values"] = torch.empty_like(values).index_copy(0, idx, values.detach())
+    return rewards_and_advantages(batch, cfg)
+
+
+def actor_critic_loss(role, names, batch, idx, cfg, autocast):
+    """Step 5 on the rows `idx` for the roles in `names` that share `role`'s decoder pass (the actor, the critic, or
+    both in jhydra): one forward, then pg_loss (actor) + vf_coef * vf_loss (critic). -> (loss, stats)."""
+    ids, mask, P = batch["ids"][idx], batch["mask"][idx], batch["P"]
+    resp_mask = batch["resp_mask"][idx]  # (b, R)
+    loss, stats = 0.0, {}
+    with autocast():
+        h = role.model(ids, mask)  # (b, P+R, H)
+        if "actor" in names:
+            logprobs, entropy = role.model.logprobs(h, ids, P, entropy=True, temperature=cfg.temperature)
+            logprobs = logprobs.float()  # (b, R)
+        if "critic" in names:
+            vpred = role.model.values(h, P)  # (b, R)
+        if "advantages" not in batch:  # one_pass fast path: this forward is at theta_old (it saves a pass in step 2)
+            stats.update(old_from_this_pass(batch, idx, logprobs, vpred if "critic" in names else None, cfg))
+        if "actor" in names:
+            pg_loss, s = ppo_policy_loss(logprobs, batch["logprobs"][idx], batch["advantages"][idx], resp_mask,
+                                         cfg.cliprange)
+            stats.update(s, entropy=masked_mean(entropy, resp_mask).item())
+            loss = loss + pg_loss
+        if "critic" in names:
+            vf_loss, s = ppo_value_loss(vpred, batch["values"][idx], batch["returns"][idx], resp_mask,
+                                        cfg.cliprange_value)
+            stats.update(s)
+            loss = loss + cfg.vf_coef * vf_loss
+    return loss, stats
+
+
+def average_gradients(params):
+    """Data parallel (torchrun, Part II): the mean of every trained gradient over the ranks. No-op in one process."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
+        work.wait()
+    for p in params:
+        p.grad /= dist.get_world_size()
+
+
+def optimizer_step(roles, opt, params, batch, mb, cfg, autocast):
+    """One optimizer step on the minibatch `mb` (row indices), gradients accumulated over its micro-batches."""
+    stats = {}
+    for idx in mb.split(cfg.micro_batch_size):
+        weight = len(idx) / len(mb)
+        for role, names in passes(roles, ("actor", "critic")):  # 2 passes (1 in jhydra)
+            with adapter_on(role):  # backward() inside: gradient checkpointing recomputes with this adapter on
+                loss, s = actor_critic_loss(role, names, batch, idx, cfg, autocast)
+                (loss * weight).backward()
+            for k, v in s.items():
+                stats[k] = stats.get(k, 0.0) + v * weight
+    average_gradients(params)  # data parallel (no-op in one process)
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+    stats["skipped"] = float(not math.isfinite(stats["grad_norm"]))  # NaN/inf loss or gradient
+    if not stats["skipped"]:
+        opt.step()  # never step with a non-finite gradient: the parameters stay good
+    opt.zero_grad(set_to_none=True)
+    return stats
+
+
+def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
+    """Step 5: ppo_epochs over shuffled minibatches, one optimizer step each. -> list of stats dicts, one per
+    minibatch, in order. On the one_pass fast path the batch comes without old log-probs: the first forward supplies
+    them, then steps 3-4 run (their stats are returned too)."""
+    for model in models_of(roles):
+        model.train()  # dropout is off everywhere; in transformers, train() is what turns checkpointing on
+    all_stats = []
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(batch["ids"].shape[0], generator=generator).to(batch["ids"].device)
+        for mb in perm.split(cfg.minibatch_size):
+            all_stats.append(optimizer_step(roles, opt, params, batch, mb, cfg, autocast))
+    return all_stats
+
+
 def ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, generator, min_new_tokens=0):
-    """One PPO iteration on a batch of prompts: steps 1-4 (rollout_batch), then step 5 (ppo_update).
-    -> batch, stats (the update's averaged over its minibatches, and the time of each phase)."""
-    batch, stats = rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens)
+    """One PPO iteration on a batch of left-padded prompts (B, P): the five steps, in order. -> batch (the rollout's
+    tensors), stats (the update's averaged over its minibatches, and the time of each phase). With opt None it
+    stops after step 4 (rollout_batch)."""
     clock = Clock(p_ids.device)
+    for model in models_of(roles):
+        model.eval()
+    # 1. Sample responses from the actor (its adapter on; --fold-lora: folded into a copy of the weights).
+    with autocast():
+        ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
+                                      cfg.top_k, cfg.top_p, min_new_tokens=min_new_tokens, fold=cfg.fold_lora)
+    P = p_ids.shape[1]
+    stats = dict(time_generate=clock())
+    # 2. Score: old log-probs (actor) and values (critic), each with its own adapter; reference log-probs and the
+    #    reward-model score with LoRA off, in one shared pass in hydra and jhydra (the frozen copies otherwise).
+    #    one_pass fast path: the update's own first forward gives the actor's outputs, so that pass is skipped here.
+    fast = one_pass(cfg, ids.shape[0])
+    later = passes(roles, ("actor", "critic"))[0][1] if fast else []
+    scored = score_rollout({n: r for n, r in roles.items() if n not in later}, ids, mask, P, cfg.micro_batch_size,
+                           autocast, cfg.temperature)
+    batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=beta,
+                 resp_mask=mask[:, P:].float(),  # (B, R) 1 on response tokens up to EOS
+                 ref_logprobs=scored["ref"], score=scored["rm"], logprobs=scored.get("actor"),
+                 values=scored.get("critic"))
+    stats["time_score"] = clock()
+    # 3. KL-shaped rewards, 4. GAE advantages (one_pass fast path: inside step 5, after its first forward).
+    if not fast:
+        stats.update(rewards_and_advantages(batch, cfg))
+    if opt is None:  # rollout_batch: steps 1-4 only
+        return batch, stats
+    # 5. Update: ppo_epochs over minibatches, clipped policy and value losses.
+    clock()  # (steps 3-4 are not timed)
     mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)
     stats["time_update"] = clock()
     stats.update({k: sum(s[k] for s in mb_stats if k in s) / len(mb_stats) for k in mb_stats[0]})
@@ -1340,8 +1364,8 @@ def verdict(interval):
 
 @torch.no_grad()
 def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
-    for m in models_of(roles):
-        m.eval()  # after an update the models are in train(): with checkpointing on, generate would drop its KV cache
+    for model in models_of(roles):
+        model.eval()  # after an update the models are in train(): with checkpointing on, generate would drop the KV cache
     k = cfg.eval_samples
     repeated = [p for p in prompts for _ in range(k)]  # rows i*k .. i*k+k-1: k sampled responses to prompt i
     out = {}
@@ -1355,12 +1379,12 @@ def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
                 ids, mask, _ = generate(role, p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
                                         cfg.top_k, cfg.top_p, fold=cfg.fold_lora)
             P = p_ids.shape[1]
-            s = score_rollout({k: roles[k] for k in ("actor", "ref", "reward")}, ids, mask, P,
-                              cfg.micro_batch_size, autocast, cfg.temperature)
+            scored = score_rollout({n: roles[n] for n in ("actor", "ref", "rm")}, ids, mask, P,
+                                   cfg.micro_batch_size, autocast, cfg.temperature)
             resp_mask = mask[:, P:].float()
             texts = decode_responses(tok, ids, mask, P)
-            rows += [dict(response=t, score=sc, kl=k, length=n) for t, sc, k, n in
-                     zip(texts, s["reward"].tolist(), ((s["actor"] - s["ref"]) * resp_mask).sum(1).tolist(),
+            rows += [dict(response=t, score=sc, kl=kl, length=n) for t, sc, kl, n in
+                     zip(texts, scored["rm"].tolist(), ((scored["actor"] - scored["ref"]) * resp_mask).sum(1).tolist(),
                          resp_mask.sum(1).tolist())]
         judged = judge(repeated, [r["response"] for r in rows]) if judge else [r["score"] for r in rows]
         out[who] = [dict(r, judge=j) for r, j in zip(rows, judged)]
@@ -1560,6 +1584,12 @@ def save_policy(cfg, roles, tok):
         torch.save(dict(actor=lora_state_dict(actor.model.lm, actor.adapter),
                         critic=lora_state_dict(critic.model.lm, critic.adapter),
                         value_head=critic.model.value_head.state_dict()), os.path.join(cfg.out, POLICY_FILE))
+
+
+def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens=0):
+    """Steps 1-4 of ppo_step without its update (tests look at a rollout before they update on it). -> batch, stats.
+    On the one_pass fast path steps 3-4 wait for ppo_update, whose forward gives the old log-probs."""
+    return ppo_step(roles, None, None, tok, p_ids, p_mask, cfg, autocast, beta, None, min_new_tokens)
 
 
 def ppo(cfg: PPOConfig, judge=None):
@@ -1778,20 +1808,6 @@ PIPELINE_SETTINGS = {
 }
 
 
-def pipeline_settings(cfg):
-    """-> cfg with every 0 ("auto") field of PIPELINE_SETTINGS filled in for this model, and one printed line that
-    says what it uses and why. Flags set on the command line always win."""
-    tiny = cfg.model in ("tiny", "tiny-opt")
-    table = PIPELINE_SETTINGS["tiny" if tiny else "real"]
-    chosen = {k: getattr(cfg, k) or v for k, v in table.items()}
-    given = [k for k in table if getattr(cfg, k)]
-    if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 prints
-        what = "the tiny model" if tiny else f"a {model_size(count_parameters(cfg.model))} model"
-        print(f"settings for {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())
-              + (f" (given: {', '.join(given)}; the rest from PIPELINE_SETTINGS)" if given else ""))
-    return replace(cfg, **chosen)
-
-
 def count_parameters(name):
     """Parameters of a hub or local model, from its config alone (built on the meta device: no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -1805,6 +1821,20 @@ def count_parameters(name):
 
 def model_size(n):
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def pipeline_settings(cfg):
+    """-> cfg with every 0 ("auto") field of PIPELINE_SETTINGS filled in for this model, and one printed line that
+    says what it uses and why. Flags set on the command line always win."""
+    tiny = cfg.model in ("tiny", "tiny-opt")
+    table = PIPELINE_SETTINGS["tiny" if tiny else "real"]
+    chosen = {k: getattr(cfg, k) or v for k, v in table.items()}
+    given = [k for k in table if getattr(cfg, k)]
+    if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 prints
+        what = "the tiny model" if tiny else f"a {model_size(count_parameters(cfg.model))} model"
+        print(f"settings for {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())
+              + (f" (given: {', '.join(given)}; the rest from PIPELINE_SETTINGS)" if given else ""))
+    return replace(cfg, **chosen)
 
 
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo.jsonl")
@@ -1892,6 +1922,13 @@ SUBCOMMANDS = {"sft": (SFTConfig, sft), "ppo": (PPOConfig, ppo), "generate": (Ge
                "export": (ExportConfig, export)}
 
 
+def oom_context(cfg):
+    get = lambda k: getattr(cfg, k, "?")
+    return (f"mode {get('mode')}, batch {get('batch_size')} (micro-batch {get('micro_batch_size')}), "
+            f"{get('max_prompt_len')} prompt + {get('max_response_len')} response tokens, "
+            f"model {get('model') if hasattr(cfg, 'model') else get('sft')}")
+
+
 def main(argv=None):
     """`python hydra_ppo.py [sft|ppo|generate] [--flags]`; without a subcommand: the whole pipeline."""
     argv = sys.argv[1:] if argv is None else argv
@@ -1918,13 +1955,6 @@ def main(argv=None):
               f"--max-response-len, and --mode hydra (one model in memory instead of two or four).", file=sys.stderr)
         return 3
     return 0
-
-
-def oom_context(cfg):
-    get = lambda k: getattr(cfg, k, "?")
-    return (f"mode {get('mode')}, batch {get('batch_size')} (micro-batch {get('micro_batch_size')}), "
-            f"{get('max_prompt_len')} prompt + {get('max_response_len')} response tokens, "
-            f"model {get('model') if hasattr(cfg, 'model') else get('sft')}")
 
 
 if __name__ == "__main__":
