@@ -1241,30 +1241,30 @@ def evaluate_sft(model, tok, pairs, cfg, device, autocast):
     return {k: metrics[k] for k in trained}
 
 
-def sft(cfg: SFTConfig):
-    validate(cfg)
+def next_shard(items, order, rng, n, rank, world):
+    """An endless shuffled stream over `items`: -> (this rank's shard of the next n, the order left after them)."""
+    while len(order) < n:
+        order += rng.sample(range(len(items)), len(items))
+    return [items[i] for i in order[:n]][rank::world], order[n:]
+
+
+def start_run(cfg):
+    """Data parallel (when started by torchrun), then device and precision. -> rank, world, device, dtype, autocast."""
     rank, world, device_name = init_distributed(cfg.device)
-    device, dtype, autocast = setup_device(device_name)
-    check(cfg.batch_size % cfg.micro_batch_size == 0,
-          f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
-    check(cfg.max_prompt_len > 0 and cfg.max_response_len > 1, "--max-prompt-len must be > 0, --max-response-len > 1")
-    check(not (cfg.save_every and cfg.lora_r), "--save-every saves full fine-tuning checkpoints; with --lora-r the "
-                                               "adapter is merged into the model only at the end")
-    if rank == 0:
-        claim_out(cfg.out, cfg.overwrite)
-    pairs = load_pairs(cfg.data)
-    train, held_out = split_pairs(pairs, cfg.eval_frac, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    tiny = cfg.model in ("tiny", "tiny-opt")
-    if tiny:
+    return (rank, world) + setup_device(device_name)
+
+
+def build_sft_model(cfg, pairs, device, dtype):
+    """-> (HydraModel with only what cfg.task trains unfrozen, tokenizer, lm_coef, rm_coef, truncation counts)."""
+    if cfg.model in ("tiny", "tiny-opt"):
         texts = [p[k] if isinstance(p[k], str) else hh_text(p[k])  # a conversational prompt: messages
                  for p in pairs for k in ("prompt", "chosen", "rejected")]
         lm, tok = build_tiny(cfg.model, texts, cfg.seed, device)
     else:  # full fine-tuning keeps fp32 master weights (bf16 autocast does the math); LoRA trains on a bf16 trunk
         lm, tok = load_lm(cfg.model, device, dtype if cfg.lora_r else torch.float32)
-    cut_prompts, cut_responses = count_truncated(tok, pairs, cfg)
-    print(f"truncated: {cut_prompts} of {len(pairs)} prompts (to their last --max-prompt-len {cfg.max_prompt_len} "
-          f"tokens), {cut_responses} of {2 * len(pairs)} responses (to --max-response-len {cfg.max_response_len} "
+    cut = count_truncated(tok, pairs, cfg)
+    print(f"truncated: {cut[0]} of {len(pairs)} prompts (to their last --max-prompt-len {cfg.max_prompt_len} "
+          f"tokens), {cut[1]} of {2 * len(pairs)} responses (to --max-response-len {cfg.max_response_len} "
           f"tokens, no EOS)")
     model = HydraModel(lm)
     lm_coef = 0.0 if cfg.task == "rm" else cfg.lm_coef
@@ -1276,8 +1276,71 @@ def sft(cfg: SFTConfig):
     model.value_head.requires_grad_(False)  # PPO's head; SFT leaves it alone
     if cfg.grad_checkpointing:
         checkpointing_on(model.lm)
+    return model, tok, lm_coef, rm_coef, cut
+
+
+def sft_step(model, tok, opt, params, train, order, rng, cfg, coefs, autocast, device, rank, world):
+    """One Hydra-SFT optimizer step, gradients accumulated over micro-batches. -> stats, grad_norm, order left."""
+    stats, (lm_coef, rm_coef) = {}, coefs
+    for _ in range(cfg.batch_size // cfg.micro_batch_size):  # gradient accumulation
+        chunk, order = next_shard(train, order, rng, cfg.micro_batch_size * world, rank, world)
+        ids, mask, P = sft_batch(tok, chunk, cfg, with_rejected=bool(rm_coef))
+        with autocast():
+            loss, s = sft_loss(model, ids.to(device), mask.to(device), P, len(chunk), lm_coef, rm_coef)
+        (loss * cfg.micro_batch_size / cfg.batch_size).backward()
+        for k, v in s.items():
+            stats[k] = stats.get(k, 0.0) + v * cfg.micro_batch_size / cfg.batch_size
+    average_gradients(params)  # data parallel (no-op in one process)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return mean_over_ranks(stats), grad_norm, order
+
+
+def save_sft_checkpoint(out, model, tok, meta, rank, step):
+    """Rank 0 writes the checkpoint; Ctrl-C waits until it is whole. -> step."""
+    with uninterrupted():
+        if rank == 0:
+            save_checkpoint(out, model, tok, meta)
+    return step
+
+
+def finish_sft(cfg, model, tok, meta, held_out, n_train, steps, cut, device, autocast, rank, world, t0):
+    """Merge LoRA (if any), save the checkpoint, evaluate exactly what is saved, write summary.json."""
+    if cfg.lora_r:  # the checkpoint is a plain transformers model again (rounded to the trunk's dtype: bf16 on CUDA)
+        merge_lora(model.lm, "default")
+    save_sft_checkpoint(cfg.out, model, tok, meta, rank, steps)  # before evaluating: a failure there loses no training
+    metrics = evaluate_sft(model, tok, held_out, cfg, device, autocast)  # of exactly the model that is saved
+    print(f"held-out ({len(held_out)} pairs): " + ", ".join(
+        f"LM loss {v:.3f}" if k == "lm_loss" else f"reward-model pairwise accuracy {v:.3f}" for k, v in metrics.items()))
+    summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=n_train, held_out_pairs=len(held_out),
+                   **{"held_out_" + k: v for k, v in metrics.items()}, truncated_prompts=cut[0],
+                   truncated_responses=cut[1], world_size=world, time_s=time.time() - t0, config=asdict(cfg))
+    if rank == 0:
+        write_json(os.path.join(cfg.out, "summary.json"), summary)
+    barrier()  # the other ranks may load this checkpoint next (the pipeline's PPO stage)
+    print(f"saved checkpoint to {cfg.out}")
+    return summary
+
+
+def sft(cfg: SFTConfig):
+    """The sft command: the Hydra-SFT loop (sft_step), a checkpoint every --save-every steps and at the end, then the
+    held-out evaluation."""
+    validate(cfg)
+    rank, world, device, dtype, autocast = start_run(cfg)
+    check(cfg.batch_size % cfg.micro_batch_size == 0,
+          f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
+    check(cfg.max_prompt_len > 0 and cfg.max_response_len > 1, "--max-prompt-len must be > 0, --max-response-len > 1")
+    check(not (cfg.save_every and cfg.lora_r), "--save-every saves full fine-tuning checkpoints; with --lora-r the "
+                                               "adapter is merged into the model only at the end")
+    if rank == 0:
+        claim_out(cfg.out, cfg.overwrite)
+    pairs = load_pairs(cfg.data)
+    train, held_out = split_pairs(pairs, cfg.eval_frac, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, tok, lm_coef, rm_coef, cut = build_sft_model(cfg, pairs, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = cfg.lr or (1e-3 if tiny else 1e-5)
+    lr = cfg.lr or (1e-3 if cfg.model in ("tiny", "tiny-opt") else 1e-5)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * world)))  # global batch
     os.makedirs(cfg.out, exist_ok=True)
@@ -1297,48 +1360,16 @@ def sft(cfg: SFTConfig):
             open(os.path.join(cfg.out, "metrics.jsonl") if rank == 0 else os.devnull, "w") as log, \
             tqdm(range(1, steps + 1), desc=f"sft ({cfg.task})", dynamic_ncols=True, disable=rank > 0) as bar:
         for step in bar:
-            stats = {}
-            for _ in range(cfg.batch_size // cfg.micro_batch_size):  # gradient accumulation
-                n = cfg.micro_batch_size * world
-                while len(order) < n:  # an endless shuffled stream over the training pairs
-                    order += rng.sample(range(len(train)), len(train))
-                chunk, order = [train[i] for i in order[:n]][rank::world], order[n:]  # this rank's shard
-                ids, mask, P = sft_batch(tok, chunk, cfg, with_rejected=bool(rm_coef))
-                with autocast():
-                    loss, s = sft_loss(model, ids.to(device), mask.to(device), P, len(chunk), lm_coef, rm_coef)
-                (loss * cfg.micro_batch_size / cfg.batch_size).backward()
-                for k, v in s.items():
-                    stats[k] = stats.get(k, 0.0) + v * cfg.micro_batch_size / cfg.batch_size
-            average_gradients(params)  # data parallel (no-op in one process)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            stats = mean_over_ranks(stats)
+            stats, grad_norm, order = sft_step(model, tok, opt, params, train, order, rng, cfg, (lm_coef, rm_coef),
+                                               autocast, device, rank, world)
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()}, refresh=False)
             if step % cfg.log_every == 0 or step == steps:
                 log_line(log, dict(step=step, **stats, grad_norm=grad_norm, lr=lr, time=time.time() - t0))
             if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-                with uninterrupted():
-                    if rank == 0:
-                        save_checkpoint(cfg.out, model, tok, meta)
-                    saved = step
+                saved = save_sft_checkpoint(cfg.out, model, tok, meta, rank, step)
+    return finish_sft(cfg, model, tok, meta, held_out, len(train), steps, cut, device, autocast, rank, world, t0)
 
-    if cfg.lora_r:  # the checkpoint is a plain transformers model again (rounded to the trunk's dtype: bf16 on CUDA)
-        merge_lora(model.lm, "default")
-    if rank == 0:  # saved before evaluating: a failure there loses no training
-        with uninterrupted():
-            save_checkpoint(cfg.out, model, tok, meta)
-    metrics = evaluate_sft(model, tok, held_out, cfg, device, autocast)  # of exactly the model that is saved
-    print(f"held-out ({len(held_out)} pairs): " + ", ".join(
-        f"LM loss {v:.3f}" if k == "lm_loss" else f"reward-model pairwise accuracy {v:.3f}" for k, v in metrics.items()))
-    summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=len(train), held_out_pairs=len(held_out),
-                   **{"held_out_" + k: v for k, v in metrics.items()}, truncated_prompts=cut_prompts,
-                   truncated_responses=cut_responses, world_size=world, time_s=time.time() - t0, config=asdict(cfg))
-    if rank == 0:
-        write_json(os.path.join(cfg.out, "summary.json"), summary)
-    barrier()  # the other ranks may load this checkpoint next (the pipeline's PPO stage)
-    print(f"saved checkpoint to {cfg.out}")
-    return summary
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1592,13 +1623,54 @@ def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens
     return ppo_step(roles, None, None, tok, p_ids, p_mask, cfg, autocast, beta, None, min_new_tokens)
 
 
+def resume_run(cfg, params, opt, rng, generator, rank, log_path):
+    """--resume: the checkpoint's weights, optimizer and RNGs back in place; the log cut to its step.
+    -> (first step, beta, prompt order, last saved step)."""
+    state = load_state(cfg.out, params, opt, rng, generator, cfg.mode)
+    check(state["step"] <= cfg.steps,
+          f"--steps {cfg.steps}: the run in {cfg.out} is already at step {state['step']}")
+    barrier()
+    if rank == 0:
+        keep_log_until(log_path, state["step"])  # the steps after the checkpoint are done again
+    print(f"resuming {cfg.out} after step {state['step']}")
+    return state["step"] + 1, state["beta"], state["order"], state["step"]
+
+
+def stop_if_bad(cfg, step, bad, saved):
+    """A step whose updates all had a non-finite loss or gradient was skipped; --max-bad-steps in a row stop the run."""
+    tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({bad} in a row)")
+    check(bad < cfg.max_bad_steps,
+          f"stopped at step {step}: {bad} steps in a row had a non-finite loss or gradient. The last good "
+          f"checkpoint (step {saved}) is in {cfg.out}/{STATE_FILE}. What helps: lower --actor-lr / "
+          f"--critic-lr, --score-clip 5, --max-grad-norm 0.5")
+
+
+def finish_ppo(cfg, roles, tok, params, eval_prompts, device, autocast, judge, beta, rank, world, t0):
+    """Save the policy, check the ranks agree, evaluate PPO against SFT, write summary.json. -> summary."""
+    if rank == 0:
+        save_policy(cfg, roles, tok)
+    in_sync = ranks_in_sync(params)
+    check(in_sync, f"data parallel: the ranks ended with different trained weights (rank 0's are saved in {cfg.out})")
+    metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)  # on every rank
+    print_eval(metrics, samples)
+    summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=beta, world_size=world,
+                   ranks_in_sync=in_sync, time_s=time.time() - t0, samples=samples[:5], config=asdict(cfg))
+    if rank == 0:
+        write_json(os.path.join(cfg.out, "summary.json"), summary)
+    barrier()
+    print(f"\nsaved the policy to {cfg.out}; sample from it with: python hydra_ppo.py generate --run {cfg.out}")
+    return summary
+
+
 def ppo(cfg: PPOConfig, judge=None):
+    """The ppo command, the outer PPO loop: per step, this rank's shard of the next prompts, ppo_step, the adaptive
+    KL coefficient, a metrics line, an evaluation every --eval-every steps, a resumable checkpoint every
+    --save-every steps; at the end the policy, the evaluation and summary.json."""
     validate(cfg)
     if cfg.resume:  # the run's own configuration, saved when it started
         cfg = resume_config(cfg)
     check_ppo_config(cfg)
-    rank, world, device_name = init_distributed(cfg.device)
-    device, dtype, autocast = setup_device(device_name)
+    rank, world, device, dtype, autocast = start_run(cfg)
     if rank == 0 and not cfg.resume:
         claim_out(cfg.out, cfg.overwrite, stale=(STATE_FILE, POLICY_FILE, "summary.json"))
     train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
@@ -1613,15 +1685,8 @@ def ppo(cfg: PPOConfig, judge=None):
     log_path = os.path.join(cfg.out, "metrics.jsonl")
     first, beta, order, bad, saved, t0 = 1, cfg.kl_coef, [], 0, 0, time.time()
     if cfg.resume:
-        state = load_state(cfg.out, params, opt, rng, generator, cfg.mode)
-        check(state["step"] <= cfg.steps,
-              f"--steps {cfg.steps}: the run in {cfg.out} is already at step {state['step']}")
-        first, beta, order, saved = state["step"] + 1, state["beta"], state["order"], state["step"]
-        barrier()
-        if rank == 0:
-            keep_log_until(log_path, state["step"])  # the steps after the checkpoint are done again
-        print(f"resuming {cfg.out} after step {state['step']}")
-    if rank == 0:  # resumed with a longer --steps: from now on that is the run's length; paths absolute (read from anywhere)
+        first, beta, order, saved = resume_run(cfg, params, opt, rng, generator, rank, log_path)
+    if rank == 0:  # resumed with a longer --steps: from now on that is the run's length; paths absolute
         write_json(os.path.join(cfg.out, RUN_FILE), asdict(absolute_paths(replace(cfg, resume=""))))
     if world > 1:
         torch.manual_seed(cfg.seed + 1000 * rank + first)  # data parallel: every rank samples its own responses
@@ -1635,10 +1700,7 @@ def ppo(cfg: PPOConfig, judge=None):
             tqdm(range(first, cfg.steps + 1), desc=f"ppo ({cfg.mode})", dynamic_ncols=True,
                  initial=first - 1, total=cfg.steps, disable=rank > 0) as bar:
         for step in bar:
-            n = cfg.batch_size * world
-            while len(order) < n:  # an endless shuffled stream over the training prompts
-                order += rng.sample(range(len(train_prompts)), len(train_prompts))
-            prompts, order = [train_prompts[i] for i in order[:n]][rank::world], order[n:]  # this rank's shard
+            prompts, order = next_shard(train_prompts, order, rng, cfg.batch_size * world, rank, world)
             p_ids, p_mask = prompt_batch(tok, prompts, cfg, device)
             stats = mean_over_ranks(ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, generator)[1])
             bad = bad + 1 if stats["skipped"] == 1.0 else 0
@@ -1652,29 +1714,12 @@ def ppo(cfg: PPOConfig, judge=None):
                 log_line(log, record)
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", refresh=False)
             if bad:
-                tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({bad} in a row)")
-                check(bad < cfg.max_bad_steps,
-                      f"stopped at step {step}: {bad} steps in a row had a non-finite loss or gradient. The last good "
-                      f"checkpoint (step {saved}) is in {cfg.out}/{STATE_FILE}. What helps: lower --actor-lr / "
-                      f"--critic-lr, --score-clip 5, --max-grad-norm 0.5")
+                stop_if_bad(cfg, step, bad, saved)
             elif (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 if rank == 0:
                     save_state(cfg.out, step, params, opt, beta, rng, order, generator, cfg.mode)
                 saved = step
-
-    if rank == 0:
-        save_policy(cfg, roles, tok)
-    in_sync = ranks_in_sync(params)
-    check(in_sync, f"data parallel: the ranks ended with different trained weights (rank 0's are saved in {cfg.out})")
-    metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)  # on every rank
-    print_eval(metrics, samples)
-    summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=beta, world_size=world,
-                   ranks_in_sync=in_sync, time_s=time.time() - t0, samples=samples[:5], config=asdict(cfg))
-    if rank == 0:
-        write_json(os.path.join(cfg.out, "summary.json"), summary)
-    barrier()
-    print(f"\nsaved the policy to {cfg.out}; sample from it with: python hydra_ppo.py generate --run {cfg.out}")
-    return summary
+    return finish_ppo(cfg, roles, tok, params, eval_prompts, device, autocast, judge, beta, rank, world, t0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
