@@ -10,8 +10,8 @@ Two parts, each read top to bottom; every name is defined before it is used.
 
 Part I, the method: one-line errors; configuration (SFTConfig, PPOConfig); device and precision; the token layout;
     the two-head model (HydraModel); the Hydra-SFT loss; PPO maths (whitening, GAE, losses, KL controller); the five
-    configurations (build_roles, trainable_groups: the only places that branch on the mode); sampling (generate);
-    one PPO iteration, `ppo_step`: 1 sample, 2 score, 3 KL-shaped rewards, 4 GAE, 5 update.
+    configurations (build_roles, trainable_groups and its learning_rates: Part I's only branches on the mode);
+    sampling (generate); one PPO iteration, `ppo_step`: 1 sample, 2 score, 3 KL-shaped rewards, 4 GAE, 5 update.
 Part II, running it for real: flags; text to tokens; preference data and the demo task; models and checkpoints;
     data parallel (torchrun); the `sft` command (the Hydra-SFT loop); evaluation (win-rate); the `ppo` command (the
     outer PPO loop: prompts, ppo_step, adaptive KL, logs, evaluation, resumable checkpoints); generate and export;
@@ -698,13 +698,13 @@ def ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, genera
                                       cfg.top_k, cfg.top_p, min_new_tokens=min_new_tokens, fold=cfg.fold_lora)
     P = p_ids.shape[1]
     stats = dict(time_generate=clock())
-    # 2. Score: old log-probs (actor) and values (critic), each with its own adapter; reference log-probs and the
-    #    reward-model score with LoRA off, in one shared pass in hydra and jhydra (the frozen copies otherwise).
+    # 2. Score: old log-probs (actor) and values (critic), each with its adapter; the reference log-probs and the
+    #    reward-model score with LoRA off: one shared pass in hydra, jhydra (dlora: two; lora, full: frozen copies).
     #    one_pass fast path: the update's own first forward gives the actor's outputs, so that pass is skipped here.
     fast = one_pass(cfg, ids.shape[0])
-    later = passes(roles, ("actor", "critic"))[0][1] if fast else []
-    scored = score_rollout({n: r for n, r in roles.items() if n not in later}, ids, mask, P, cfg.micro_batch_size,
-                           autocast, cfg.temperature)
+    from_update = passes(roles, ("actor", "critic"))[0][1] if fast else []  # ["actor"], or ["actor", "critic"]
+    scored = score_rollout({n: r for n, r in roles.items() if n not in from_update}, ids, mask, P,
+                           cfg.micro_batch_size, autocast, cfg.temperature)
     batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=beta,
                  resp_mask=mask[:, P:].float(),  # (B, R) 1 on response tokens up to EOS
                  ref_logprobs=scored["ref"], score=scored["rm"], logprobs=scored.get("actor"),
