@@ -1617,6 +1617,8 @@ def save_policy(cfg, roles, tok):
                         value_head=critic.model.value_head.state_dict()), os.path.join(cfg.out, POLICY_FILE))
 
 
+# ---- the loop ----
+
 def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens=0):
     """Steps 1-4 of ppo_step without its update (tests look at a rollout before they update on it). -> batch, stats.
     On the one_pass fast path steps 3-4 wait for ppo_update, whose forward gives the old log-probs."""
