@@ -6,9 +6,18 @@ arXiv 2309.00754) in one file of plain PyTorch + transformers.
     python hydra_ppo.py ppo --mode hydra --sft DIR --data D   # PPO in one of the paper's five configurations
     python hydra_ppo.py SUBCOMMAND --help                     # every flag with its default (also generate, export)
 
-Read top to bottom: configuration, the two-head model, tokens and padding, data, models and checkpoints, data
-parallel, Hydra-SFT, PPO building blocks (GAE, losses), the five configurations, rollout/score/update, evaluation,
-the PPO stage (with resume and export), the whole pipeline, command line.
+Two parts, each read top to bottom; every name is defined before it is used.
+
+Part I, the method: one-line errors; configuration (SFTConfig, PPOConfig); device and precision; the token layout;
+    the two-head model (HydraModel); the Hydra-SFT loss; PPO maths (whitening, GAE, losses, KL controller); the five
+    configurations (build_roles, trainable_groups and its learning_rates: Part I's only branches on the mode);
+    sampling (generate); one PPO iteration, `ppo_step`: 1 sample, 2 score, 3 KL-shaped rewards, 4 GAE, 5 update.
+Part II, running it for real: flags; text to tokens; preference data and the demo task; models and checkpoints;
+    data parallel (torchrun); the `sft` command (the Hydra-SFT loop); evaluation (win-rate); the `ppo` command (the
+    outer PPO loop: prompts, ppo_step, adaptive KL, logs, evaluation, resumable checkpoints); generate and export;
+    the pipeline (`python hydra_ppo.py`); the command line.
+The outer loops live in Part II because most of their lines are about running for real (sharding, logging, resume,
+Ctrl-C); the method they repeat is ppo_step and sft_loss.
 """
 import argparse
 import json
@@ -32,6 +41,23 @@ from tqdm.auto import tqdm
 
 from lora import (DEFAULT_TARGETS, LoRALinear, add_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
                   lora_state_dict, merge_lora, use_adapter)
+
+
+# ================================================================================================================
+# PART I: THE METHOD
+# ================================================================================================================
+
+# ----------------------------------------------------------------------------------------------------------------
+# One-line errors: a mistake in the input stops a command with one line, never a traceback.
+
+class UserError(Exception):
+    """A mistake in the input or the configuration: main() prints it as one line (no traceback) and exits 2."""
+
+
+def check(cond, msg):
+    """A user-facing check: a one-line error instead of a traceback (main() prints it and exits 2)."""
+    if not cond:
+        raise UserError(msg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,81 +169,6 @@ class PPOConfig(Common):
                                 "gradient", ge=1)
 
 
-@dataclass
-class GenerateConfig:
-    run: str = arg("out/ppo", "a PPO output folder")
-    prompt: str = arg("review of the film :", "the prompt")
-    num_samples: int = arg(1, "responses to sample", ge=1)
-    max_new_tokens: int = arg(0, "0: the run's --max-response-len", ge=0)
-    temperature: float = arg(1.0, "sampling temperature", gt=0)
-    greedy: bool = arg(False, "greedy decoding instead of sampling")
-    seed: int = arg(0, "random seed")
-    device: str = arg("auto", "auto, cpu, cuda, ...")
-
-
-@dataclass
-class ExportConfig:
-    run: str = arg("out/ppo", "a PPO output folder")
-    format: str = arg("merged", "merged: a plain transformers checkpoint with the actor adapter folded in; peft: "
-                                "adapter_config.json + adapter_model.safetensors for peft's PeftModel.from_pretrained",
-                      choices=("merged", "peft"))
-    out: str = arg("", "output folder (default: RUN/export-FORMAT)")
-    overwrite: bool = arg(False, "write into an --out folder that already holds files")
-
-
-def parse_config(cls, argv, prog):
-    p = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    def error(message):  # argparse prints the usage and the error; one line is enough, --help has the rest
-        raise UserError(f"{prog}: {message} (see --help)")
-    p.error = error
-    for f in fields(cls):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
-        else:
-            p.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta.get("choices"))
-    return cls(**vars(p.parse_args(argv)))
-
-
-def check(cond, msg):
-    """A user-facing check: a one-line error instead of a traceback (main() prints it and exits 2)."""
-    if not cond:
-        raise UserError(msg)
-
-
-class UserError(Exception):
-    """A mistake in the input or the configuration: main() prints it as one line (no traceback) and exits 2."""
-
-
-BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
-
-
-def validate(cfg):
-    """Every flag of a config against the range declared beside its field, before anything is loaded or written:
-    a bad one stops the command with one line naming the flag and what it allows. (Checks that need files, such
-    as whether --sft is a checkpoint, come later, still before any training.)"""
-    for f in fields(cfg):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        for key, (sign, ok) in BOUNDS.items():
-            if key in f.metadata:  # asked as "is it in range", so that NaN fails too
-                check(ok(value, f.metadata[key]), f"{flag} {value}: must be {sign} {f.metadata[key]}")
-        if "divides" in f.metadata:
-            whole = getattr(cfg, f.metadata["divides"])
-            check(whole % value == 0, f"--{f.metadata['divides'].replace('_', '-')} {whole} must be a multiple of "
-                                      f"{flag} {value}")
-    if getattr(cfg, "device", "auto") != "auto":
-        try:
-            device = torch.device(cfg.device)
-        except (RuntimeError, ValueError):
-            device = None
-        check(device is not None and device.type in ("cpu", "cuda"),
-              f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
-        check(device.type == "cpu" or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()),
-              f"--device {cfg.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Device and precision (nanoGPT style): bf16 weights + autocast on CUDA, fp32 on CPU. Heads always compute in fp32.
 
@@ -229,6 +180,32 @@ def setup_device(name):
     dtype = torch.bfloat16 if cuda else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
     return device, dtype, autocast
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokens and padding. One layout everywhere (SFT, rollout, scoring): prompts LEFT-padded to P columns, responses
+# RIGHT-padded after them, so every response starts at column P:   [pad pad p p p | r r r EOS pad]
+
+def pad(seqs, pad_id, side):
+    """list of token lists -> ids (B, L), mask (B, L); `side` is where the padding goes."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(L - len(s), L) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+def collate(prompts, responses, pad_id):
+    """-> ids (B, P+R), mask (B, P+R), P. Responses (with their EOS) start at column P in every row."""
+    p_ids, p_mask = pad(prompts, pad_id, "left")
+    r_ids, r_mask = pad(responses, pad_id, "right")
+    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1]
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,395 +281,6 @@ class HydraModel(nn.Module):
             return self.reward_head(h.float()).squeeze(-1)  # (B,)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Tokens and padding. One layout everywhere (SFT, rollout, scoring): prompts LEFT-padded to P columns, responses
-# RIGHT-padded after them, so every response starts at column P:   [pad pad p p p | r r r EOS pad]
-
-def pad(seqs, pad_id, side):
-    """list of token lists -> ids (B, L), mask (B, L); `side` is where the padding goes."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(L - len(s), L) if side == "left" else slice(0, len(s))
-        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
-
-
-def collate(prompts, responses, pad_id):
-    """-> ids (B, P+R), mask (B, P+R), P. Responses (with their EOS) start at column P in every row."""
-    p_ids, p_mask = pad(prompts, pad_id, "left")
-    r_ids, r_mask = pad(responses, pad_id, "right")
-    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1]
-
-
-def encode_prompt(tok, prompt, max_len, chat=False):
-    """A prompt (text, or a list of {role, content} messages from conversational data) -> at most max_len ids.
-    A long prompt keeps its end: it is what the response answers."""
-    if chat:
-        ids = encode_chat(tok, prompt if isinstance(prompt, list) else to_messages(prompt), max_len)
-    else:
-        text = prompt if isinstance(prompt, str) else hh_text(prompt)
-        ids = tok(text)["input_ids"][-max_len:]  # with the tokenizer's BOS, if it adds one
-    check(ids, f"the prompt {str(prompt)[:50]!r} tokenizes to nothing")
-    return ids
-
-
-def chat_ids(tok, messages):
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
-
-
-def encode_chat(tok, messages, max_len):
-    """The conversation through the chat template, cut to max_len tokens without cutting the template's own
-    tokens (a prompt that lost its <|im_start|> is not one the chat model was trained on): the oldest turns go first
-    (a system message stays), then the oldest remaining turn loses text from its start."""
-    check(getattr(tok, "chat_template", None), "--chat-template: this tokenizer has no chat template")
-    n_system = 1 if messages[0]["role"] == "system" else 0
-    system, turns = messages[:n_system], messages[n_system:]
-    ids = chat_ids(tok, system + turns)
-    while len(ids) > max_len and len(turns) > 1:
-        turns = turns[1:]
-        while len(turns) > 1 and turns[0]["role"] != "user":  # templates expect a user turn first
-            turns = turns[1:]
-        ids = chat_ids(tok, system + turns)
-    if len(ids) <= max_len:
-        return ids
-    last = turns[0]  # still too long with one turn left: cut its text
-    own = len(chat_ids(tok, system + [dict(last, content="")]))  # the template's tokens around the text
-    check(own < max_len, f"--max-prompt-len {max_len} is shorter than the chat template's own {own} tokens")
-    text = tok(last["content"], add_special_tokens=False)["input_ids"]
-    for keep in range(max_len - own, 0, -1):  # decoding and re-encoding can merge tokens differently: re-check
-        ids = chat_ids(tok, system + [dict(last, content=tok.decode(text[-keep:]))])
-        if len(ids) <= max_len:
-            return ids
-    raise UserError(f"--max-prompt-len {max_len} leaves no room for the conversation's text")
-
-
-def hh_text(messages):
-    """Messages as an HH transcript for a model without a chat template: "\n\nHuman: ...\n\nAssistant:"."""
-    names = dict(user="Human", assistant="Assistant")
-    return "".join(f"\n\n{names.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages) + HH_MARKER
-
-
-
-def to_messages(prompt):
-    """An HH transcript ("\n\nHuman: ...\n\nAssistant: ...\n\nAssistant:") as chat turns; other text: one user turn."""
-    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # [before, role, text, role, text, ...]
-    if len(parts) < 3:
-        return [dict(role="user", content=prompt.strip())]
-    turns = [dict(role="user" if r == "Human" else "assistant", content=t.strip())
-             for r, t in zip(parts[1::2], parts[2::2])]
-    return turns[:-1] if turns[-1] == dict(role="assistant", content="") else turns  # the open turn is generated
-
-
-def prompt_batch(tok, prompts, cfg, device):
-    """Prompt strings -> left-padded ids (B, P) and mask (B, P) on `device`, as generation expects."""
-    ids, mask = pad([encode_prompt(tok, p, cfg.max_prompt_len, cfg.chat_template) for p in prompts],
-                    tok.pad_token_id, "left")
-    return ids.to(device), mask.to(device)
-
-
-def decode_responses(tok, ids, mask, P):
-    """The response part (columns P:) of each row as text, padding and special tokens dropped."""
-    return tok.batch_decode(ids[:, P:].masked_fill(mask[:, P:] == 0, tok.pad_token_id), skip_special_tokens=True)
-
-
-def encode_response(tok, text, max_len, chat=False):
-    """-> at most max_len ids: the response and its EOS, or, when that does not fit, its first max_len tokens and no
-    EOS (an EOS after a cut would teach the model to stop mid-sentence). With a chat template the text loses its
-    leading space: HH's "Assistant: text" has one, but after the template's assistant header the chat model writes
-    "text" (SmolLM2: log-prob of the first token -11 with the space, -2 without)."""
-    ids = tok(text.lstrip() if chat else text, add_special_tokens=False)["input_ids"]
-    return ids + [tok.eos_token_id] if len(ids) < max_len else ids[:max_len]
-
-
-def count_truncated(tok, pairs, cfg):
-    """How many prompts and responses (chosen and rejected) of `pairs` encode_prompt / encode_response cut."""
-    prompts = sum(len(encode_prompt(tok, p["prompt"], 10 ** 9, cfg.chat_template)) > cfg.max_prompt_len
-                  for p in pairs)
-    responses = sum(encode_response(tok, p[k], cfg.max_response_len, cfg.chat_template)[-1] != tok.eos_token_id
-                    for p in pairs for k in ("chosen", "rejected"))  # a cut response ends without its EOS
-    return prompts, responses
-
-
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Preference data: JSONL, one pair per line.
-
-HH_MARKER = "\n\nAssistant:"
-
-
-def load_pairs(path):
-    """-> list of {prompt, chosen, rejected}. Accepts {prompt, chosen, rejected} or Anthropic HH {chosen, rejected}
-    (whole transcripts; split at the last "\\n\\nAssistant:", which stays in the prompt), and TRL's conversational
-    format (lists of {role, content} messages, see from_conversation)."""
-    check(not os.path.isdir(path), f"{path}: a folder, not a JSONL file")
-    check(os.path.isfile(path), f"{path}: no such file")
-    pairs = []
-    with open(path, "rb") as fh:  # bytes, so a line that is not UTF-8 can be named
-        for n, raw in enumerate(fh, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8")
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: invalid JSON ({e.msg})") from None
-            check(isinstance(row, dict), f"{where}: expected a JSON object, got {type(row).__name__}")
-            if isinstance(row.get("chosen"), list):
-                pairs.append(from_conversation(row, where))
-                continue
-            keys = ("prompt", "chosen", "rejected") if "prompt" in row else ("chosen", "rejected")
-            for k in keys:
-                check(k in row, f"{where}: missing field {k!r}")
-                check(isinstance(row[k], str) and row[k].strip(), f"{where}: field {k!r} is empty or not a string")
-            if "prompt" not in row:  # Anthropic HH: the shared transcript up to the last assistant turn is the prompt
-                cut = row["chosen"].rfind(HH_MARKER)
-                check(cut >= 0, f"{where}: no {HH_MARKER!r} turn in 'chosen' (HH format) and no 'prompt' field")
-                prompt = row["chosen"][:cut + len(HH_MARKER)]
-                check(row["rejected"].startswith(prompt), f"{where}: 'chosen' and 'rejected' differ before the last "
-                                                          f"assistant turn (HH format needs a shared prompt)")
-                row = dict(prompt=prompt, chosen=row["chosen"][len(prompt):], rejected=row["rejected"][len(prompt):])
-                check(row["chosen"].strip() and row["rejected"].strip(), f"{where}: empty last assistant turn")
-            pairs.append(dict(prompt=row["prompt"], chosen=row["chosen"], rejected=row["rejected"]))
-    check(pairs, f"{path}: no preference pairs (empty file)")
-    return pairs
-
-
-def from_conversation(row, where):
-    """TRL's conversational preference format -> {prompt: messages, chosen: text, rejected: text}. `chosen` and
-    `rejected` are lists of {role, content} messages ending in one assistant message; the prompt is the `prompt`
-    list, or, without one, the messages both share. The prompt stays a list of messages (a chat template formats
-    it as such; without one, hh_text writes it as an HH transcript); the replies become HH-style " text"."""
-    for k in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
-        check(k in row, f"{where}: missing field {k!r}")
-        check(isinstance(row[k], list) and row[k] and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in row[k]), f"{where}: field {k!r} is not a list of {{role, content}} messages")
-    if "prompt" in row:
-        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    else:  # implicit prompt: the messages before the first difference
-        n = 0
-        while n < min(len(row["chosen"]), len(row["rejected"])) and row["chosen"][n] == row["rejected"][n]:
-            n += 1
-        check(n > 0, f"{where}: 'chosen' and 'rejected' share no prompt message (and there is no 'prompt' field)")
-        prompt, chosen, rejected = row["chosen"][:n], row["chosen"][n:], row["rejected"][n:]
-    for k, reply in (("chosen", chosen), ("rejected", rejected)):
-        check(len(reply) == 1 and reply[0]["role"] == "assistant" and reply[0]["content"].strip(),
-              f"{where}: {k!r} must be one non-empty assistant message after the prompt")
-    reply = lambda messages: " " + messages[0]["content"].lstrip()
-    return dict(prompt=prompt, chosen=reply(chosen), rejected=reply(rejected))
-
-
-# The built-in task (data/demo.jsonl): short reviews. The "gold" rule stands in for the human labeller (the paper
-# used GPT-4 as judge): gold(review) = #positive words - #negative words. Pairs are two random reviews, the
-# higher-gold one marked chosen. The models never see the rule, only the pairs; SFT on the chosen reviews learns
-# "somewhat positive", so PPO against the learned reward model has room to do better.
-POSITIVE = "good great fine nice lovely superb happy wonderful".split()
-NEGATIVE = "bad awful poor boring ugly terrible sad dull".split()
-NEUTRAL = "the it was is and very quite so a rather".split()
-TOPICS = "film book song meal game hotel phone show album play".split()
-
-
-def gold_score(text):
-    words = text.split()
-    return sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
-
-
-def make_demo_pairs(n, seed=0):
-    rng = random.Random(seed)
-
-    def review():
-        k = rng.randint(4, 10)
-        return " ".join(rng.choice(rng.choices([POSITIVE, NEGATIVE, NEUTRAL], weights=[3, 3, 4])[0])
-                        for _ in range(k))
-    pairs = []
-    while len(pairs) < n:
-        prompt, a, b = f"review of the {rng.choice(TOPICS)} :", review(), review()
-        if gold_score(a) != gold_score(b):  # ties carry no preference
-            chosen, rejected = (a, b) if gold_score(a) > gold_score(b) else (b, a)
-            pairs.append(dict(prompt=prompt, chosen=chosen, rejected=rejected))
-    return pairs
-
-
-def split_pairs(pairs, eval_frac, seed):
-    """Deterministic (train, held_out) split; at least one pair on each side."""
-    check(0 < eval_frac < 1, f"--eval-frac must be in (0, 1), got {eval_frac}")
-    check(len(pairs) >= 2, f"need at least 2 preference pairs to hold one out, got {len(pairs)}")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(max(1, round(len(pairs) * eval_frac)), len(pairs) - 1)
-    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Models: load a real one, build a tiny one, save and load the checkpoints the stages hand to each other.
-
-def no_dropout(config):
-    """Zero every dropout rate in a transformers config (PPO needs deterministic log-probs: ratio 1 at the start)."""
-    for k, v in vars(config).items():
-        if "dropout" in k and isinstance(v, float):
-            setattr(config, k, 0.0)
-    return config
-
-
-def load_tokenizer(name):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(name)
-    if tok.pad_token is None:  # Llama & co. ship none; our masks never rely on the pad id, so EOS is safe
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_lm(name, device, dtype, dropout=True):
-    """A causal LM and its tokenizer from a hub name or a local folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    try:
-        config = AutoConfig.from_pretrained(name)
-        tok = load_tokenizer(name)
-    except (OSError, ValueError, KeyError) as e:  # no such folder or hub name / a model type transformers lacks
-        raise UserError(f"--model {name}: could not load its config and tokenizer "
-                        f"({str(e).strip().splitlines()[0]})") from None
-    if not dropout:
-        no_dropout(config)
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as e:  # missing or damaged weights: OSError, safetensors' own error, ...
-        raise UserError(f"{name}: could not load the model's weights "
-                        f"({(str(e).strip().splitlines() or [''])[0][:150]})") from None
-    return lm.to(device), tok
-
-
-def build_tiny(name, texts, seed, device):
-    """A small random-init model ('tiny': Llama family, 'tiny-opt': OPT family) and a word-level tokenizer
-    trained in memory on `texts`. No download: the demo and the tests run offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PreTrainedTokenizerFast
-    wl = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    wl.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=wl, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>")
-    ids = dict(vocab_size=len(tok), pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if name == "tiny":
-        config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True, **ids)
-    else:
-        config = OPTConfig(hidden_size=64, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
-                           word_embed_proj_dim=64, max_position_embeddings=512, **ids)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).to(device), tok
-
-
-# ---- files a user keeps: read with a one-line error, write only where asked ----
-
-def read_file(path, load):
-    """load(path), or one line naming the file when it is missing or damaged (truncated, not what it should be)."""
-    check(os.path.isfile(path), f"{path}: missing")
-    try:
-        return load(path)
-    except Exception as e:  # torch.load / json / safetensors each fail their own way on a damaged file
-        raise UserError(f"{path}: damaged or not what it should be ({type(e).__name__}: "
-                        f"{(str(e).strip().splitlines() or [''])[0][:100]})") from None
-
-
-def read_json(path):
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def claim_out(path, overwrite, stale=()):
-    """Checks an output folder before any work; creates nothing. It must be a folder we can write, and hold no
-    other run's files unless --overwrite, which first deletes `stale` (files that would pass two runs off as one)."""
-    check(not os.path.isfile(path), f"--out {path}: a file, not a folder")
-    held = sorted(os.listdir(path)) if os.path.isdir(path) else []
-    if held:
-        check(overwrite, f"--out {path} already holds another run ({', '.join(held[:3])}{', ...' * (len(held) > 3)});"
-                         f" choose another --out, --overwrite to replace it" +
-                         (f", or `ppo --resume {path}` to continue it" if RUN_FILE in held else ""))
-        for name in stale:
-            if os.path.isfile(os.path.join(path, name)):
-                os.remove(os.path.join(path, name))
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    check(os.path.isdir(parent) and os.access(parent, os.W_OK), f"--out {path}: cannot write there ({parent} is not "
-                                                                 f"a writable folder)")
-
-
-@contextmanager
-def on_interrupt(where):
-    """Ctrl-C inside the block: one line, `interrupted <where()>` (the step, and what still holds), no traceback."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise UserError(f"interrupted {where()}") from None
-
-
-@contextmanager
-def uninterrupted():
-    """Ctrl-C waits until the block is done, so a checkpoint is never left half written."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield  # not the main thread's default handler (a worker thread, a caller's own handler): leave it alone
-        return
-    pressed = []
-    signal.signal(signal.SIGINT, lambda *_: pressed.append(1))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if pressed:
-            raise KeyboardInterrupt
-
-
-HEADS_FILE, META_FILE = "heads.pt", "hydra.json"
-
-
-def save_checkpoint(path, model, tok, meta):
-    """A transformers folder (save_pretrained: the LM and tokenizer) plus our heads and what trained them."""
-    os.makedirs(path, exist_ok=True)
-    model.lm.save_pretrained(path)
-    tok.save_pretrained(path)
-    heads = {k: v.cpu() for k, v in model.state_dict().items() if k.startswith(("reward_head.", "value_head."))}
-    torch.save(heads, os.path.join(path, HEADS_FILE))
-    write_json(os.path.join(path, META_FILE), meta)
-
-
-def load_checkpoint(path, device, dtype, dropout=True):
-    """-> (HydraModel, tokenizer, meta) from a folder written by save_checkpoint."""
-    check(os.path.exists(path), f"{path}: not found")
-    check(os.path.isfile(os.path.join(path, META_FILE)), f"{path}: not a hydra-ppo checkpoint (no {META_FILE}); "
-                                                         f"make one with `python hydra_ppo.py sft`")
-    meta = read_file(os.path.join(path, META_FILE), read_json)
-    heads = read_file(os.path.join(path, HEADS_FILE), lambda p: torch.load(p, map_location=device, weights_only=True))
-    lm, tok = load_lm(path, device, dtype, dropout)
-    model = HydraModel(lm)
-    try:
-        model.load_state_dict(heads, strict=False)
-    except (RuntimeError, AttributeError) as e:  # wrong shapes, or not a state dict at all
-        raise UserError(f"{path}/{HEADS_FILE} does not fit this model ({str(e).splitlines()[0][:100]})") from None
-    return model, tok, meta
-
-
-def add_adapter(lm, cfg, adapter="default"):
-    """add_lora with the run's rank, alpha and --lora-targets; a one-line error when no layer matches."""
-    targets = tuple(t.strip() for t in cfg.lora_targets.split(",")) if cfg.lora_targets else DEFAULT_TARGETS
-    try:
-        return add_lora(lm, targets, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
-    except ValueError as e:
-        raise UserError(f"{e} (--lora-targets)") from None
-
-
 def checkpointing_on(lm):
     """Activation (gradient) checkpointing; transformers 5 renamed it. Non-reentrant: works with a frozen trunk."""
     if hasattr(lm, "activation_checkpointing_enable"):
@@ -701,90 +289,9 @@ def checkpointing_on(lm):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def log_line(fh, record):
-    fh.write(json.dumps(record) + "\n")
-    fh.flush()  # a crash loses nothing already logged
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data parallel: `torchrun --nproc_per_node N hydra_ppo.py ...`. Each rank trains on its own shard of every batch
-# (prompts for PPO, pairs for SFT); the gradients of the trained parameters are averaged (an all-reduce per trained
-# tensor) before every optimizer step; metrics are averaged; only rank 0 prints and writes files. Without torchrun
-# (no WORLD_SIZE in the environment) rank = 0, world = 1 and every function below does nothing.
-
-def init_distributed(device):
-    """-> (rank, world, device). NCCL on GPUs (one per rank: cuda:LOCAL_RANK), gloo on CPU."""
-    import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    cuda = device != "cpu" and torch.cuda.is_available()
-    if cuda:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if dist.get_rank() > 0:
-        sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
-    return dist.get_rank(), world, device
-
-
-def average_gradients(params):
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
-        work.wait()
-    for p in params:
-        p.grad /= dist.get_world_size()
-
-
-def mean_over_ranks(stats):
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return stats
-    t = torch.tensor(list(stats.values()), dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return dict(zip(stats, (t / dist.get_world_size()).tolist()))
-
-
-def ranks_in_sync(params):
-    """True when every rank holds the same trained weights (compares a fingerprint of them across ranks)."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return True
-    fp = torch.stack([torch.stack([p.detach().sum(dtype=torch.float64), p.detach().abs().sum(dtype=torch.float64)])
-                      for p in params])  # (n_params, 2), one tensor at a time: no copy of all the weights
-    fp = fp.cuda() if dist.get_backend() == "nccl" else fp.cpu()
-    everyone = [torch.zeros_like(fp) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, fp)
-    return all(torch.equal(everyone[0], x) for x in everyone)
-
-
-def barrier():
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Hydra-SFT: one decoder pass over [prompt+chosen ; prompt+rejected] feeds both heads.
 #   loss = lm_coef * CE(chosen response tokens) + rm_coef * -log sigmoid(r_chosen - r_rejected)
-
-def sft_batch(tok, pairs, cfg, with_rejected):
-    """Rows [0, n): prompt + chosen; rows [n, 2n): prompt + rejected (when with_rejected)."""
-    prompts = [encode_prompt(tok, p["prompt"], cfg.max_prompt_len, cfg.chat_template) for p in pairs]
-    responses = [encode_response(tok, p["chosen"], cfg.max_response_len, cfg.chat_template) for p in pairs]
-    if with_rejected:
-        prompts = prompts + prompts
-        responses = responses + [encode_response(tok, p["rejected"], cfg.max_response_len, cfg.chat_template)
-                                 for p in pairs]
-    return collate(prompts, responses, tok.pad_token_id)
-
 
 def sft_loss(model, ids, mask, P, n, lm_coef, rm_coef):
     """-> (loss, stats). n = number of pairs; rows beyond n are the rejected responses."""
@@ -801,130 +308,8 @@ def sft_loss(model, ids, mask, P, n, lm_coef, rm_coef):
     return loss, stats
 
 
-@torch.no_grad()
-def evaluate_sft(model, tok, pairs, cfg, device, autocast):
-    """Held-out LM loss (token-weighted) on chosen responses and reward-model pairwise accuracy; only what cfg.task
-    trained (an untrained reward head's accuracy is noise around 0.5, not a result)."""
-    model.eval()
-    lm_sum = lm_tokens = correct = 0.0
-    for i in range(0, len(pairs), cfg.eval_batch_size):
-        chunk = pairs[i:i + cfg.eval_batch_size]
-        ids, mask, P = (t.to(device) if torch.is_tensor(t) else t for t in sft_batch(tok, chunk, cfg, True))
-        n = len(chunk)
-        with autocast():
-            h = model(ids, mask)
-            lp = model.logprobs(h[:n], ids[:n], P)
-            r = model.score(h, mask)
-        lm_sum += -(lp * mask[:n, P:]).sum().item()
-        lm_tokens += mask[:n, P:].sum().item()
-        correct += (r[:n] > r[n:]).sum().item()
-    metrics = dict(lm_loss=lm_sum / lm_tokens, rm_acc=correct / len(pairs))
-    trained = dict(hydra=("lm_loss", "rm_acc"), sft=("lm_loss",), rm=("rm_acc",))[cfg.task]
-    return {k: metrics[k] for k in trained}
-
-
-def sft(cfg: SFTConfig):
-    validate(cfg)
-    rank, world, device_name = init_distributed(cfg.device)
-    device, dtype, autocast = setup_device(device_name)
-    check(cfg.batch_size % cfg.micro_batch_size == 0,
-          f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
-    check(cfg.max_prompt_len > 0 and cfg.max_response_len > 1, "--max-prompt-len must be > 0, --max-response-len > 1")
-    check(not (cfg.save_every and cfg.lora_r), "--save-every saves full fine-tuning checkpoints; with --lora-r the "
-                                               "adapter is merged into the model only at the end")
-    if rank == 0:
-        claim_out(cfg.out, cfg.overwrite)
-    pairs = load_pairs(cfg.data)
-    train, held_out = split_pairs(pairs, cfg.eval_frac, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    tiny = cfg.model in ("tiny", "tiny-opt")
-    if tiny:
-        texts = [p[k] if isinstance(p[k], str) else hh_text(p[k])  # a conversational prompt: messages
-                 for p in pairs for k in ("prompt", "chosen", "rejected")]
-        lm, tok = build_tiny(cfg.model, texts, cfg.seed, device)
-    else:  # full fine-tuning keeps fp32 master weights (bf16 autocast does the math); LoRA trains on a bf16 trunk
-        lm, tok = load_lm(cfg.model, device, dtype if cfg.lora_r else torch.float32)
-    cut_prompts, cut_responses = count_truncated(tok, pairs, cfg)
-    print(f"truncated: {cut_prompts} of {len(pairs)} prompts (to their last --max-prompt-len {cfg.max_prompt_len} "
-          f"tokens), {cut_responses} of {2 * len(pairs)} responses (to --max-response-len {cfg.max_response_len} "
-          f"tokens, no EOS)")
-    model = HydraModel(lm)
-    lm_coef = 0.0 if cfg.task == "rm" else cfg.lm_coef
-    rm_coef = 0.0 if cfg.task == "sft" else cfg.rm_coef
-    if cfg.lora_r:
-        add_adapter(model.lm, cfg)  # freezes everything else in the LM
-    if not rm_coef:
-        model.reward_head.requires_grad_(False)
-    model.value_head.requires_grad_(False)  # PPO's head; SFT leaves it alone
-    if cfg.grad_checkpointing:
-        checkpointing_on(model.lm)
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr = cfg.lr or (1e-3 if tiny else 1e-5)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * world)))  # global batch
-    os.makedirs(cfg.out, exist_ok=True)
-    # The prompt format goes with the checkpoint: ppo refuses to use it with another one.
-    meta = dict(task=cfg.task, base_model=cfg.model, chat_template=cfg.chat_template, max_prompt_len=cfg.max_prompt_len,
-                max_response_len=cfg.max_response_len)
-
-    rng = random.Random(cfg.seed)
-    order, step, saved = [], 0, 0
-    t0 = time.time()
-    model.train()
-
-    def stopped():  # Ctrl-C: where the run was, and what it kept
-        return f"at step {step} of {steps}; " + (f"{cfg.out} holds the checkpoint of step {saved}" if saved else
-                                                 "nothing saved yet (--save-every N saves a long run every N steps)")
-    with on_interrupt(stopped), \
-            open(os.path.join(cfg.out, "metrics.jsonl") if rank == 0 else os.devnull, "w") as log, \
-            tqdm(range(1, steps + 1), desc=f"sft ({cfg.task})", dynamic_ncols=True, disable=rank > 0) as bar:
-        for step in bar:
-            stats = {}
-            for _ in range(cfg.batch_size // cfg.micro_batch_size):  # gradient accumulation
-                n = cfg.micro_batch_size * world
-                while len(order) < n:  # an endless shuffled stream over the training pairs
-                    order += rng.sample(range(len(train)), len(train))
-                chunk, order = [train[i] for i in order[:n]][rank::world], order[n:]  # this rank's shard
-                ids, mask, P = sft_batch(tok, chunk, cfg, with_rejected=bool(rm_coef))
-                with autocast():
-                    loss, s = sft_loss(model, ids.to(device), mask.to(device), P, len(chunk), lm_coef, rm_coef)
-                (loss * cfg.micro_batch_size / cfg.batch_size).backward()
-                for k, v in s.items():
-                    stats[k] = stats.get(k, 0.0) + v * cfg.micro_batch_size / cfg.batch_size
-            average_gradients(params)  # data parallel (no-op in one process)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            stats = mean_over_ranks(stats)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()}, refresh=False)
-            if step % cfg.log_every == 0 or step == steps:
-                log_line(log, dict(step=step, **stats, grad_norm=grad_norm, lr=lr, time=time.time() - t0))
-            if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-                with uninterrupted():
-                    if rank == 0:
-                        save_checkpoint(cfg.out, model, tok, meta)
-                    saved = step
-
-    if cfg.lora_r:  # the checkpoint is a plain transformers model again (rounded to the trunk's dtype: bf16 on CUDA)
-        merge_lora(model.lm, "default")
-    if rank == 0:  # saved before evaluating: a failure there loses no training
-        with uninterrupted():
-            save_checkpoint(cfg.out, model, tok, meta)
-    metrics = evaluate_sft(model, tok, held_out, cfg, device, autocast)  # of exactly the model that is saved
-    print(f"held-out ({len(held_out)} pairs): " + ", ".join(
-        f"LM loss {v:.3f}" if k == "lm_loss" else f"reward-model pairwise accuracy {v:.3f}" for k, v in metrics.items()))
-    summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=len(train), held_out_pairs=len(held_out),
-                   **{"held_out_" + k: v for k, v in metrics.items()}, truncated_prompts=cut_prompts,
-                   truncated_responses=cut_responses, world_size=world, time_s=time.time() - t0, config=asdict(cfg))
-    if rank == 0:
-        write_json(os.path.join(cfg.out, "summary.json"), summary)
-    barrier()  # the other ranks may load this checkpoint next (the pipeline's PPO stage)
-    print(f"saved checkpoint to {cfg.out}")
-    return summary
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# PPO building blocks: small pure functions on (B, R) tensors; `mask` is 1 on real response tokens (right-padded).
+# PPO maths: small pure functions on (B, R) tensors; `mask` is 1 on real response tokens (right-padded).
 
 def masked_whiten(x, mask, shift_mean=True):
     """(x - mean) / std over the real tokens; shift_mean=False adds the mean back (scales, keeps the sign of the mean)."""
@@ -992,7 +377,9 @@ def update_kl_coef(beta, kl, target, n, horizon):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The five PPO configurations (paper, Table 2). A role is (trunk, adapter, head); adapter None means LoRA off.
+# The five PPO configurations (paper, Table 2). Four roles: actor, critic, ref (the reference policy) and rm (the
+# reward model). A role is (trunk, adapter, head); adapter None means no adapter: LoRA off on a LoRA trunk, or in full
+# mode a whole model (trained for the actor and the critic, frozen for ref and rm).
 #
 #   mode     static models  LoRA sets  actor               critic                reference        reward model
 #   full     4              0          SFT copy, trained   RM copy, trained      frozen SFT copy  frozen RM copy
@@ -1003,52 +390,49 @@ def update_kl_coef(beta, kl, target, n, horizon):
 
 class Role(typing.NamedTuple):
     model: HydraModel
-    adapter: typing.Optional[str]  # None: LoRA off (the frozen checkpoint itself)
-    head: str                      # "lm" | "value" | "reward"
+    adapter: typing.Optional[str]  # None: no adapter (LoRA off; in full mode the whole model, maybe trained)
+    head: str                      # "lm" | "value" | "reward" (the reward head)
+
+
+def add_adapter(lm, cfg, adapter="default"):
+    """add_lora with the run's rank, alpha and --lora-targets; a one-line error when no layer matches."""
+    targets = tuple(t.strip() for t in cfg.lora_targets.split(",")) if cfg.lora_targets else DEFAULT_TARGETS
+    try:
+        return add_lora(lm, targets, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
+    except ValueError as e:
+        raise UserError(f"{e} (--lora-targets)") from None
 
 
 def build_roles(cfg, load):
-    """-> roles: exactly the models that cfg.mode holds. load(which, trained) returns a new, frozen HydraModel of
-    the "sft" or "rm" checkpoint (the benchmark passes a loader of random-init models instead)."""
+    """-> {actor, critic, ref, rm: Role}: exactly the models that cfg.mode holds. load(which, trained) returns a new,
+    frozen HydraModel of the "sft" or "rm" checkpoint (the benchmark passes a loader of random-init models instead)."""
     def lora(model, adapter):
         add_adapter(model.lm, cfg, adapter)
 
     sft_model = load("sft", trained=cfg.mode == "full")
     if cfg.mode in ("hydra", "jhydra"):
-        m = sft_model
+        model = sft_model  # one trunk: LoRA off is the reference and the reward model
         a, c = ("actor", "critic") if cfg.mode == "hydra" else ("shared", "shared")
-        lora(m, a)
+        lora(model, a)
         if c != a:
-            lora(m, c)
-        roles = dict(actor=Role(m, a, "lm"), critic=Role(m, c, "value"), ref=Role(m, None, "lm"),
-                     reward=Role(m, None, "reward"))
+            lora(model, c)
+        roles = dict(actor=Role(model, a, "lm"), critic=Role(model, c, "value"), ref=Role(model, None, "lm"),
+                     rm=Role(model, None, "reward"))
     else:
         rm_model = load("rm", trained=cfg.mode == "full")
         if cfg.mode == "full":
             roles = dict(actor=Role(sft_model, None, "lm"), critic=Role(rm_model, None, "value"),
-                         ref=Role(load("sft", False), None, "lm"), reward=Role(load("rm", False), None, "reward"))
+                         ref=Role(load("sft", False), None, "lm"), rm=Role(load("rm", False), None, "reward"))
         else:
             lora(sft_model, "actor")
             lora(rm_model, "critic")
             ref = sft_model if cfg.mode == "dlora" else load("sft", False)   # dynamic LoRA: LoRA off is the reference
-            reward = rm_model if cfg.mode == "dlora" else load("rm", False)  # ... and the reward model
+            rm = rm_model if cfg.mode == "dlora" else load("rm", False)     # ... and the reward model
             roles = dict(actor=Role(sft_model, "actor", "lm"), critic=Role(rm_model, "critic", "value"),
-                         ref=Role(ref, None, "lm"), reward=Role(reward, None, "reward"))
+                         ref=Role(ref, None, "lm"), rm=Role(rm, None, "reward"))
     critic = roles["critic"].model
     critic.value_head.load_state_dict(critic.reward_head.state_dict())  # the critic starts from the reward model
     return roles
-
-
-def checkpoint_loader(cfg, device, dtype):
-    """build_roles' loader for real runs: full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`,
-    except in full mode, where the frozen reference and reward model are fp32 copies too: a bf16 copy computes
-    differently from the fp32 actor under autocast (norms, residuals), and KL at step 1 must be exactly 0."""
-    def load(which, trained):
-        path = cfg.sft if which == "sft" else cfg.rm
-        fp32 = trained or cfg.mode == "full"
-        model = load_checkpoint(path, device, torch.float32 if fp32 else dtype, dropout=False)[0]
-        return model.requires_grad_(False)
-    return load
 
 
 # PPO learning rates (actor, critic) where --actor-lr / --critic-lr are 0. LoRA trains a few new weights from zero:
@@ -1078,6 +462,18 @@ def trainable_groups(roles, cfg):
     return [dict(params=a, lr=actor_lr), dict(params=c, lr=critic_lr)]
 
 
+def setup_ppo(cfg, load):
+    """-> roles, optimizer, trained parameters. LoRA's A init draws from the seeded RNG."""
+    torch.manual_seed(cfg.seed)
+    roles = build_roles(cfg, load)
+    groups = trainable_groups(roles, cfg)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    if cfg.grad_checkpointing:
+        for r in (roles["actor"], roles["critic"]):
+            checkpointing_on(r.model.lm)
+    return roles, opt, [p for g in groups for p in g["params"]]
+
+
 def adapter_on(role):
     return use_adapter(role.model, role.adapter) if role.adapter else lora_off(role.model)
 
@@ -1103,7 +499,7 @@ def models_of(roles):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Rollout, scoring and the update
+# Sampling
 
 @torch.no_grad()
 def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
@@ -1136,10 +532,29 @@ def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0
     return torch.cat([prompt_ids, resp], 1), torch.cat([prompt_mask, resp_mask], 1), has_eos
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# One PPO iteration. ppo_step, at the end of this section, runs the five steps in order:
+#   1 sample (generate)  2 score (score_rollout)  3 KL-shaped rewards, 4 GAE (rewards_and_advantages)  5 update
+# (ppo_update -> optimizer_step -> actor_critic_loss). Tensors of the rollout: ids, mask (B, P+R) in the token
+# layout above; resp_mask (B, R) 1 on response tokens up to EOS; per-token logprobs, ref_logprobs, values (B, R);
+# score (B,), the reward model's.
+
+class Clock:
+    """Seconds since the last call (CUDA work is asynchronous: synchronize before reading the time)."""
+    def __init__(self, device):
+        self.device, self.t = device, time.perf_counter()
+
+    def __call__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t, self.t = self.t, time.perf_counter()
+        return self.t - t
+
+
 @torch.no_grad()
 def score_rollout(roles, ids, mask, P, chunk, autocast, temperature=1.0):
-    """Step 2: old log-probs (actor), reference log-probs, values (critic) and the reward-model score, in chunks
-    of `chunk` rows. -> dict of (B, R) tensors and 'reward' (B,)."""
+    """Step 2: every role's head on the rollout, in chunks of `chunk` rows, one decoder pass per (trunk, adapter)
+    (see passes). -> {role name: (B, R) log-probs (actor, ref) or values (critic), (B,) score (rm)}."""
     out = {n: [] for n in roles}
     for i in range(0, ids.shape[0], chunk):
         ids_c, mask_c = ids[i:i + chunk], mask[i:i + chunk]
@@ -1149,98 +564,6 @@ def score_rollout(roles, ids, mask, P, chunk, autocast, temperature=1.0):
                 for n in names:
                     out[n].append(read_head(roles[n], h, ids_c, mask_c, P, temperature).float())
     return {n: torch.cat(v) for n, v in out.items()}
-
-
-def one_pass(cfg, B=None):
-    """The paper's setting: 1 PPO epoch and one optimizer step from one forward pass over the whole rollout batch
-    of B rows (minibatch = micro-batch = batch). That forward runs at theta_old, so its own outputs, detached, are
-    the old log-probs (and, where the critic shares the actor's pass, the old values): step 2 skips that pass and
-    steps 3-4 run inside the update. Exact, not an approximation: the ratio is 1 by construction."""
-    B = cfg.batch_size if B is None else B
-    return cfg.ppo_epochs == 1 and B <= min(cfg.minibatch_size, cfg.micro_batch_size)
-
-
-def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
-    """Step 5: ppo_epochs over shuffled minibatches (one optimizer step each) with gradient accumulation over
-    micro-batches. -> a list of stats dicts, one per minibatch, in order. In the one_pass setting the batch comes
-    without old log-probs: the actor's forward here supplies them, then steps 3-4 run (their stats are returned too)."""
-    ids, mask, P = batch["ids"], batch["mask"], batch["P"]
-    B = ids.shape[0]
-    for m in models_of(roles):
-        m.train()  # dropout is off everywhere; in transformers, train() is what turns checkpointing on
-    all_stats = []
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=generator).to(ids.device)
-        for mb in perm.split(cfg.minibatch_size):
-            stats = {}
-            for idx in mb.split(cfg.micro_batch_size):
-                weight = len(idx) / len(mb)
-                m = batch["resp_mask"][idx]  # (b, R)
-                for role, names in passes(roles, ("actor", "critic")):  # 2 passes (1 in jhydra)
-                    # backward() inside the adapter context: gradient checkpointing recomputes with this adapter
-                    with adapter_on(role):
-                        with autocast():
-                            h = role.model(ids[idx], mask[idx])
-                            loss, s = 0.0, {}
-                            if "actor" in names:
-                                logprobs, entropy = role.model.logprobs(h, ids[idx], P, entropy=True,
-                                                                        temperature=cfg.temperature)
-                                logprobs = logprobs.float()
-                            if "critic" in names:
-                                vpred = role.model.values(h, P)
-                            if "advantages" not in batch:  # one_pass: this forward is at theta_old
-                                assert len(idx) == B, "one_pass needs one forward over the whole batch"
-                                batch["logprobs"] = torch.empty_like(logprobs).index_copy(0, idx, logprobs.detach())
-                                if "critic" in names:  # jhydra: the values come from the same pass
-                                    batch["values"] = torch.empty_like(vpred).index_copy(0, idx, vpred.detach())
-                                s.update(rewards_and_advantages(batch, cfg))  # steps 3-4
-                            if "actor" in names:
-                                pg_loss, s2 = ppo_policy_loss(logprobs, batch["logprobs"][idx],
-                                                              batch["advantages"][idx], m, cfg.cliprange)
-                                s.update(s2, entropy=masked_mean(entropy, m).item())
-                                loss = loss + pg_loss
-                            if "critic" in names:
-                                vf_loss, s2 = ppo_value_loss(vpred, batch["values"][idx], batch["returns"][idx], m,
-                                                             cfg.cliprange_value)
-                                s.update(s2)
-                                loss = loss + cfg.vf_coef * vf_loss
-                        (loss * weight).backward()
-                    for k, v in s.items():
-                        stats[k] = stats.get(k, 0.0) + v * weight
-            average_gradients(params)  # data parallel (no-op in one process)
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-            stats["skipped"] = float(not math.isfinite(stats["grad_norm"]))  # NaN/inf loss or gradient
-            if not stats["skipped"]:
-                opt.step()  # never step with a non-finite gradient: the parameters stay good
-            opt.zero_grad(set_to_none=True)
-            all_stats.append(stats)
-    return all_stats
-
-
-def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens=0):
-    """Steps 1-4 for one batch of left-padded prompts (B, P). -> batch dict (tensors for the update), stats.
-    In the one_pass setting steps 3-4 wait for the update, whose forward gives the old log-probs."""
-    device, clock = p_ids.device, Clock(p_ids.device)
-    for m in models_of(roles):
-        m.eval()
-    # 1. Rollout: sample responses from the actor.
-    with autocast():
-        ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
-                                      cfg.top_k, cfg.top_p, min_new_tokens=min_new_tokens, fold=cfg.fold_lora)
-    P = p_ids.shape[1]
-    t_generate = clock()
-    # 2. Score: old and reference log-probs, values, and the reward model's score at the last response token.
-    #    one_pass: the update's first forward gives the old log-probs (and values, if in the same pass): skip it here.
-    later = passes(roles, ("actor", "critic"))[0][1] if one_pass(cfg, ids.shape[0]) else []
-    s = score_rollout({n: r for n, r in roles.items() if n not in later}, ids, mask, P, cfg.micro_batch_size,
-                      autocast, cfg.temperature)
-    batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=beta,
-                 resp_mask=mask[:, P:].float(),  # (B, R) 1 on response tokens up to EOS
-                 ref_logprobs=s["ref"], score=s["reward"], logprobs=s.get("actor"), values=s.get("critic"))
-    stats = dict(time_generate=t_generate, time_score=clock())
-    if not later:
-        stats.update(rewards_and_advantages(batch, cfg))
-    return batch, stats
 
 
 def rewards_and_advantages(batch, cfg):
@@ -1266,27 +589,787 @@ def rewards_and_advantages(batch, cfg):
                 explained_var=explained_variance(values, returns, resp_mask))
 
 
+def one_pass(cfg, B=None):
+    """The fast path of the paper's setting: 1 PPO epoch and one optimizer step from one forward pass over the whole
+    rollout batch of B rows (minibatch = micro-batch = batch). That forward runs at theta_old, so its own outputs,
+    detached, are the old log-probs (and, where the critic shares the actor's pass, the old values): step 2 skips
+    that pass and steps 3-4 run inside the update (old_from_this_pass). Exact, not an approximation: the ratio is 1
+    by construction. It saves one decoder pass per iteration."""
+    B = cfg.batch_size if B is None else B
+    return cfg.ppo_epochs == 1 and B <= min(cfg.minibatch_size, cfg.micro_batch_size)
+
+
+def old_from_this_pass(batch, idx, logprobs, values, cfg):
+    """The one_pass fast path, at the update's first forward (theta_old): its detached outputs become the old
+    log-probs (and the old values where the critic shares the pass: jhydra), then steps 3-4 run. -> their stats."""
+    assert len(idx) == batch["ids"].shape[0], "one_pass needs one forward over the whole batch"
+    batch["logprobs"] = torch.empty_like(logprobs).index_copy(0, idx, logprobs.detach())
+    if values is not None:
+        batch["values"] = torch.empty_like(values).index_copy(0, idx, values.detach())
+    return rewards_and_advantages(batch, cfg)
+
+
+def actor_critic_loss(role, names, batch, idx, cfg, autocast):
+    """Step 5 on the rows `idx` for the roles in `names` that share `role`'s decoder pass (the actor, the critic, or
+    both in jhydra): one forward, then pg_loss (actor) + vf_coef * vf_loss (critic). -> (loss, stats)."""
+    ids, mask, P = batch["ids"][idx], batch["mask"][idx], batch["P"]
+    resp_mask = batch["resp_mask"][idx]  # (b, R)
+    loss, stats = 0.0, {}
+    with autocast():
+        h = role.model(ids, mask)  # (b, P+R, H)
+        if "actor" in names:
+            logprobs, entropy = role.model.logprobs(h, ids, P, entropy=True, temperature=cfg.temperature)
+            logprobs = logprobs.float()  # (b, R)
+        if "critic" in names:
+            vpred = role.model.values(h, P)  # (b, R)
+        if "advantages" not in batch:  # one_pass fast path: this forward is at theta_old (it saves a pass in step 2)
+            stats.update(old_from_this_pass(batch, idx, logprobs, vpred if "critic" in names else None, cfg))
+        if "actor" in names:
+            pg_loss, s = ppo_policy_loss(logprobs, batch["logprobs"][idx], batch["advantages"][idx], resp_mask,
+                                         cfg.cliprange)
+            stats.update(s, entropy=masked_mean(entropy, resp_mask).item())
+            loss = loss + pg_loss
+        if "critic" in names:
+            vf_loss, s = ppo_value_loss(vpred, batch["values"][idx], batch["returns"][idx], resp_mask,
+                                        cfg.cliprange_value)
+            stats.update(s)
+            loss = loss + cfg.vf_coef * vf_loss
+    return loss, stats
+
+
+def average_gradients(params):
+    """Data parallel (torchrun, Part II): the mean of every trained gradient over the ranks. No-op in one process."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:
+        work.wait()
+    for p in params:
+        p.grad /= dist.get_world_size()
+
+
+def optimizer_step(roles, opt, params, batch, mb, cfg, autocast):
+    """One optimizer step on the minibatch `mb` (row indices), gradients accumulated over its micro-batches."""
+    stats = {}
+    for idx in mb.split(cfg.micro_batch_size):
+        weight = len(idx) / len(mb)
+        for role, names in passes(roles, ("actor", "critic")):  # 2 passes (1 in jhydra)
+            with adapter_on(role):  # backward() inside: gradient checkpointing recomputes with this adapter on
+                loss, s = actor_critic_loss(role, names, batch, idx, cfg, autocast)
+                (loss * weight).backward()
+            for k, v in s.items():
+                stats[k] = stats.get(k, 0.0) + v * weight
+    average_gradients(params)  # data parallel (no-op in one process)
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+    stats["skipped"] = float(not math.isfinite(stats["grad_norm"]))  # NaN/inf loss or gradient
+    if not stats["skipped"]:
+        opt.step()  # never step with a non-finite gradient: the parameters stay good
+    opt.zero_grad(set_to_none=True)
+    return stats
+
+
+def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
+    """Step 5: ppo_epochs over shuffled minibatches, one optimizer step each. -> list of stats dicts, one per
+    minibatch, in order. On the one_pass fast path the batch comes without old log-probs: the first forward supplies
+    them, then steps 3-4 run (their stats are returned too)."""
+    for model in models_of(roles):
+        model.train()  # dropout is off everywhere; in transformers, train() is what turns checkpointing on
+    all_stats = []
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(batch["ids"].shape[0], generator=generator).to(batch["ids"].device)
+        for mb in perm.split(cfg.minibatch_size):
+            all_stats.append(optimizer_step(roles, opt, params, batch, mb, cfg, autocast))
+    return all_stats
+
+
 def ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, generator, min_new_tokens=0):
-    """One PPO iteration on a batch of prompts: steps 1-4 (rollout_batch), then step 5 (ppo_update).
-    -> batch, stats (the update's averaged over its minibatches, and the time of each phase)."""
-    batch, stats = rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens)
+    """One PPO iteration on a batch of left-padded prompts (B, P): the five steps, in order. -> batch (the rollout's
+    tensors), stats (the update's averaged over its minibatches, and the time of each phase). With opt None it
+    stops after step 4 (rollout_batch)."""
     clock = Clock(p_ids.device)
+    for model in models_of(roles):
+        model.eval()
+    # 1. Sample responses from the actor (its adapter on; --fold-lora: folded into a copy of the weights).
+    with autocast():
+        ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
+                                      cfg.top_k, cfg.top_p, min_new_tokens=min_new_tokens, fold=cfg.fold_lora)
+    P = p_ids.shape[1]
+    stats = dict(time_generate=clock())
+    # 2. Score: old log-probs (actor) and values (critic), each with its adapter; the reference log-probs and the
+    #    reward-model score with LoRA off: one shared pass in hydra, jhydra (dlora: two; lora, full: frozen copies).
+    #    one_pass fast path: the update's own first forward gives the actor's outputs, so that pass is skipped here.
+    fast = one_pass(cfg, ids.shape[0])
+    from_update = passes(roles, ("actor", "critic"))[0][1] if fast else []  # ["actor"], or ["actor", "critic"]
+    scored = score_rollout({n: r for n, r in roles.items() if n not in from_update}, ids, mask, P,
+                           cfg.micro_batch_size, autocast, cfg.temperature)
+    batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=beta,
+                 resp_mask=mask[:, P:].float(),  # (B, R) 1 on response tokens up to EOS
+                 ref_logprobs=scored["ref"], score=scored["rm"], logprobs=scored.get("actor"),
+                 values=scored.get("critic"))
+    stats["time_score"] = clock()
+    # 3. KL-shaped rewards, 4. GAE advantages (one_pass fast path: inside step 5, after its first forward).
+    if not fast:
+        stats.update(rewards_and_advantages(batch, cfg))
+    if opt is None:  # rollout_batch: steps 1-4 only
+        return batch, stats
+    # 5. Update: ppo_epochs over minibatches, clipped policy and value losses.
+    clock()  # (steps 3-4 are not timed)
     mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)
     stats["time_update"] = clock()
     stats.update({k: sum(s[k] for s in mb_stats if k in s) / len(mb_stats) for k in mb_stats[0]})
     return batch, stats
 
 
-class Clock:
-    """Seconds since the last call (CUDA work is asynchronous: synchronize before reading the time)."""
-    def __init__(self, device):
-        self.device, self.t = device, time.perf_counter()
+# ================================================================================================================
+# PART II: RUNNING IT FOR REAL
+# ================================================================================================================
 
-    def __call__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t, self.t = self.t, time.perf_counter()
-        return self.t - t
+# ----------------------------------------------------------------------------------------------------------------
+# Flags: parsed from the config dataclasses, checked against the ranges declared beside each field.
+
+def parse_config(cls, argv, prog):
+    p = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(message):  # argparse prints the usage and the error; one line is enough, --help has the rest
+        raise UserError(f"{prog}: {message} (see --help)")
+    p.error = error
+    for f in fields(cls):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta.get("choices"))
+    return cls(**vars(p.parse_args(argv)))
+
+
+BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def validate(cfg):
+    """Every flag of a config against the range declared beside its field, before anything is loaded or written:
+    a bad one stops the command with one line naming the flag and what it allows. (Checks that need files, such
+    as whether --sft is a checkpoint, come later, still before any training.)"""
+    for f in fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        for key, (sign, ok) in BOUNDS.items():
+            if key in f.metadata:  # asked as "is it in range", so that NaN fails too
+                check(ok(value, f.metadata[key]), f"{flag} {value}: must be {sign} {f.metadata[key]}")
+        if "divides" in f.metadata:
+            whole = getattr(cfg, f.metadata["divides"])
+            check(whole % value == 0, f"--{f.metadata['divides'].replace('_', '-')} {whole} must be a multiple of "
+                                      f"{flag} {value}")
+    if getattr(cfg, "device", "auto") != "auto":
+        try:
+            device = torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            device = None
+        check(device is not None and device.type in ("cpu", "cuda"),
+              f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
+        check(device.type == "cpu" or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()),
+              f"--device {cfg.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text to tokens: prompts (plain, HH transcripts, chat messages) and responses, in the token layout of Part I.
+
+HH_MARKER = "\n\nAssistant:"
+
+
+def hh_text(messages):
+    """Messages as an HH transcript for a model without a chat template: "\n\nHuman: ...\n\nAssistant:"."""
+    names = dict(user="Human", assistant="Assistant")
+    return "".join(f"\n\n{names.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages) + HH_MARKER
+
+
+def to_messages(prompt):
+    """An HH transcript ("\n\nHuman: ...\n\nAssistant: ...\n\nAssistant:") as chat turns; other text: one user turn."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)  # [before, role, text, role, text, ...]
+    if len(parts) < 3:
+        return [dict(role="user", content=prompt.strip())]
+    turns = [dict(role="user" if r == "Human" else "assistant", content=t.strip())
+             for r, t in zip(parts[1::2], parts[2::2])]
+    return turns[:-1] if turns[-1] == dict(role="assistant", content="") else turns  # the open turn is generated
+
+
+def chat_ids(tok, messages):
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
+
+
+def encode_chat(tok, messages, max_len):
+    """The conversation through the chat template, cut to max_len tokens without cutting the template's own
+    tokens (a prompt that lost its <|im_start|> is not one the chat model was trained on): the oldest turns go first
+    (a system message stays), then the oldest remaining turn loses text from its start."""
+    check(getattr(tok, "chat_template", None), "--chat-template: this tokenizer has no chat template")
+    n_system = 1 if messages[0]["role"] == "system" else 0
+    system, turns = messages[:n_system], messages[n_system:]
+    ids = chat_ids(tok, system + turns)
+    while len(ids) > max_len and len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":  # templates expect a user turn first
+            turns = turns[1:]
+        ids = chat_ids(tok, system + turns)
+    if len(ids) <= max_len:
+        return ids
+    last = turns[0]  # still too long with one turn left: cut its text
+    own = len(chat_ids(tok, system + [dict(last, content="")]))  # the template's tokens around the text
+    check(own < max_len, f"--max-prompt-len {max_len} is shorter than the chat template's own {own} tokens")
+    text = tok(last["content"], add_special_tokens=False)["input_ids"]
+    for keep in range(max_len - own, 0, -1):  # decoding and re-encoding can merge tokens differently: re-check
+        ids = chat_ids(tok, system + [dict(last, content=tok.decode(text[-keep:]))])
+        if len(ids) <= max_len:
+            return ids
+    raise UserError(f"--max-prompt-len {max_len} leaves no room for the conversation's text")
+
+
+def encode_prompt(tok, prompt, max_len, chat=False):
+    """A prompt (text, or a list of {role, content} messages from conversational data) -> at most max_len ids.
+    A long prompt keeps its end: it is what the response answers."""
+    if chat:
+        ids = encode_chat(tok, prompt if isinstance(prompt, list) else to_messages(prompt), max_len)
+    else:
+        text = prompt if isinstance(prompt, str) else hh_text(prompt)
+        ids = tok(text)["input_ids"][-max_len:]  # with the tokenizer's BOS, if it adds one
+    check(ids, f"the prompt {str(prompt)[:50]!r} tokenizes to nothing")
+    return ids
+
+
+def encode_response(tok, text, max_len, chat=False):
+    """-> at most max_len ids: the response and its EOS, or, when that does not fit, its first max_len tokens and no
+    EOS (an EOS after a cut would teach the model to stop mid-sentence). With a chat template the text loses its
+    leading space: HH's "Assistant: text" has one, but after the template's assistant header the chat model writes
+    "text" (SmolLM2: log-prob of the first token -11 with the space, -2 without)."""
+    ids = tok(text.lstrip() if chat else text, add_special_tokens=False)["input_ids"]
+    return ids + [tok.eos_token_id] if len(ids) < max_len else ids[:max_len]
+
+
+def prompt_batch(tok, prompts, cfg, device):
+    """Prompt strings -> left-padded ids (B, P) and mask (B, P) on `device`, as generation expects."""
+    ids, mask = pad([encode_prompt(tok, p, cfg.max_prompt_len, cfg.chat_template) for p in prompts],
+                    tok.pad_token_id, "left")
+    return ids.to(device), mask.to(device)
+
+
+def decode_responses(tok, ids, mask, P):
+    """The response part (columns P:) of each row as text, padding and special tokens dropped."""
+    return tok.batch_decode(ids[:, P:].masked_fill(mask[:, P:] == 0, tok.pad_token_id), skip_special_tokens=True)
+
+
+def count_truncated(tok, pairs, cfg):
+    """How many prompts and responses (chosen and rejected) of `pairs` encode_prompt / encode_response cut."""
+    prompts = sum(len(encode_prompt(tok, p["prompt"], 10 ** 9, cfg.chat_template)) > cfg.max_prompt_len
+                  for p in pairs)
+    responses = sum(encode_response(tok, p[k], cfg.max_response_len, cfg.chat_template)[-1] != tok.eos_token_id
+                    for p in pairs for k in ("chosen", "rejected"))  # a cut response ends without its EOS
+    return prompts, responses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preference data: JSONL, one pair per line; the built-in demo task.
+
+def from_conversation(row, where):
+    """TRL's conversational preference format -> {prompt: messages, chosen: text, rejected: text}. `chosen` and
+    `rejected` are lists of {role, content} messages ending in one assistant message; the prompt is the `prompt`
+    list, or, without one, the messages both share. The prompt stays a list of messages (a chat template formats
+    it as such; without one, hh_text writes it as an HH transcript); the replies become HH-style " text"."""
+    for k in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
+        check(k in row, f"{where}: missing field {k!r}")
+        check(isinstance(row[k], list) and row[k] and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in row[k]), f"{where}: field {k!r} is not a list of {{role, content}} messages")
+    if "prompt" in row:
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    else:  # implicit prompt: the messages before the first difference
+        n = 0
+        while n < min(len(row["chosen"]), len(row["rejected"])) and row["chosen"][n] == row["rejected"][n]:
+            n += 1
+        check(n > 0, f"{where}: 'chosen' and 'rejected' share no prompt message (and there is no 'prompt' field)")
+        prompt, chosen, rejected = row["chosen"][:n], row["chosen"][n:], row["rejected"][n:]
+    for k, reply in (("chosen", chosen), ("rejected", rejected)):
+        check(len(reply) == 1 and reply[0]["role"] == "assistant" and reply[0]["content"].strip(),
+              f"{where}: {k!r} must be one non-empty assistant message after the prompt")
+    reply = lambda messages: " " + messages[0]["content"].lstrip()
+    return dict(prompt=prompt, chosen=reply(chosen), rejected=reply(rejected))
+
+
+def load_pairs(path):
+    """-> list of {prompt, chosen, rejected}. Accepts {prompt, chosen, rejected} or Anthropic HH {chosen, rejected}
+    (whole transcripts; split at the last "\\n\\nAssistant:", which stays in the prompt), and TRL's conversational
+    format (lists of {role, content} messages, see from_conversation)."""
+    check(not os.path.isdir(path), f"{path}: a folder, not a JSONL file")
+    check(os.path.isfile(path), f"{path}: no such file")
+    pairs = []
+    with open(path, "rb") as fh:  # bytes, so a line that is not UTF-8 can be named
+        for n, raw in enumerate(fh, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: invalid JSON ({e.msg})") from None
+            check(isinstance(row, dict), f"{where}: expected a JSON object, got {type(row).__name__}")
+            if isinstance(row.get("chosen"), list):
+                pairs.append(from_conversation(row, where))
+                continue
+            keys = ("prompt", "chosen", "rejected") if "prompt" in row else ("chosen", "rejected")
+            for k in keys:
+                check(k in row, f"{where}: missing field {k!r}")
+                check(isinstance(row[k], str) and row[k].strip(), f"{where}: field {k!r} is empty or not a string")
+            if "prompt" not in row:  # Anthropic HH: the shared transcript up to the last assistant turn is the prompt
+                cut = row["chosen"].rfind(HH_MARKER)
+                check(cut >= 0, f"{where}: no {HH_MARKER!r} turn in 'chosen' (HH format) and no 'prompt' field")
+                prompt = row["chosen"][:cut + len(HH_MARKER)]
+                check(row["rejected"].startswith(prompt), f"{where}: 'chosen' and 'rejected' differ before the last "
+                                                          f"assistant turn (HH format needs a shared prompt)")
+                row = dict(prompt=prompt, chosen=row["chosen"][len(prompt):], rejected=row["rejected"][len(prompt):])
+                check(row["chosen"].strip() and row["rejected"].strip(), f"{where}: empty last assistant turn")
+            pairs.append(dict(prompt=row["prompt"], chosen=row["chosen"], rejected=row["rejected"]))
+    check(pairs, f"{path}: no preference pairs (empty file)")
+    return pairs
+
+
+def split_pairs(pairs, eval_frac, seed):
+    """Deterministic (train, held_out) split; at least one pair on each side."""
+    check(0 < eval_frac < 1, f"--eval-frac must be in (0, 1), got {eval_frac}")
+    check(len(pairs) >= 2, f"need at least 2 preference pairs to hold one out, got {len(pairs)}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(len(pairs) * eval_frac)), len(pairs) - 1)
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+
+# The built-in task (data/demo.jsonl): short reviews. The "gold" rule stands in for the human labeller (the paper
+# used GPT-4 as judge): gold(review) = #positive words - #negative words. Pairs are two random reviews, the
+# higher-gold one marked chosen. The models never see the rule, only the pairs; SFT on the chosen reviews learns
+# "somewhat positive", so PPO against the learned reward model has room to do better.
+POSITIVE = "good great fine nice lovely superb happy wonderful".split()
+
+
+NEGATIVE = "bad awful poor boring ugly terrible sad dull".split()
+
+
+NEUTRAL = "the it was is and very quite so a rather".split()
+
+
+TOPICS = "film book song meal game hotel phone show album play".split()
+
+
+def gold_score(text):
+    words = text.split()
+    return sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
+
+
+def make_demo_pairs(n, seed=0):
+    rng = random.Random(seed)
+
+    def review():
+        k = rng.randint(4, 10)
+        return " ".join(rng.choice(rng.choices([POSITIVE, NEGATIVE, NEUTRAL], weights=[3, 3, 4])[0])
+                        for _ in range(k))
+    pairs = []
+    while len(pairs) < n:
+        prompt, a, b = f"review of the {rng.choice(TOPICS)} :", review(), review()
+        if gold_score(a) != gold_score(b):  # ties carry no preference
+            chosen, rejected = (a, b) if gold_score(a) > gold_score(b) else (b, a)
+            pairs.append(dict(prompt=prompt, chosen=chosen, rejected=rejected))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: load a real one, build a tiny one, save and load the checkpoints the stages hand to each other.
+
+def no_dropout(config):
+    """Zero every dropout rate in a transformers config (PPO needs deterministic log-probs: ratio 1 at the start)."""
+    for k, v in vars(config).items():
+        if "dropout" in k and isinstance(v, float):
+            setattr(config, k, 0.0)
+    return config
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:  # Llama & co. ship none; our masks never rely on the pad id, so EOS is safe
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_lm(name, device, dtype, dropout=True):
+    """A causal LM and its tokenizer from a hub name or a local folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(name)
+        tok = load_tokenizer(name)
+    except (OSError, ValueError, KeyError) as e:  # no such folder or hub name / a model type transformers lacks
+        raise UserError(f"--model {name}: could not load its config and tokenizer "
+                        f"({str(e).strip().splitlines()[0]})") from None
+    if not dropout:
+        no_dropout(config)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # missing or damaged weights: OSError, safetensors' own error, ...
+        raise UserError(f"{name}: could not load the model's weights "
+                        f"({(str(e).strip().splitlines() or [''])[0][:150]})") from None
+    return lm.to(device), tok
+
+
+def build_tiny(name, texts, seed, device):
+    """A small random-init model ('tiny': Llama family, 'tiny-opt': OPT family) and a word-level tokenizer
+    trained in memory on `texts`. No download: the demo and the tests run offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig, PreTrainedTokenizerFast
+    wl = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    wl.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    wl.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    ids = dict(vocab_size=len(tok), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if name == "tiny":
+        config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True, **ids)
+    else:
+        config = OPTConfig(hidden_size=64, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+                           word_embed_proj_dim=64, max_position_embeddings=512, **ids)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).to(device), tok
+
+
+# ---- files a user keeps: read with a one-line error, write only where asked ----
+
+HEADS_FILE, META_FILE = "heads.pt", "hydra.json"
+
+
+POLICY_FILE, RUN_FILE = "policy.pt", "run.json"
+
+
+STATE_FILE = "state.pt"
+
+
+def read_file(path, load):
+    """load(path), or one line naming the file when it is missing or damaged (truncated, not what it should be)."""
+    check(os.path.isfile(path), f"{path}: missing")
+    try:
+        return load(path)
+    except Exception as e:  # torch.load / json / safetensors each fail their own way on a damaged file
+        raise UserError(f"{path}: damaged or not what it should be ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:100]})") from None
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_json(path, obj):
+    """Written to a temporary file and renamed: a crash leaves the old file or the new one, never half of one."""
+    with open(path + ".tmp", "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def log_line(fh, record):
+    fh.write(json.dumps(record) + "\n")
+    fh.flush()  # a crash loses nothing already logged
+
+
+def claim_out(path, overwrite, stale=()):
+    """Checks an output folder before any work; creates nothing. It must be a folder we can write, and hold no
+    other run's files unless --overwrite, which first deletes `stale` (files that would pass two runs off as one)."""
+    check(not os.path.isfile(path), f"--out {path}: a file, not a folder")
+    held = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if held:
+        check(overwrite, f"--out {path} already holds another run ({', '.join(held[:3])}{', ...' * (len(held) > 3)});"
+                         f" choose another --out, --overwrite to replace it" +
+                         (f", or `ppo --resume {path}` to continue it" if RUN_FILE in held else ""))
+        for name in stale:
+            if os.path.isfile(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    check(os.path.isdir(parent) and os.access(parent, os.W_OK), f"--out {path}: cannot write there ({parent} is not "
+                                                                 f"a writable folder)")
+
+
+@contextmanager
+def on_interrupt(where):
+    """Ctrl-C inside the block: one line, `interrupted <where()>` (the step, and what still holds), no traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted {where()}") from None
+
+
+@contextmanager
+def uninterrupted():
+    """Ctrl-C waits until the block is done, so a checkpoint is never left half written."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # not the main thread's default handler (a worker thread, a caller's own handler): leave it alone
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda *_: pressed.append(1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if pressed:
+            raise KeyboardInterrupt
+
+
+def save_checkpoint(path, model, tok, meta):
+    """A transformers folder (save_pretrained: the LM and tokenizer) plus our heads and what trained them."""
+    os.makedirs(path, exist_ok=True)
+    model.lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    heads = {k: v.cpu() for k, v in model.state_dict().items() if k.startswith(("reward_head.", "value_head."))}
+    torch.save(heads, os.path.join(path, HEADS_FILE))
+    write_json(os.path.join(path, META_FILE), meta)
+
+
+def load_checkpoint(path, device, dtype, dropout=True):
+    """-> (HydraModel, tokenizer, meta) from a folder written by save_checkpoint."""
+    check(os.path.exists(path), f"{path}: not found")
+    check(os.path.isfile(os.path.join(path, META_FILE)), f"{path}: not a hydra-ppo checkpoint (no {META_FILE}); "
+                                                         f"make one with `python hydra_ppo.py sft`")
+    meta = read_file(os.path.join(path, META_FILE), read_json)
+    heads = read_file(os.path.join(path, HEADS_FILE), lambda p: torch.load(p, map_location=device, weights_only=True))
+    lm, tok = load_lm(path, device, dtype, dropout)
+    model = HydraModel(lm)
+    try:
+        model.load_state_dict(heads, strict=False)
+    except (RuntimeError, AttributeError) as e:  # wrong shapes, or not a state dict at all
+        raise UserError(f"{path}/{HEADS_FILE} does not fit this model ({str(e).splitlines()[0][:100]})") from None
+    return model, tok, meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data parallel: `torchrun --nproc_per_node N hydra_ppo.py ...`. Each rank trains on its own shard of every batch
+# (prompts for PPO, pairs for SFT); the gradients of the trained parameters are averaged (an all-reduce per trained
+# tensor) before every optimizer step; metrics are averaged; only rank 0 prints and writes files. Without torchrun
+# (no WORLD_SIZE in the environment) rank = 0, world = 1 and every function below does nothing.
+
+def init_distributed(device):
+    """-> (rank, world, device). NCCL on GPUs (one per rank: cuda:LOCAL_RANK), gloo on CPU."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints (errors still reach stderr)
+    return dist.get_rank(), world, device
+
+
+def mean_over_ranks(stats):
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return stats
+    t = torch.tensor(list(stats.values()), dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return dict(zip(stats, (t / dist.get_world_size()).tolist()))
+
+
+def ranks_in_sync(params):
+    """True when every rank holds the same trained weights (compares a fingerprint of them across ranks)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return True
+    fp = torch.stack([torch.stack([p.detach().sum(dtype=torch.float64), p.detach().abs().sum(dtype=torch.float64)])
+                      for p in params])  # (n_params, 2), one tensor at a time: no copy of all the weights
+    fp = fp.cuda() if dist.get_backend() == "nccl" else fp.cpu()
+    everyone = [torch.zeros_like(fp) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, fp)
+    return all(torch.equal(everyone[0], x) for x in everyone)
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sft command: the Hydra-SFT loop.
+
+def sft_batch(tok, pairs, cfg, with_rejected):
+    """Rows [0, n): prompt + chosen; rows [n, 2n): prompt + rejected (when with_rejected)."""
+    prompts = [encode_prompt(tok, p["prompt"], cfg.max_prompt_len, cfg.chat_template) for p in pairs]
+    responses = [encode_response(tok, p["chosen"], cfg.max_response_len, cfg.chat_template) for p in pairs]
+    if with_rejected:
+        prompts = prompts + prompts
+        responses = responses + [encode_response(tok, p["rejected"], cfg.max_response_len, cfg.chat_template)
+                                 for p in pairs]
+    return collate(prompts, responses, tok.pad_token_id)
+
+
+@torch.no_grad()
+def evaluate_sft(model, tok, pairs, cfg, device, autocast):
+    """Held-out LM loss (token-weighted) on chosen responses and reward-model pairwise accuracy; only what cfg.task
+    trained (an untrained reward head's accuracy is noise around 0.5, not a result)."""
+    model.eval()
+    lm_sum = lm_tokens = correct = 0.0
+    for i in range(0, len(pairs), cfg.eval_batch_size):
+        chunk = pairs[i:i + cfg.eval_batch_size]
+        ids, mask, P = (t.to(device) if torch.is_tensor(t) else t for t in sft_batch(tok, chunk, cfg, True))
+        n = len(chunk)
+        with autocast():
+            h = model(ids, mask)
+            lp = model.logprobs(h[:n], ids[:n], P)
+            r = model.score(h, mask)
+        lm_sum += -(lp * mask[:n, P:]).sum().item()
+        lm_tokens += mask[:n, P:].sum().item()
+        correct += (r[:n] > r[n:]).sum().item()
+    metrics = dict(lm_loss=lm_sum / lm_tokens, rm_acc=correct / len(pairs))
+    trained = dict(hydra=("lm_loss", "rm_acc"), sft=("lm_loss",), rm=("rm_acc",))[cfg.task]
+    return {k: metrics[k] for k in trained}
+
+
+def next_shard(items, order, rng, n, rank, world):
+    """An endless shuffled stream over `items`: -> (this rank's shard of the next n, the order left after them)."""
+    while len(order) < n:
+        order += rng.sample(range(len(items)), len(items))
+    return [items[i] for i in order[:n]][rank::world], order[n:]
+
+
+def start_run(cfg):
+    """Data parallel (when started by torchrun), then device and precision. -> rank, world, device, dtype, autocast."""
+    rank, world, device_name = init_distributed(cfg.device)
+    return (rank, world) + setup_device(device_name)
+
+
+def build_sft_model(cfg, pairs, device, dtype):
+    """-> (HydraModel with only what cfg.task trains unfrozen, tokenizer, lm_coef, rm_coef, truncation counts)."""
+    if cfg.model in ("tiny", "tiny-opt"):
+        texts = [p[k] if isinstance(p[k], str) else hh_text(p[k])  # a conversational prompt: messages
+                 for p in pairs for k in ("prompt", "chosen", "rejected")]
+        lm, tok = build_tiny(cfg.model, texts, cfg.seed, device)
+    else:  # full fine-tuning keeps fp32 master weights (bf16 autocast does the math); LoRA trains on a bf16 trunk
+        lm, tok = load_lm(cfg.model, device, dtype if cfg.lora_r else torch.float32)
+    cut = count_truncated(tok, pairs, cfg)
+    print(f"truncated: {cut[0]} of {len(pairs)} prompts (to their last --max-prompt-len {cfg.max_prompt_len} "
+          f"tokens), {cut[1]} of {2 * len(pairs)} responses (to --max-response-len {cfg.max_response_len} "
+          f"tokens, no EOS)")
+    model = HydraModel(lm)
+    lm_coef = 0.0 if cfg.task == "rm" else cfg.lm_coef
+    rm_coef = 0.0 if cfg.task == "sft" else cfg.rm_coef
+    if cfg.lora_r:
+        add_adapter(model.lm, cfg)  # freezes everything else in the LM
+    if not rm_coef:
+        model.reward_head.requires_grad_(False)
+    model.value_head.requires_grad_(False)  # PPO's head; SFT leaves it alone
+    if cfg.grad_checkpointing:
+        checkpointing_on(model.lm)
+    return model, tok, lm_coef, rm_coef, cut
+
+
+def sft_step(model, tok, opt, params, train, order, rng, cfg, coefs, autocast, device, rank, world):
+    """One Hydra-SFT optimizer step, gradients accumulated over micro-batches. -> stats, grad_norm, order left."""
+    stats, (lm_coef, rm_coef) = {}, coefs
+    for _ in range(cfg.batch_size // cfg.micro_batch_size):  # gradient accumulation
+        chunk, order = next_shard(train, order, rng, cfg.micro_batch_size * world, rank, world)
+        ids, mask, P = sft_batch(tok, chunk, cfg, with_rejected=bool(rm_coef))
+        with autocast():
+            loss, s = sft_loss(model, ids.to(device), mask.to(device), P, len(chunk), lm_coef, rm_coef)
+        (loss * cfg.micro_batch_size / cfg.batch_size).backward()
+        for k, v in s.items():
+            stats[k] = stats.get(k, 0.0) + v * cfg.micro_batch_size / cfg.batch_size
+    average_gradients(params)  # data parallel (no-op in one process)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return mean_over_ranks(stats), grad_norm, order
+
+
+def save_sft_checkpoint(out, model, tok, meta, rank, step):
+    """Rank 0 writes the checkpoint; Ctrl-C waits until it is whole. -> step."""
+    with uninterrupted():
+        if rank == 0:
+            save_checkpoint(out, model, tok, meta)
+    return step
+
+
+def finish_sft(cfg, model, tok, meta, held_out, n_train, steps, cut, device, autocast, rank, world, t0):
+    """Merge LoRA (if any), save the checkpoint, evaluate exactly what is saved, write summary.json."""
+    if cfg.lora_r:  # the checkpoint is a plain transformers model again (rounded to the trunk's dtype: bf16 on CUDA)
+        merge_lora(model.lm, "default")
+    save_sft_checkpoint(cfg.out, model, tok, meta, rank, steps)  # before evaluating: a failure there loses no training
+    metrics = evaluate_sft(model, tok, held_out, cfg, device, autocast)  # of exactly the model that is saved
+    print(f"held-out ({len(held_out)} pairs): " + ", ".join(
+        f"LM loss {v:.3f}" if k == "lm_loss" else f"reward-model pairwise accuracy {v:.3f}" for k, v in metrics.items()))
+    summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=n_train, held_out_pairs=len(held_out),
+                   **{"held_out_" + k: v for k, v in metrics.items()}, truncated_prompts=cut[0],
+                   truncated_responses=cut[1], world_size=world, time_s=time.time() - t0, config=asdict(cfg))
+    if rank == 0:
+        write_json(os.path.join(cfg.out, "summary.json"), summary)
+    barrier()  # the other ranks may load this checkpoint next (the pipeline's PPO stage)
+    print(f"saved checkpoint to {cfg.out}")
+    return summary
+
+
+def sft(cfg: SFTConfig):
+    """The sft command: the Hydra-SFT loop (sft_step), a checkpoint every --save-every steps and at the end, then the
+    held-out evaluation."""
+    validate(cfg)
+    rank, world, device, dtype, autocast = start_run(cfg)
+    check(cfg.batch_size % cfg.micro_batch_size == 0,
+          f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
+    check(cfg.max_prompt_len > 0 and cfg.max_response_len > 1, "--max-prompt-len must be > 0, --max-response-len > 1")
+    check(not (cfg.save_every and cfg.lora_r), "--save-every saves full fine-tuning checkpoints; with --lora-r the "
+                                               "adapter is merged into the model only at the end")
+    if rank == 0:
+        claim_out(cfg.out, cfg.overwrite)
+    pairs = load_pairs(cfg.data)
+    train, held_out = split_pairs(pairs, cfg.eval_frac, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, tok, lm_coef, rm_coef, cut = build_sft_model(cfg, pairs, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.lr or (1e-3 if cfg.model in ("tiny", "tiny-opt") else 1e-5)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * world)))  # global batch
+    os.makedirs(cfg.out, exist_ok=True)
+    # The prompt format goes with the checkpoint: ppo refuses to use it with another one.
+    meta = dict(task=cfg.task, base_model=cfg.model, chat_template=cfg.chat_template, max_prompt_len=cfg.max_prompt_len,
+                max_response_len=cfg.max_response_len)
+
+    rng = random.Random(cfg.seed)
+    order, step, saved = [], 0, 0
+    t0 = time.time()
+    model.train()
+
+    def stopped():  # Ctrl-C: where the run was, and what it kept
+        return f"at step {step} of {steps}; " + (f"{cfg.out} holds the checkpoint of step {saved}" if saved else
+                                                 "nothing saved yet (--save-every N saves a long run every N steps)")
+    with on_interrupt(stopped), \
+            open(os.path.join(cfg.out, "metrics.jsonl") if rank == 0 else os.devnull, "w") as log, \
+            tqdm(range(1, steps + 1), desc=f"sft ({cfg.task})", dynamic_ncols=True, disable=rank > 0) as bar:
+        for step in bar:
+            stats, grad_norm, order = sft_step(model, tok, opt, params, train, order, rng, cfg, (lm_coef, rm_coef),
+                                               autocast, device, rank, world)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()}, refresh=False)
+            if step % cfg.log_every == 0 or step == steps:
+                log_line(log, dict(step=step, **stats, grad_norm=grad_norm, lr=lr, time=time.time() - t0))
+            if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+                saved = save_sft_checkpoint(cfg.out, model, tok, meta, rank, step)
+    return finish_sft(cfg, model, tok, meta, held_out, len(train), steps, cut, device, autocast, rank, world, t0)
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1312,8 +1395,8 @@ def verdict(interval):
 
 @torch.no_grad()
 def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
-    for m in models_of(roles):
-        m.eval()  # after an update the models are in train(): with checkpointing on, generate would drop its KV cache
+    for model in models_of(roles):
+        model.eval()  # after an update the models are in train(): with checkpointing on, generate would drop the KV cache
     k = cfg.eval_samples
     repeated = [p for p in prompts for _ in range(k)]  # rows i*k .. i*k+k-1: k sampled responses to prompt i
     out = {}
@@ -1327,12 +1410,12 @@ def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
                 ids, mask, _ = generate(role, p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
                                         cfg.top_k, cfg.top_p, fold=cfg.fold_lora)
             P = p_ids.shape[1]
-            s = score_rollout({k: roles[k] for k in ("actor", "ref", "reward")}, ids, mask, P,
-                              cfg.micro_batch_size, autocast, cfg.temperature)
+            scored = score_rollout({n: roles[n] for n in ("actor", "ref", "rm")}, ids, mask, P,
+                                   cfg.micro_batch_size, autocast, cfg.temperature)
             resp_mask = mask[:, P:].float()
             texts = decode_responses(tok, ids, mask, P)
-            rows += [dict(response=t, score=sc, kl=k, length=n) for t, sc, k, n in
-                     zip(texts, s["reward"].tolist(), ((s["actor"] - s["ref"]) * resp_mask).sum(1).tolist(),
+            rows += [dict(response=t, score=sc, kl=kl, length=n) for t, sc, kl, n in
+                     zip(texts, scored["rm"].tolist(), ((scored["actor"] - scored["ref"]) * resp_mask).sum(1).tolist(),
                          resp_mask.sum(1).tolist())]
         judged = judge(repeated, [r["response"] for r in rows]) if judge else [r["score"] for r in rows]
         out[who] = [dict(r, judge=j) for r, j in zip(rows, judged)]
@@ -1369,9 +1452,36 @@ def print_eval(metrics, samples, n=3):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The PPO stage
+# The ppo command: the outer PPO loop, with resumable checkpoints.
 
-POLICY_FILE, RUN_FILE = "policy.pt", "run.json"
+def checkpoint_loader(cfg, device, dtype):
+    """build_roles' loader for real runs: full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`,
+    except in full mode, where the frozen reference and reward model are fp32 copies too: a bf16 copy computes
+    differently from the fp32 actor under autocast (norms, residuals), and KL at step 1 must be exactly 0."""
+    def load(which, trained):
+        path = cfg.sft if which == "sft" else cfg.rm
+        fp32 = trained or cfg.mode == "full"
+        model = load_checkpoint(path, device, torch.float32 if fp32 else dtype, dropout=False)[0]
+        return model.requires_grad_(False)
+    return load
+
+
+def checkpoint_task(path, flag):
+    meta = os.path.join(path, META_FILE)
+    check(os.path.exists(path), f"{flag} {path}: not found")
+    check(os.path.isfile(meta), f"{flag} {path}: not a hydra-ppo checkpoint (no {META_FILE}); "
+                                f"make one with `python hydra_ppo.py sft`")
+    task = read_file(meta, read_json)
+    check(isinstance(task, dict) and "task" in task, f"{meta}: no 'task' field (damaged?)")
+    return task["task"]
+
+
+def check_prompt_format(cfg, path, flag):
+    """A model trained on chat-formatted prompts sees other prompts wrongly, and the other way round: refuse."""
+    chat = read_file(os.path.join(path, META_FILE), read_json).get("chat_template")  # None: from before it was recorded
+    check(chat is None or chat == cfg.chat_template,
+          f"{flag} {path} was trained {'with' if chat else 'without'} --chat-template: run ppo "
+          f"{'with' if chat else 'without'} it too (prompts must be formatted as in training)")
 
 
 def check_ppo_config(cfg):
@@ -1406,125 +1516,7 @@ def absolute_paths(cfg):
     return replace(cfg, **{k: os.path.abspath(v) for k, v in paths.items() if v})  # "" (no --rm) stays ""
 
 
-def checkpoint_task(path, flag):
-    meta = os.path.join(path, META_FILE)
-    check(os.path.exists(path), f"{flag} {path}: not found")
-    check(os.path.isfile(meta), f"{flag} {path}: not a hydra-ppo checkpoint (no {META_FILE}); "
-                                f"make one with `python hydra_ppo.py sft`")
-    task = read_file(meta, read_json)
-    check(isinstance(task, dict) and "task" in task, f"{meta}: no 'task' field (damaged?)")
-    return task["task"]
-
-
-def check_prompt_format(cfg, path, flag):
-    """A model trained on chat-formatted prompts sees other prompts wrongly, and the other way round: refuse."""
-    chat = read_file(os.path.join(path, META_FILE), read_json).get("chat_template")  # None: from before it was recorded
-    check(chat is None or chat == cfg.chat_template,
-          f"{flag} {path} was trained {'with' if chat else 'without'} --chat-template: run ppo "
-          f"{'with' if chat else 'without'} it too (prompts must be formatted as in training)")
-
-
-def setup_ppo(cfg, load):
-    """-> roles, optimizer, trained parameters. LoRA's A init draws from the seeded RNG."""
-    torch.manual_seed(cfg.seed)
-    roles = build_roles(cfg, load)
-    groups = trainable_groups(roles, cfg)
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    if cfg.grad_checkpointing:
-        for r in (roles["actor"], roles["critic"]):
-            checkpointing_on(r.model.lm)
-    return roles, opt, [p for g in groups for p in g["params"]]
-
-
-def ppo(cfg: PPOConfig, judge=None):
-    validate(cfg)
-    if cfg.resume:  # the run's own configuration, saved when it started
-        cfg = resume_config(cfg)
-    check_ppo_config(cfg)
-    rank, world, device_name = init_distributed(cfg.device)
-    device, dtype, autocast = setup_device(device_name)
-    if rank == 0 and not cfg.resume:
-        claim_out(cfg.out, cfg.overwrite, stale=(STATE_FILE, POLICY_FILE, "summary.json"))
-    train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
-    train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
-    roles, opt, params = setup_ppo(cfg, checkpoint_loader(cfg, device, dtype))
-    print(f"learning rates: actor {opt.param_groups[0]['lr']:g}, critic {opt.param_groups[1]['lr']:g}"
-          + ("" if cfg.actor_lr and cfg.critic_lr else f" (--mode {cfg.mode} defaults where a flag is 0)"))
-    tok = load_tokenizer(cfg.sft)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    log_path = os.path.join(cfg.out, "metrics.jsonl")
-    first, beta, order, bad, saved, t0 = 1, cfg.kl_coef, [], 0, 0, time.time()
-    if cfg.resume:
-        state = load_state(cfg.out, params, opt, rng, generator, cfg.mode)
-        check(state["step"] <= cfg.steps,
-              f"--steps {cfg.steps}: the run in {cfg.out} is already at step {state['step']}")
-        first, beta, order, saved = state["step"] + 1, state["beta"], state["order"], state["step"]
-        barrier()
-        if rank == 0:
-            keep_log_until(log_path, state["step"])  # the steps after the checkpoint are done again
-        print(f"resuming {cfg.out} after step {state['step']}")
-    if rank == 0:  # resumed with a longer --steps: from now on that is the run's length; paths absolute (read from anywhere)
-        write_json(os.path.join(cfg.out, RUN_FILE), asdict(absolute_paths(replace(cfg, resume=""))))
-    if world > 1:
-        torch.manual_seed(cfg.seed + 1000 * rank + first)  # data parallel: every rank samples its own responses
-    step = first
-
-    def stopped():  # Ctrl-C: where the run was, and how to go on
-        return f"at step {step}; " + (f"resume with: python hydra_ppo.py ppo --resume {cfg.out}"
-                                      if os.path.isfile(os.path.join(cfg.out, STATE_FILE)) else
-                                      f"no checkpoint yet (the first comes after step {cfg.save_every or cfg.steps})")
-    with on_interrupt(stopped), open(log_path if rank == 0 else os.devnull, "a" if cfg.resume else "w") as log, \
-            tqdm(range(first, cfg.steps + 1), desc=f"ppo ({cfg.mode})", dynamic_ncols=True,
-                 initial=first - 1, total=cfg.steps, disable=rank > 0) as bar:
-        for step in bar:
-            n = cfg.batch_size * world
-            while len(order) < n:  # an endless shuffled stream over the training prompts
-                order += rng.sample(range(len(train_prompts)), len(train_prompts))
-            prompts, order = [train_prompts[i] for i in order[:n]][rank::world], order[n:]  # this rank's shard
-            p_ids, p_mask = prompt_batch(tok, prompts, cfg, device)
-            stats = mean_over_ranks(ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, generator)[1])
-            bad = bad + 1 if stats["skipped"] == 1.0 else 0
-            if cfg.target_kl and not bad:
-                beta = update_kl_coef(beta, stats["kl"], cfg.target_kl, cfg.batch_size * world, cfg.kl_horizon)
-            record = dict(step=step, **stats, time=time.time() - t0)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                metrics, _ = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)
-                record.update({"eval_" + k: v for k, v in metrics.items()})
-            if step % cfg.log_every == 0 or step == cfg.steps or "eval_win_rate" in record or bad:
-                log_line(log, record)
-            bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", refresh=False)
-            if bad:
-                tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({bad} in a row)")
-                check(bad < cfg.max_bad_steps,
-                      f"stopped at step {step}: {bad} steps in a row had a non-finite loss or gradient. The last good "
-                      f"checkpoint (step {saved}) is in {cfg.out}/{STATE_FILE}. What helps: lower --actor-lr / "
-                      f"--critic-lr, --score-clip 5, --max-grad-norm 0.5")
-            elif (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                if rank == 0:
-                    save_state(cfg.out, step, params, opt, beta, rng, order, generator, cfg.mode)
-                saved = step
-
-    if rank == 0:
-        save_policy(cfg, roles, tok)
-    in_sync = ranks_in_sync(params)
-    check(in_sync, f"data parallel: the ranks ended with different trained weights (rank 0's are saved in {cfg.out})")
-    metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)  # on every rank
-    print_eval(metrics, samples)
-    summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=beta, world_size=world,
-                   ranks_in_sync=in_sync, time_s=time.time() - t0, samples=samples[:5], config=asdict(cfg))
-    if rank == 0:
-        write_json(os.path.join(cfg.out, "summary.json"), summary)
-    barrier()
-    print(f"\nsaved the policy to {cfg.out}; sample from it with: python hydra_ppo.py generate --run {cfg.out}")
-    return summary
-
-
 # ---- checkpoints that a killed run resumes from ----
-
-STATE_FILE = "state.pt"
-
 
 def save_state(out, step, params, opt, beta, rng, order, generator, mode):
     """Everything a resumed run needs to continue exactly: the trained parameters (in trainable_groups' order),
@@ -1582,14 +1574,18 @@ def keep_log_until(path, step):
     os.replace(path + ".tmp", path)
 
 
-def write_json(path, obj):
-    """Written to a temporary file and renamed: a crash leaves the old file or the new one, never half of one."""
-    with open(path + ".tmp", "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 RESUMABLE = ("steps", "device")  # what `ppo --resume` may change; it would ignore any other flag, so refuses it
+
+
+def load_run_config(run_dir, flag):
+    """The PPOConfig a run saved in RUN_FILE."""
+    path = os.path.join(run_dir, RUN_FILE)
+    check(os.path.exists(run_dir), f"{flag} {run_dir}: not found")
+    check(os.path.isfile(path), f"{flag} {run_dir}: not a PPO output folder (no {RUN_FILE})")
+    saved = read_file(path, read_json)
+    check(isinstance(saved, dict) and set(saved) <= {f.name for f in fields(PPOConfig)},
+          f"{path}: not a PPO run's configuration (damaged?)")
+    return PPOConfig(**saved)
 
 
 def resume_config(cfg):
@@ -1608,17 +1604,6 @@ def resume_config(cfg):
     return replace(saved, **changed, resume=cfg.resume, out=cfg.resume)
 
 
-def load_run_config(run_dir, flag):
-    """The PPOConfig a run saved in RUN_FILE."""
-    path = os.path.join(run_dir, RUN_FILE)
-    check(os.path.exists(run_dir), f"{flag} {run_dir}: not found")
-    check(os.path.isfile(path), f"{flag} {run_dir}: not a PPO output folder (no {RUN_FILE})")
-    saved = read_file(path, read_json)
-    check(isinstance(saved, dict) and set(saved) <= {f.name for f in fields(PPOConfig)},
-          f"{path}: not a PPO run's configuration (damaged?)")
-    return PPOConfig(**saved)
-
-
 def save_policy(cfg, roles, tok):
     """LoRA modes: the trained adapters and the value head (the frozen checkpoints stay where they are).
     full: the whole actor as a checkpoint folder."""
@@ -1630,6 +1615,138 @@ def save_policy(cfg, roles, tok):
         torch.save(dict(actor=lora_state_dict(actor.model.lm, actor.adapter),
                         critic=lora_state_dict(critic.model.lm, critic.adapter),
                         value_head=critic.model.value_head.state_dict()), os.path.join(cfg.out, POLICY_FILE))
+
+
+# ---- the loop ----
+
+def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens=0):
+    """Steps 1-4 of ppo_step without its update (tests look at a rollout before they update on it). -> batch, stats.
+    On the one_pass fast path steps 3-4 wait for ppo_update, whose forward gives the old log-probs."""
+    return ppo_step(roles, None, None, tok, p_ids, p_mask, cfg, autocast, beta, None, min_new_tokens)
+
+
+def resume_run(cfg, params, opt, rng, generator, rank, log_path):
+    """--resume: the checkpoint's weights, optimizer and RNGs back in place; the log cut to its step.
+    -> (first step, beta, prompt order, last saved step)."""
+    state = load_state(cfg.out, params, opt, rng, generator, cfg.mode)
+    check(state["step"] <= cfg.steps,
+          f"--steps {cfg.steps}: the run in {cfg.out} is already at step {state['step']}")
+    barrier()
+    if rank == 0:
+        keep_log_until(log_path, state["step"])  # the steps after the checkpoint are done again
+    print(f"resuming {cfg.out} after step {state['step']}")
+    return state["step"] + 1, state["beta"], state["order"], state["step"]
+
+
+def stop_if_bad(cfg, step, bad, saved):
+    """A step whose updates all had a non-finite loss or gradient was skipped; --max-bad-steps in a row stop the run."""
+    tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({bad} in a row)")
+    check(bad < cfg.max_bad_steps,
+          f"stopped at step {step}: {bad} steps in a row had a non-finite loss or gradient. The last good "
+          f"checkpoint (step {saved}) is in {cfg.out}/{STATE_FILE}. What helps: lower --actor-lr / "
+          f"--critic-lr, --score-clip 5, --max-grad-norm 0.5")
+
+
+def finish_ppo(cfg, roles, tok, params, eval_prompts, device, autocast, judge, beta, rank, world, t0):
+    """Save the policy, check the ranks agree, evaluate PPO against SFT, write summary.json. -> summary."""
+    if rank == 0:
+        save_policy(cfg, roles, tok)
+    in_sync = ranks_in_sync(params)
+    check(in_sync, f"data parallel: the ranks ended with different trained weights (rank 0's are saved in {cfg.out})")
+    metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)  # on every rank
+    print_eval(metrics, samples)
+    summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=beta, world_size=world,
+                   ranks_in_sync=in_sync, time_s=time.time() - t0, samples=samples[:5], config=asdict(cfg))
+    if rank == 0:
+        write_json(os.path.join(cfg.out, "summary.json"), summary)
+    barrier()
+    print(f"\nsaved the policy to {cfg.out}; sample from it with: python hydra_ppo.py generate --run {cfg.out}")
+    return summary
+
+
+def ppo(cfg: PPOConfig, judge=None):
+    """The ppo command, the outer PPO loop: per step, this rank's shard of the next prompts, ppo_step, the adaptive
+    KL coefficient, a metrics line, an evaluation every --eval-every steps, a resumable checkpoint every
+    --save-every steps; at the end the policy, the evaluation and summary.json."""
+    validate(cfg)
+    if cfg.resume:  # the run's own configuration, saved when it started
+        cfg = resume_config(cfg)
+    check_ppo_config(cfg)
+    rank, world, device, dtype, autocast = start_run(cfg)
+    if rank == 0 and not cfg.resume:
+        claim_out(cfg.out, cfg.overwrite, stale=(STATE_FILE, POLICY_FILE, "summary.json"))
+    train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
+    train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
+    roles, opt, params = setup_ppo(cfg, checkpoint_loader(cfg, device, dtype))
+    print(f"learning rates: actor {opt.param_groups[0]['lr']:g}, critic {opt.param_groups[1]['lr']:g}"
+          + ("" if cfg.actor_lr and cfg.critic_lr else f" (--mode {cfg.mode} defaults where a flag is 0)"))
+    tok = load_tokenizer(cfg.sft)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    log_path = os.path.join(cfg.out, "metrics.jsonl")
+    first, beta, order, bad, saved, t0 = 1, cfg.kl_coef, [], 0, 0, time.time()
+    if cfg.resume:
+        first, beta, order, saved = resume_run(cfg, params, opt, rng, generator, rank, log_path)
+    if rank == 0:  # resumed with a longer --steps: from now on that is the run's length; paths absolute
+        write_json(os.path.join(cfg.out, RUN_FILE), asdict(absolute_paths(replace(cfg, resume=""))))
+    if world > 1:
+        torch.manual_seed(cfg.seed + 1000 * rank + first)  # data parallel: every rank samples its own responses
+    step = first
+
+    def stopped():  # Ctrl-C: where the run was, and how to go on
+        return f"at step {step}; " + (f"resume with: python hydra_ppo.py ppo --resume {cfg.out}"
+                                      if os.path.isfile(os.path.join(cfg.out, STATE_FILE)) else
+                                      f"no checkpoint yet (the first comes after step {cfg.save_every or cfg.steps})")
+    with on_interrupt(stopped), open(log_path if rank == 0 else os.devnull, "a" if cfg.resume else "w") as log, \
+            tqdm(range(first, cfg.steps + 1), desc=f"ppo ({cfg.mode})", dynamic_ncols=True,
+                 initial=first - 1, total=cfg.steps, disable=rank > 0) as bar:
+        for step in bar:
+            prompts, order = next_shard(train_prompts, order, rng, cfg.batch_size * world, rank, world)
+            p_ids, p_mask = prompt_batch(tok, prompts, cfg, device)
+            stats = mean_over_ranks(ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, generator)[1])
+            bad = bad + 1 if stats["skipped"] == 1.0 else 0
+            if cfg.target_kl and not bad:
+                beta = update_kl_coef(beta, stats["kl"], cfg.target_kl, cfg.batch_size * world, cfg.kl_horizon)
+            record = dict(step=step, **stats, time=time.time() - t0)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                metrics, _ = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)
+                record.update({"eval_" + k: v for k, v in metrics.items()})
+            if step % cfg.log_every == 0 or step == cfg.steps or "eval_win_rate" in record or bad:
+                log_line(log, record)
+            bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", refresh=False)
+            if bad:
+                stop_if_bad(cfg, step, bad, saved)
+            elif (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                if rank == 0:
+                    save_state(cfg.out, step, params, opt, beta, rng, order, generator, cfg.mode)
+                saved = step
+    return finish_ppo(cfg, roles, tok, params, eval_prompts, device, autocast, judge, beta, rank, world, t0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generate and export: sample from a finished run, or hand its policy to transformers / peft.
+
+@dataclass
+class GenerateConfig:
+    run: str = arg("out/ppo", "a PPO output folder")
+    prompt: str = arg("review of the film :", "the prompt")
+    num_samples: int = arg(1, "responses to sample", ge=1)
+    max_new_tokens: int = arg(0, "0: the run's --max-response-len", ge=0)
+    temperature: float = arg(1.0, "sampling temperature", gt=0)
+    greedy: bool = arg(False, "greedy decoding instead of sampling")
+    seed: int = arg(0, "random seed")
+    device: str = arg("auto", "auto, cpu, cuda, ...")
+
+
+@dataclass
+class ExportConfig:
+    run: str = arg("out/ppo", "a PPO output folder")
+    format: str = arg("merged", "merged: a plain transformers checkpoint with the actor adapter folded in; peft: "
+                                "adapter_config.json + adapter_model.safetensors for peft's PeftModel.from_pretrained",
+                      choices=("merged", "peft"))
+    out: str = arg("", "output folder (default: RUN/export-FORMAT)")
+    overwrite: bool = arg(False, "write into an --out folder that already holds files")
 
 
 def load_policy(run_dir, device, dtype):
@@ -1738,20 +1855,6 @@ PIPELINE_SETTINGS = {
 }
 
 
-def pipeline_settings(cfg):
-    """-> cfg with every 0 ("auto") field of PIPELINE_SETTINGS filled in for this model, and one printed line that
-    says what it uses and why. Flags set on the command line always win."""
-    tiny = cfg.model in ("tiny", "tiny-opt")
-    table = PIPELINE_SETTINGS["tiny" if tiny else "real"]
-    chosen = {k: getattr(cfg, k) or v for k, v in table.items()}
-    given = [k for k in table if getattr(cfg, k)]
-    if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 prints
-        what = "the tiny model" if tiny else f"a {model_size(count_parameters(cfg.model))} model"
-        print(f"settings for {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())
-              + (f" (given: {', '.join(given)}; the rest from PIPELINE_SETTINGS)" if given else ""))
-    return replace(cfg, **chosen)
-
-
 def count_parameters(name):
     """Parameters of a hub or local model, from its config alone (built on the meta device: no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -1767,6 +1870,20 @@ def model_size(n):
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
+def pipeline_settings(cfg):
+    """-> cfg with every 0 ("auto") field of PIPELINE_SETTINGS filled in for this model, and one printed line that
+    says what it uses and why. Flags set on the command line always win."""
+    tiny = cfg.model in ("tiny", "tiny-opt")
+    table = PIPELINE_SETTINGS["tiny" if tiny else "real"]
+    chosen = {k: getattr(cfg, k) or v for k, v in table.items()}
+    given = [k for k in table if getattr(cfg, k)]
+    if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 prints
+        what = "the tiny model" if tiny else f"a {model_size(count_parameters(cfg.model))} model"
+        print(f"settings for {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())
+              + (f" (given: {', '.join(given)}; the rest from PIPELINE_SETTINGS)" if given else ""))
+    return replace(cfg, **chosen)
+
+
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo.jsonl")
 
 
@@ -1780,6 +1897,23 @@ def sparkline(xs, width=60):
               len(xs[i * len(xs) // width:(i + 1) * len(xs) // width]) for i in range(width)]
     lo, hi = min(xs), max(xs)
     return "".join("▁▂▃▄▅▆▇█"[min(7, int(8 * (x - lo) / (hi - lo + 1e-12)))] for x in xs)
+
+
+def plot_scores(scores, path):
+    """A PNG of the reward curve when matplotlib happens to be installed (it is not a requirement)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    plt.figure(figsize=(5, 3))
+    plt.plot(range(1, len(scores) + 1), scores)
+    plt.xlabel("PPO step")
+    plt.ylabel("reward-model score")
+    plt.tight_layout()
+    plt.savefig(path)
+    plt.close()
 
 
 def pipeline(cfg: PipelineConfig):
@@ -1828,28 +1962,18 @@ def pipeline(cfg: PipelineConfig):
     return summary
 
 
-def plot_scores(scores, path):
-    """A PNG of the reward curve when matplotlib happens to be installed (it is not a requirement)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    plt.figure(figsize=(5, 3))
-    plt.plot(range(1, len(scores) + 1), scores)
-    plt.xlabel("PPO step")
-    plt.ylabel("reward-model score")
-    plt.tight_layout()
-    plt.savefig(path)
-    plt.close()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 SUBCOMMANDS = {"sft": (SFTConfig, sft), "ppo": (PPOConfig, ppo), "generate": (GenerateConfig, generate_cmd),
                "export": (ExportConfig, export)}
+
+
+def oom_context(cfg):
+    get = lambda k: getattr(cfg, k, "?")
+    return (f"mode {get('mode')}, batch {get('batch_size')} (micro-batch {get('micro_batch_size')}), "
+            f"{get('max_prompt_len')} prompt + {get('max_response_len')} response tokens, "
+            f"model {get('model') if hasattr(cfg, 'model') else get('sft')}")
 
 
 def main(argv=None):
@@ -1878,13 +2002,6 @@ def main(argv=None):
               f"--max-response-len, and --mode hydra (one model in memory instead of two or four).", file=sys.stderr)
         return 3
     return 0
-
-
-def oom_context(cfg):
-    get = lambda k: getattr(cfg, k, "?")
-    return (f"mode {get('mode')}, batch {get('batch_size')} (micro-batch {get('micro_batch_size')}), "
-            f"{get('max_prompt_len')} prompt + {get('max_response_len')} response tokens, "
-            f"model {get('model') if hasattr(cfg, 'model') else get('sft')}")
 
 
 if __name__ == "__main__":

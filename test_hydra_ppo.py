@@ -459,8 +459,8 @@ def test_each_mode_holds_exactly_the_papers_models(ckpts, mode, static_models, l
                 for a in l.lora_A}
     assert len(adapters) == lora_sets
     if mode in ("hydra", "jhydra"):  # reference and reward model are the actor's trunk with LoRA off
-        assert roles["ref"].model is roles["reward"].model is roles["actor"].model
-        assert roles["ref"].adapter is None and roles["reward"].adapter is None
+        assert roles["ref"].model is roles["rm"].model is roles["actor"].model
+        assert roles["ref"].adapter is None and roles["rm"].adapter is None
     crit = roles["critic"].model
     assert torch.equal(crit.value_head.weight, crit.reward_head.weight)  # the critic starts from the reward model
     assert crit.value_head.weight.data_ptr() != crit.reward_head.weight.data_ptr()  # ... as its own parameters
@@ -469,11 +469,11 @@ def test_each_mode_holds_exactly_the_papers_models(ckpts, mode, static_models, l
 def test_one_pass_per_trunk_and_adapter(ckpts):
     cfg = ppo_config(ckpts, "hydra")
     roles = hp.build_roles(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
-    groups = [sorted(n) for _, n in hp.passes(roles, ["actor", "critic", "ref", "reward"])]
-    assert sorted(groups) == [["actor"], ["critic"], ["ref", "reward"]]
+    groups = [sorted(n) for _, n in hp.passes(roles, ["actor", "critic", "ref", "rm"])]
+    assert sorted(groups) == [["actor"], ["critic"], ["ref", "rm"]]
     cfg = ppo_config(ckpts, "jhydra")
     roles = hp.build_roles(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
-    assert sorted(sorted(n) for _, n in hp.passes(roles, list(roles))) == [["actor", "critic"], ["ref", "reward"]]
+    assert sorted(sorted(n) for _, n in hp.passes(roles, list(roles))) == [["actor", "critic"], ["ref", "rm"]]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -499,7 +499,7 @@ def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
     assert any(id(p) in changed for p in critic_group["params"]), "the critic did not move"
     if mode != "full":  # every LoRA mode: the base weights are bit-for-bit those of the checkpoints
         for name, role in roles.items():
-            ckpt = cfg.rm if name in ("critic", "reward") and cfg.rm else cfg.sft
+            ckpt = cfg.rm if name in ("critic", "rm") and cfg.rm else cfg.sft
             fresh = hp.load_checkpoint(ckpt, CPU, torch.float32)[0].lm.state_dict()
             for k, v in role.model.lm.state_dict().items():
                 if "lora_" not in k:
@@ -511,15 +511,15 @@ def test_reference_is_the_sft_model_exactly(ckpts, mode):
     cfg = ppo_config(ckpts, mode)
     roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
     sft_model = hp.load_checkpoint(cfg.sft, CPU, torch.float32, dropout=False)[0].eval()
-    plain = dict(ref=hp.Role(sft_model, None, "lm"), reward=hp.Role(sft_model, None, "reward"))
+    plain = dict(ref=hp.Role(sft_model, None, "lm"), rm=hp.Role(sft_model, None, "reward"))
     for it in range(3):  # before and after PPO updates
         batch, _ = one_iteration(cfg, roles, opt, params, seed=it)
         ids, mask, P = batch["ids"], batch["mask"], batch["P"]
         for m in hp.models_of(roles):
             m.eval()
-        ours = hp.score_rollout({k: roles[k] for k in ("ref", "reward")}, ids, mask, P, 2, hp.nullcontext)
+        ours = hp.score_rollout({k: roles[k] for k in ("ref", "rm")}, ids, mask, P, 2, hp.nullcontext)
         want = hp.score_rollout(plain, ids, mask, P, 2, hp.nullcontext)
-        assert torch.equal(ours["ref"], want["ref"]) and torch.equal(ours["reward"], want["reward"])
+        assert torch.equal(ours["ref"], want["ref"]) and torch.equal(ours["rm"], want["rm"])
     with hp.adapter_on(roles["actor"]):  # while the actor itself has moved away from the SFT model
         actor_lp = hp.score_rollout({"actor": roles["actor"]}, ids, mask, P, 2, hp.nullcontext)["actor"]
     assert not torch.equal(actor_lp, want["ref"])
@@ -1440,7 +1440,7 @@ def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
     assert torch.equal(batch["logprobs"], batch["ref_logprobs"]) and stats["kl"] == 0.0
     with torch.no_grad(), autocast():
         h_critic = roles["critic"].model(batch["ids"], batch["mask"])
-        h_reward = roles["reward"].model(batch["ids"], batch["mask"])
+        h_reward = roles["rm"].model(batch["ids"], batch["mask"])
     assert torch.equal(h_critic, h_reward)
 
 
