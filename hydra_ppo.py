@@ -968,7 +968,10 @@ def gold_score(text):
     return sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
 
 
-def make_demo_pairs(n, seed=0):
+def make_demo_pairs(n, seed=0, hh=False):
+    """n labelled pairs of the review task. hh: as Anthropic-HH transcripts instead ({chosen, rejected}, the prompt
+    a one- or two-turn request for a review, each response after "Assistant:" with HH's leading space), for
+    --chat-template runs (data/hh_reviews.jsonl)."""
     rng = random.Random(seed)
 
     def review():
@@ -980,8 +983,19 @@ def make_demo_pairs(n, seed=0):
         prompt, a, b = f"review of the {rng.choice(TOPICS)} :", review(), review()
         if gold_score(a) != gold_score(b):  # ties carry no preference
             chosen, rejected = (a, b) if gold_score(a) > gold_score(b) else (b, a)
+            if hh:
+                prompt = rng.choice(HH_REQUESTS).format(prompt.split()[-2])
+                chosen, rejected = prompt + " " + chosen, prompt + " " + rejected
+                pairs.append(dict(chosen=chosen, rejected=rejected))
+                continue
             pairs.append(dict(prompt=prompt, chosen=chosen, rejected=rejected))
     return pairs
+
+
+HH_REQUESTS = ["\n\nHuman: Write a short review of the {}.\n\nAssistant:",
+               "\n\nHuman: What did you think of the {}?\n\nAssistant:",
+               "\n\nHuman: I tried the new {} yesterday.\n\nAssistant: How was it?\n\nHuman: Write me a short "
+               "review of it, please.\n\nAssistant:"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1841,6 +1855,9 @@ class PipelineConfig(Common):
     kl_coef: float = arg(0.02, "beta of the KL penalty (paper: 0.02)", ge=0)
     eval_prompts: int = arg(128, "held-out prompts in the final comparison", ge=1)
     eval_samples: int = arg(0, "responses per held-out prompt from each policy (0: auto)", ge=0)
+    judge: str = arg("auto", "who judges PPO against SFT: gold (the review task's rule, for data/demo.jsonl and "
+                             "data/hh_reviews.jsonl), rm (the reward model); auto: gold on data/demo.jsonl only",
+                     choices=("auto", "gold", "rm"))
 
 
 # The pipeline's "auto" settings (its flags that default to 0), in one table. tiny: the demo's in-memory model, on
@@ -1916,13 +1933,20 @@ def plot_scores(scores, path):
     plt.close()
 
 
+def pick_judge(cfg):
+    """The gold rule only means something on the review task: demo.jsonl (auto), or hh_reviews.jsonl (--judge gold).
+    None: the reward model judges."""
+    demo = os.path.realpath(cfg.data) == os.path.realpath(DEMO_DATA)
+    return gold_judge if cfg.judge == "gold" or (cfg.judge == "auto" and demo) else None
+
+
 def pipeline(cfg: PipelineConfig):
     t0 = time.time()
     validate(cfg)
     cfg = pipeline_settings(cfg)
     common = {f.name: getattr(cfg, f.name) for f in fields(Common)}
-    demo = os.path.realpath(cfg.data) == os.path.realpath(DEMO_DATA)
-    judge = gold_judge if demo else None  # the gold rule only means something on the built-in task
+    judge = pick_judge(cfg)
+    demo = judge is gold_judge
     sft_cfg = SFTConfig(**{**common, "out": os.path.join(cfg.out, "sft")}, model=cfg.model, task="hydra",
                         steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, micro_batch_size=min(
                             cfg.sft_batch_size, cfg.micro_batch_size), lr=cfg.sft_lr)

@@ -330,6 +330,25 @@ def test_bundled_demo_data_is_what_the_generator_makes():
     assert all(hp.gold_score(p["chosen"]) > hp.gold_score(p["rejected"]) for p in pairs)
 
 
+def test_bundled_hh_reviews_are_the_review_task_as_hh_transcripts():
+    path = os.path.join(HERE, "data", "hh_reviews.jsonl")
+    rows = [json.loads(line) for line in open(path)]
+    assert rows == hp.make_demo_pairs(len(rows), seed=1, hh=True)
+    pairs = hp.load_pairs(path)  # split at the last "Assistant:", as any HH file
+    assert all(p["prompt"].startswith("\n\nHuman: ") and p["prompt"].endswith(hp.HH_MARKER) for p in pairs)
+    assert all(p["chosen"].startswith(" ") and hp.gold_score(p["chosen"]) > hp.gold_score(p["rejected"])
+               for p in pairs)
+    assert {p["prompt"].count("Human:") for p in pairs} == {1, 2}  # one- and two-turn requests
+
+
+def test_the_gold_rule_judges_only_the_review_task():
+    hh = os.path.join(HERE, "data", "hh_reviews.jsonl")
+    assert hp.pick_judge(hp.PipelineConfig()) is hp.gold_judge  # the bundled demo.jsonl
+    assert hp.pick_judge(hp.PipelineConfig(data=hh)) is None    # any other file: the reward model ...
+    assert hp.pick_judge(hp.PipelineConfig(data=hh, judge="gold")) is hp.gold_judge  # ... unless asked
+    assert hp.pick_judge(hp.PipelineConfig(judge="rm")) is None
+
+
 # ---- checkpoints and Hydra-SFT -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -1188,14 +1207,14 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     ("ppo --resume {run} --mode jhydra", "drop --mode", None),
     ("ppo --resume {run} --lora-r 8 --out {new}", "drop --out, --lora-r", None),
     ("ppo --resume {run} --steps 2", "--steps 2: the run in {run} is already at step 3", None),
-    ("ppo --resume {new}", "--resume {new}: no checkpoint there", None),
+    ("ppo --resume {new}", "--resume {new}: not found", None),
     # paths: data, output folders, runs
     (S + " --data {tmp}", "{tmp}: a folder, not a JSONL file", None),
     (S + " --data {latin1}", "{latin1}:2: not UTF-8", None),
     ("sft --out {file} --steps 1", "--out {file}: a file, not a folder", None),
     ("ppo --sft {sft} --out {file}/sub", "--out {file}/sub: cannot write there", None),
-    ("generate --run {new}", "--run {new}: not a PPO output folder", None),
-    ("export --run {new}", "--run {new}: not a PPO output folder", None),
+    ("generate --run {new}", "--run {new}: not found", None),
+    ("export --run {new}", "--run {new}: not found", None),
     ("generate --run {run} --prompt ''", "the prompt '' tokenizes to nothing", None),
     # damaged or missing files
     (P, "{sft}/heads.pt: missing", spoil("sft", "heads.pt")),
@@ -1240,7 +1259,16 @@ def one_error_line(err):
     return lines[0]
 
 
-def test_ctrl_c_in_ppo_says_where_and_keeps_the_checkpoint(ckpts, tmp_path, capsys):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler, even when the tests were started with SIGINT ignored (a background job)."""
+    import signal
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_in_ppo_says_where_and_keeps_the_checkpoint(ckpts, tmp_path, capsys, ctrl_c_raises):
     """A real SIGINT (Ctrl-C), sent to this process once the first checkpoint is on disk."""
     import signal
     import threading
@@ -1287,7 +1315,7 @@ def test_ctrl_c_in_sft_keeps_the_last_save_every_checkpoint(tmp_path, monkeypatc
     hp.load_checkpoint(str(out), CPU, torch.float32)  # a whole checkpoint
 
 
-def test_ctrl_c_waits_until_a_checkpoint_is_written():
+def test_ctrl_c_waits_until_a_checkpoint_is_written(ctrl_c_raises):
     import signal
     import time
     written = []
