@@ -1480,22 +1480,20 @@ def checkpoint_loader(cfg, device, dtype):
     return load
 
 
-def checkpoint_task(path, flag):
-    meta = os.path.join(path, META_FILE)
+def checkpoint_task(path, flag, chat_template):
+    """The --task a checkpoint was trained with, from its hydra.json (read once). Its prompt format must be this
+    run's: a model trained on chat-formatted prompts sees other prompts wrongly, and the other way round."""
+    meta_file = os.path.join(path, META_FILE)
     check(os.path.exists(path), f"{flag} {path}: not found")
-    check(os.path.isfile(meta), f"{flag} {path}: not a hydra-ppo checkpoint (no {META_FILE}); "
-                                f"make one with `python hydra_ppo.py sft`")
-    task = read_file(meta, read_json)
-    check(isinstance(task, dict) and "task" in task, f"{meta}: no 'task' field (damaged?)")
-    return task["task"]
-
-
-def check_prompt_format(cfg, path, flag):
-    """A model trained on chat-formatted prompts sees other prompts wrongly, and the other way round: refuse."""
-    chat = read_file(os.path.join(path, META_FILE), read_json).get("chat_template")  # None: from before it was recorded
-    check(chat is None or chat == cfg.chat_template,
+    check(os.path.isfile(meta_file), f"{flag} {path}: not a hydra-ppo checkpoint (no {META_FILE}); "
+                                     f"make one with `python hydra_ppo.py sft`")
+    meta = read_file(meta_file, read_json)
+    check(isinstance(meta, dict) and "task" in meta, f"{meta_file}: no 'task' field (damaged?)")
+    chat = meta.get("chat_template")  # None: a checkpoint from before it was recorded
+    check(chat is None or chat == chat_template,
           f"{flag} {path} was trained {'with' if chat else 'without'} --chat-template: run ppo "
           f"{'with' if chat else 'without'} it too (prompts must be formatted as in training)")
+    return meta["task"]
 
 
 def check_ppo_config(cfg):
@@ -1506,8 +1504,7 @@ def check_ppo_config(cfg):
           f"--minibatch-size {cfg.minibatch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
     check(cfg.max_prompt_len > 0 and cfg.max_response_len > 0, "--max-prompt-len and --max-response-len must be > 0")
     check(cfg.eval_samples > 0, "--eval-samples must be > 0")
-    sft_task = checkpoint_task(cfg.sft, "--sft")
-    check_prompt_format(cfg, cfg.sft, "--sft")
+    sft_task = checkpoint_task(cfg.sft, "--sft", cfg.chat_template)
     if cfg.mode in ("hydra", "jhydra"):
         check(sft_task == "hydra", f"--mode {cfg.mode} needs a Hydra-SFT checkpoint (sft --task hydra); "
                                    f"--sft {cfg.sft} was trained with --task {sft_task}")
@@ -1515,8 +1512,7 @@ def check_ppo_config(cfg):
     else:
         check(sft_task in ("hydra", "sft"), f"--sft {cfg.sft} was trained with --task {sft_task}, not an SFT model")
         check(cfg.rm, f"--mode {cfg.mode} needs a reward-model checkpoint: --rm DIR (sft --task rm, or hydra)")
-        rm_task = checkpoint_task(cfg.rm, "--rm")
-        check_prompt_format(cfg, cfg.rm, "--rm")
+        rm_task = checkpoint_task(cfg.rm, "--rm", cfg.chat_template)
         check(rm_task in ("hydra", "rm"), f"--rm {cfg.rm} was trained with --task {rm_task}, not a reward model")
         check(load_tokenizer(cfg.sft).get_vocab() == load_tokenizer(cfg.rm).get_vocab(),
               f"--sft {cfg.sft} and --rm {cfg.rm} have different tokenizers: the reward model would score token ids "
