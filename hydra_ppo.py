@@ -1408,7 +1408,7 @@ def verdict(interval):
 
 
 @torch.no_grad()
-def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
+def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None, rank=0):
     for model in models_of(roles):
         model.eval()  # after an update the models are in train(): with checkpointing on, generate would drop the KV cache
     k = cfg.eval_samples
@@ -1417,7 +1417,8 @@ def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None):
     for who in ("policy", "sft"):
         role = roles["actor" if who == "policy" else "ref"]
         rows = []
-        for i in range(0, len(repeated), cfg.eval_batch_size):
+        for i in tqdm(range(0, len(repeated), cfg.eval_batch_size), desc=f"evaluate ({who})", dynamic_ncols=True,
+                      leave=False, disable=rank > 0):
             chunk = repeated[i:i + cfg.eval_batch_size]
             p_ids, p_mask = prompt_batch(tok, chunk, cfg, device)
             with autocast():
@@ -1497,13 +1498,8 @@ def checkpoint_task(path, flag, chat_template):
 
 
 def check_ppo_config(cfg):
-    check(cfg.steps > 0 and cfg.batch_size > 0 and cfg.ppo_epochs > 0, "--steps, --batch-size, --ppo-epochs must be > 0")
-    check(cfg.batch_size % cfg.minibatch_size == 0,
-          f"--batch-size {cfg.batch_size} must be a multiple of --minibatch-size {cfg.minibatch_size}")
-    check(cfg.minibatch_size % cfg.micro_batch_size == 0,
-          f"--minibatch-size {cfg.minibatch_size} must be a multiple of --micro-batch-size {cfg.micro_batch_size}")
-    check(cfg.max_prompt_len > 0 and cfg.max_response_len > 0, "--max-prompt-len and --max-response-len must be > 0")
-    check(cfg.eval_samples > 0, "--eval-samples must be > 0")
+    """What validate() cannot see from the flags alone: the checkpoints and whether they fit the mode."""
+    validate(cfg)  # ranges and divisibility, declared beside each field
     sft_task = checkpoint_task(cfg.sft, "--sft", cfg.chat_template)
     if cfg.mode in ("hydra", "jhydra"):
         check(sft_task == "hydra", f"--mode {cfg.mode} needs a Hydra-SFT checkpoint (sft --task hydra); "
@@ -1663,7 +1659,7 @@ def finish_ppo(cfg, roles, tok, params, eval_prompts, device, autocast, judge, b
         save_policy(cfg, roles, tok)
     in_sync = ranks_in_sync(params)
     check(in_sync, f"data parallel: the ranks ended with different trained weights (rank 0's are saved in {cfg.out})")
-    metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)  # on every rank
+    metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge, rank)  # on every rank
     print_eval(metrics, samples)
     summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=beta, world_size=world,
                    ranks_in_sync=in_sync, time_s=time.time() - t0, samples=samples[:5], config=asdict(cfg))
@@ -1720,7 +1716,7 @@ def ppo(cfg: PPOConfig, judge=None):
                 beta = update_kl_coef(beta, stats["kl"], cfg.target_kl, cfg.batch_size * world, cfg.kl_horizon)
             record = dict(step=step, **stats, time=time.time() - t0)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                metrics, _ = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge)
+                metrics, _ = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge, rank)
                 record.update({"eval_" + k: v for k, v in metrics.items()})
             if step % cfg.log_every == 0 or step == cfg.steps or "eval_win_rate" in record or bad:
                 log_line(log, record)
