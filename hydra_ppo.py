@@ -1972,7 +1972,8 @@ def pipeline(cfg: PipelineConfig):
         write_json(os.path.join(cfg.out, "summary.json"), summary)
         plot_scores(scores, os.path.join(cfg.out, "reward.png"))
     lo, hi = summary["win_rate_ci"]
-    print(f"\nverdict: {summary['verdict']}. {summary['judge']} win-rate of {cfg.mode}-PPO over Hydra-SFT "
+    print(f"\nverdict: {summary['verdict']}. {summary['judge']} win-rate of "
+          f"{'Hydra' if cfg.mode == 'hydra' else 'J-Hydra'}-PPO over Hydra-SFT "
           f"{summary['win_rate']:.2f}, 95% interval [{lo:.2f}, {hi:.2f}] ({summary['eval_prompts']} held-out prompts "
           f"x {summary['eval_samples']} responses); reward-model accuracy {summary['rm_accuracy']:.2f} (held out), "
           f"KL {summary['kl']:.2f}, {summary['time_s']:.0f} s. Everything is in {cfg.out}/")
