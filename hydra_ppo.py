@@ -842,7 +842,8 @@ def encode_response(tok, text, max_len, chat=False):
     """-> at most max_len ids: the response and its EOS, or, when that does not fit, its first max_len tokens and no
     EOS (an EOS after a cut would teach the model to stop mid-sentence). With a chat template the text loses its
     leading space: HH's "Assistant: text" has one, but after the template's assistant header the chat model writes
-    "text" (SmolLM2: log-prob of the first token -11 with the space, -2 without)."""
+    "text" (SmolLM2 on the real-model test's HH file: mean log-prob of the first response token -14.5 with the
+    space, -5.4 without)."""
     ids = tok(text.lstrip() if chat else text, add_special_tokens=False)["input_ids"]
     return ids + [tok.eos_token_id] if len(ids) < max_len else ids[:max_len]
 
