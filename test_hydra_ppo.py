@@ -1177,6 +1177,7 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     (S + " --max-grad-norm 0", "--max-grad-norm 0.0: must be > 0", None),
     (S + " --eval-frac 1", "--eval-frac 1.0: must be < 1", None),
     (S + " --save-every 5 --lora-r 4", "--save-every", None),
+    (S + " --max-response-len 1", "--max-response-len must be > 1 for sft", None),
     (S + " --device foo", "--device foo: not a device", None),
     (P + " --eval-prompts 0", "--eval-prompts 0: must be >= 1", None),
     (P + " --kl-horizon 0", "--kl-horizon 0: must be >= 1", None),
@@ -1470,6 +1471,63 @@ def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
         h_critic = roles["critic"].model(batch["ids"], batch["mask"])
         h_reward = roles["rm"].model(batch["ids"], batch["mask"])
     assert torch.equal(h_critic, h_reward)
+
+
+def cuda_precision(monkeypatch):
+    """What setup_device gives on CUDA (frozen trunks in bf16, bf16 autocast), here on the CPU. -> the dtypes
+    that checkpoints are then loaded in."""
+    monkeypatch.setattr(hp, "setup_device", lambda name: (CPU, torch.bfloat16,
+                                                          lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+    loaded, load = [], hp.load_checkpoint
+    monkeypatch.setattr(hp, "load_checkpoint", lambda path, device, dtype, **kw: loaded.append(dtype) or
+                        load(path, device, dtype, **kw))
+    return loaded
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ppo_runs_with_cuda_precision(ckpts, mode, tmp_path, monkeypatch, capsys):
+    """The ppo, generate and export commands with CUDA's precision set-up, on the CPU: fp32 LoRA on bf16 trunks, fp32
+    heads on bf16 hidden states, fp32 trained copies beside bf16 frozen ones, checkpoints written from them. The
+    reference is still the initial policy exactly (KL 0 at step 1), and every update is finite."""
+    loaded = cuda_precision(monkeypatch)
+    out = str(tmp_path / mode)
+    hp.ppo(ppo_config(ckpts, mode, out=out, steps=2, grad_checkpointing=mode == "hydra"))
+    # LoRA modes: every trunk frozen, in bf16; full: every copy fp32 (master weights, and frozen ones that match them)
+    assert set(loaded) == ({torch.float32} if mode == "full" else {torch.bfloat16})
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [line["step"] for line in lines] == [1, 2] and lines[0]["kl"] == 0.0
+    assert all(line["skipped"] == 0.0 and math.isfinite(line["pg_loss"] + line["vf_loss"] + line["grad_norm"])
+               for line in lines)
+    actor, _, _ = hp.load_policy(out, CPU, torch.bfloat16)
+    assert next(actor.model.lm.parameters()).dtype == torch.bfloat16  # the saved policy, for sampling on CUDA
+    capsys.readouterr()
+    hp.generate_cmd(hp.GenerateConfig(run=out, num_samples=4, device="cpu"))
+    printed = capsys.readouterr().out
+    assert printed.count("\n") == 4 and printed.strip()  # one line per sample (a sample may be empty: EOS first)
+    hp.export(hp.ExportConfig(run=out))
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "export-merged"))
+    assert all(torch.isfinite(p).all() for p in merged.parameters())
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, lora_r):
+    """Hydra-SFT from a saved model with CUDA's precision set-up: full fine-tuning keeps fp32 master weights under
+    bf16 autocast; LoRA trains fp32 adapters on a bf16 trunk (the README's Llama-7b recipe) and is merged at the end."""
+    cuda_precision(monkeypatch)
+    trunks, load = [], hp.load_lm
+    monkeypatch.setattr(hp, "load_lm", lambda *a: trunks.append(a[2]) or load(*a))
+    lm, tok = tiny()
+    lm.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = str(tmp_path / "sft")
+    hp.sft(hp.SFTConfig(model=str(tmp_path / "base"), data=DEMO, out=out, steps=3, batch_size=8, micro_batch_size=4,
+                        lora_r=lora_r, lr=1e-3, device="cpu"))
+    assert trunks == [torch.bfloat16 if lora_r else torch.float32]
+    model, _, _ = hp.load_checkpoint(out, CPU, torch.float32, dropout=False)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged into the weights
+    changed = [not torch.equal(a, b) for a, b in zip(model.lm.parameters(), lm.parameters())]
+    assert any(changed) and all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_pipeline_settings_follow_the_model(tmp_path, capsys):
