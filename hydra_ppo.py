@@ -731,19 +731,24 @@ def ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, genera
 # Flags: parsed from the config dataclasses, checked against the ranges declared beside each field.
 
 def parse_config(cls, argv, prog):
-    p = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def parser(suppress):  # suppress: a flag not given stays out of the result, instead of taking its default
+        p = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    def error(message):  # argparse prints the usage and the error; one line is enough, --help has the rest
-        raise UserError(f"{prog}: {message} (see --help)")
-    p.error = error
-    for f in fields(cls):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
-        else:
-            p.add_argument(flag, type=f.type, default=f.default, help=meta["help"], choices=meta.get("choices"))
-    return cls(**vars(p.parse_args(argv)))
+        def error(message):  # argparse prints the usage and the error; one line is enough, --help has the rest
+            raise UserError(f"{prog}: {message} (see --help)")
+        p.error = error
+        for f in fields(cls):
+            flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+            default = argparse.SUPPRESS if suppress else f.default
+            if f.type is bool:
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+            else:
+                p.add_argument(flag, type=f.type, default=default, help=meta["help"], choices=meta.get("choices"))
+        return p
+    cfg = cls(**vars(parser(False).parse_args(argv)))
+    cfg.given = set(vars(parser(True).parse_args(argv)))  # not a field; `ppo --resume` reads it (20 given is not
+    return cfg                                            # the same as 20 by default)
 
 
 BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
@@ -1579,7 +1584,9 @@ def keep_log_until(path, step):
     os.replace(path + ".tmp", path)
 
 
-RESUMABLE = ("steps", "device")  # what `ppo --resume` may change; it would ignore any other flag, so refuses it
+# What `ppo --resume` may change: the run's length, the device, and what helps after non-finite steps (stop_if_bad).
+# It would ignore any other flag, so refuses it.
+RESUMABLE = ("steps", "device", "actor_lr", "critic_lr", "score_clip", "max_grad_norm")
 
 
 def load_run_config(run_dir, flag):
@@ -1600,13 +1607,13 @@ def resume_config(cfg):
     check(os.path.isfile(os.path.join(cfg.resume, STATE_FILE)), f"--resume {cfg.resume}: no checkpoint there "
                                                                  f"({STATE_FILE}) to resume from")
     saved = load_run_config(cfg.resume, "--resume")
-    default = PPOConfig()
-    ignored = ["--" + f.name.replace("_", "-") for f in fields(cfg) if f.name not in ("resume",) + RESUMABLE
-               and getattr(cfg, f.name) != getattr(default, f.name)]
+    default = PPOConfig()  # a config built in Python, not parsed: a field unlike its default counts as given
+    given = getattr(cfg, "given", {f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)})
+    ignored = ["--" + f.name.replace("_", "-") for f in fields(cfg) if f.name in given - {"resume", *RESUMABLE}]
     check(not ignored, f"--resume {cfg.resume} continues the run with its saved configuration: drop "
-                       f"{', '.join(ignored)} (only --steps and --device may change)")
-    changed = {k: getattr(cfg, k) for k in RESUMABLE if getattr(cfg, k) != getattr(default, k)}
-    return replace(saved, **changed, resume=cfg.resume, out=cfg.resume)
+                       f"{', '.join(ignored)} (only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} "
+                       f"may change)")
+    return replace(saved, **{k: getattr(cfg, k) for k in RESUMABLE if k in given}, resume=cfg.resume, out=cfg.resume)
 
 
 def save_policy(cfg, roles, tok):
@@ -1634,6 +1641,8 @@ def resume_run(cfg, params, opt, rng, generator, rank, log_path):
     """--resume: the checkpoint's weights, optimizer and RNGs back in place; the log cut to its step.
     -> (first step, beta, prompt order, last saved step)."""
     state = load_state(cfg.out, params, opt, rng, generator, cfg.mode)
+    for group, lr in zip(opt.param_groups, learning_rates(cfg)):  # the saved lr, or a new one given with --resume
+        group["lr"] = lr
     check(state["step"] <= cfg.steps,
           f"--steps {cfg.steps}: the run in {cfg.out} is already at step {state['step']}")
     barrier()
@@ -1648,8 +1657,8 @@ def stop_if_bad(cfg, step, bad, saved):
     tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({bad} in a row)")
     check(bad < cfg.max_bad_steps,
           f"stopped at step {step}: {bad} steps in a row had a non-finite loss or gradient. The last good "
-          f"checkpoint (step {saved}) is in {cfg.out}/{STATE_FILE}. What helps: lower --actor-lr / "
-          f"--critic-lr, --score-clip 5, --max-grad-norm 0.5")
+          f"checkpoint (step {saved}) is in {cfg.out}/{STATE_FILE}. What helps: a lower --actor-lr / "
+          f"--critic-lr, --score-clip 5, --max-grad-norm 0.5, given with: python hydra_ppo.py ppo --resume {cfg.out}")
 
 
 def finish_ppo(cfg, roles, tok, params, eval_prompts, device, autocast, judge, beta, rank, world, t0):

@@ -1348,6 +1348,31 @@ def test_resume_honours_a_longer_steps_after_a_cut_log_line(work, capsys):
     assert torch.load(os.path.join(run, hp.STATE_FILE), weights_only=True)["step"] == 5
 
 
+def test_resume_sees_flags_given_at_their_default_value(work):
+    """`--resume RUN --steps 20` must go on to step 20 although 20 is also --steps' default (the 3-step run kept 3),
+    and `--kl-coef 0.02` is refused although it is the default: what counts is what the command line gave."""
+    run = work["run"]
+    assert hp.PPOConfig().steps == 20 and hp.resume_config(hp.PPOConfig(resume=run)).steps == 3
+    assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--steps", "20"], "t")).steps == 20
+    assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--device", "auto"], "t")).device == "auto"
+    with pytest.raises(hp.UserError, match=r"drop --kl-coef \(only --steps, --device, --actor-lr, --critic-lr, "
+                                           r"--score-clip, --max-grad-norm may change\)"):
+        hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--kl-coef", "0.02"], "t"))
+
+
+def test_resume_after_non_finite_steps_with_a_lower_learning_rate(work, capsys):
+    """stop_if_bad's advice: resume from the last good checkpoint with a lower lr / --score-clip / --max-grad-norm.
+    The new values reach the optimizer (whose saved state holds the old lr) and run.json."""
+    run = work["run"]
+    assert hp.main(["ppo", "--resume", run, "--steps", "4", "--actor-lr", "1e-5", "--score-clip", "5"]) == 0, \
+        capsys.readouterr().err[-2000:]
+    saved = json.load(open(os.path.join(run, "run.json")))
+    assert (saved["steps"], saved["actor_lr"], saved["score_clip"]) == (4, 1e-5, 5.0)
+    state = torch.load(os.path.join(run, hp.STATE_FILE), weights_only=True)
+    assert state["step"] == 4 and state["opt"]["param_groups"][0]["lr"] == 1e-5
+    assert state["opt"]["param_groups"][1]["lr"] == hp.learning_rates(hp.PPOConfig(**saved))[1] != 1e-5
+
+
 def test_overwrite_never_leaves_two_runs_mixed(work, monkeypatch, capsys):
     """--overwrite replaces a finished run; when the new one fails at its first step, the old run's state.pt and
     policy.pt are gone with it (a later `generate` or `--resume` must not take them for the new run's)."""
