@@ -969,6 +969,12 @@ NEUTRAL = "the it was is and very quite so a rather".split()
 TOPICS = "film book song meal game hotel phone show album play".split()
 
 
+HH_REQUESTS = ["\n\nHuman: Write a short review of the {}.\n\nAssistant:",
+               "\n\nHuman: What did you think of the {}?\n\nAssistant:",
+               "\n\nHuman: I tried the new {} yesterday.\n\nAssistant: How was it?\n\nHuman: Write me a short "
+               "review of it, please.\n\nAssistant:"]
+
+
 def gold_score(text):
     words = text.split()
     return sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
@@ -996,12 +1002,6 @@ def make_demo_pairs(n, seed=0, hh=False):
                 continue
             pairs.append(dict(prompt=prompt, chosen=chosen, rejected=rejected))
     return pairs
-
-
-HH_REQUESTS = ["\n\nHuman: Write a short review of the {}.\n\nAssistant:",
-               "\n\nHuman: What did you think of the {}?\n\nAssistant:",
-               "\n\nHuman: I tried the new {} yesterday.\n\nAssistant: How was it?\n\nHuman: Write me a short "
-               "review of it, please.\n\nAssistant:"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1702,7 +1702,7 @@ def ppo(cfg: PPOConfig, judge=None):
     first, beta, order, bad, saved, t0 = 1, cfg.kl_coef, [], 0, 0, time.time()
     if cfg.resume:
         first, beta, order, saved = resume_run(cfg, params, opt, rng, generator, rank, log_path)
-    if rank == 0:  # resumed with a longer --steps: from now on that is the run's length; paths absolute
+    if rank == 0:  # resumed with a longer --steps or a new lr: from now on that is the run's; paths absolute
         write_json(os.path.join(cfg.out, RUN_FILE), asdict(absolute_paths(replace(cfg, resume=""))))
     if world > 1:
         torch.manual_seed(cfg.seed + 1000 * rank + first)  # data parallel: every rank samples its own responses
