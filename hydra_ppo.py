@@ -520,8 +520,15 @@ def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0
                            begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None,
                            forced_eos_token_id=None, min_length=P + min_new_tokens, max_new_tokens=max_new_tokens,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    with adapter_on(role), (folded(role.model, role.adapter) if fold and role.adapter else nullcontext()):
-        out = role.model.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+    lm = role.model.lm
+    # transformers 4.5x also replaces a field we set to its global default (repetition_penalty=1.0) by the model's
+    # own value, so the model's generation_config is a blank one while sampling.
+    own, lm.generation_config = lm.generation_config, GenerationConfig()
+    try:
+        with adapter_on(role), (folded(role.model, role.adapter) if fold and role.adapter else nullcontext()):
+            out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
+    finally:
+        lm.generation_config = own
     resp = out[:, P:]                                            # (B, R)
     is_eos = resp == tok.eos_token_id
     has_eos = is_eos.any(1)
