@@ -812,6 +812,23 @@ def chat_ids(tok, messages):
     return tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
 
 
+def end_turns_as_the_template(tok):
+    """--chat-template: a response must end with the token the template closes an assistant turn with (ChatML's
+    <|im_end|>, Llama-3's <|eot_id|>), and the tokenizer's EOS may be another one (Llama-3: <|end_of_text|>). That
+    token becomes the EOS that SFT appends and sampling stops at; the SFT checkpoint saves the tokenizer so, and
+    ppo and generate read it from there."""
+    mark = "Hydra-PPO reply"
+    text = tok.apply_chat_template([dict(role="user", content="x"), dict(role="assistant", content=mark)],
+                                   tokenize=False)
+    after = tok(text[text.rindex(mark) + len(mark):], add_special_tokens=False)["input_ids"]
+    special = [i for i in after if i in tok.added_tokens_decoder and tok.added_tokens_decoder[i].special]
+    if special and special[0] != tok.eos_token_id:
+        print(f"--chat-template: responses end with {tok.convert_ids_to_tokens(special[0])}, the template's end of an "
+              f"assistant turn (the tokenizer's EOS was {tok.eos_token})")
+        tok.eos_token = tok.convert_ids_to_tokens(special[0])
+    return tok
+
+
 def encode_chat(tok, messages, max_len):
     """The conversation through the chat template, cut to max_len tokens without cutting the template's own
     tokens (a prompt that lost its <|im_start|> is not one the chat model was trained on): the oldest turns go first
@@ -1289,6 +1306,8 @@ def build_sft_model(cfg, pairs, device, dtype):
         lm, tok = build_tiny(cfg.model, texts, cfg.seed, device)
     else:  # full fine-tuning keeps fp32 master weights (bf16 autocast does the math); LoRA trains on a bf16 trunk
         lm, tok = load_lm(cfg.model, device, dtype if cfg.lora_r else torch.float32)
+    if cfg.chat_template:
+        end_turns_as_the_template(tok)
     cut = count_truncated(tok, pairs, cfg)
     print(f"truncated: {cut[0]} of {len(pairs)} prompts (to their last --max-prompt-len {cfg.max_prompt_len} "
           f"tokens), {cut[1]} of {2 * len(pairs)} responses (to --max-response-len {cfg.max_response_len} "

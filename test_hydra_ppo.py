@@ -1008,7 +1008,8 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smol_tok(smollm2):
-    return hp.load_tokenizer(smollm2)
+    """SmolLM2's tokenizer as sft prepares it for --chat-template."""
+    return hp.end_turns_as_the_template(hp.load_tokenizer(smollm2))
 
 
 def test_chat_response_is_what_the_chat_model_writes(smol_tok):
@@ -1021,6 +1022,23 @@ def test_chat_response_is_what_the_chat_model_writes(smol_tok):
     want = tok(whole, add_special_tokens=False)["input_ids"]  # <|im_start|>assistant\nMix ... water.<|im_end|>\n
     assert prompt + response == want[:len(prompt) + len(response)]
     assert response[-1] == tok.eos_token_id and tok.convert_ids_to_tokens(response)[0] == "Mix"  # not "ĠMix"
+
+
+def test_chat_responses_end_with_the_templates_end_of_turn(smol_tok):
+    """A tokenizer whose EOS is not the token that ends an assistant turn (Llama-3: <|end_of_text|> vs <|eot_id|>;
+    SmolLM2 converted by transformers 4.56: <|endoftext|> vs <|im_end|>): responses must end as the template ends
+    them, else SFT teaches the wrong stop token and sampling never stops at the right one."""
+    import copy
+    tok = copy.deepcopy(smol_tok)
+    tok.eos_token = "<|endoftext|>"
+    hh = "\n\nHuman: How do I bake bread?\n\nAssistant:"
+    whole = tok.apply_chat_template([msg("user", "How do I bake bread?"), msg("assistant", "Mix flour and water.")],
+                                    tokenize=False)
+    want = tok(whole, add_special_tokens=False)["input_ids"]
+    assert hp.end_turns_as_the_template(tok).eos_token == "<|im_end|>"
+    prompt, response = hp.encode_prompt(tok, hh, 64, chat=True), hp.encode_response(tok, " Mix flour and water.", 32, True)
+    assert prompt + response == want[:len(prompt) + len(response)] and response[-1] == tok.eos_token_id
+    assert hp.end_turns_as_the_template(tok).eos_token == "<|im_end|>"  # already so: nothing changes
 
 
 def test_chat_prompt_is_cut_by_turns_not_through_the_template(smol_tok):
