@@ -817,6 +817,7 @@ def end_turns_as_the_template(tok):
     <|im_end|>, Llama-3's <|eot_id|>), and the tokenizer's EOS may be another one (Llama-3: <|end_of_text|>). That
     token becomes the EOS that SFT appends and sampling stops at; the SFT checkpoint saves the tokenizer so, and
     ppo and generate read it from there."""
+    check(getattr(tok, "chat_template", None), "--chat-template: this tokenizer has no chat template")
     mark = "Hydra-PPO reply"
     text = tok.apply_chat_template([dict(role="user", content="x"), dict(role="assistant", content=mark)],
                                    tokenize=False)

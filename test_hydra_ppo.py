@@ -1196,6 +1196,8 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     (S + " --eval-frac 1", "--eval-frac 1.0: must be < 1", None),
     (S + " --save-every 5 --lora-r 4", "--save-every", None),
     (S + " --max-response-len 1", "--max-response-len must be > 1 for sft", None),
+    ("sft --chat-template --out {new} --steps 1 --device cpu", "--chat-template: this tokenizer has no chat template",
+     None),
     (S + " --device foo", "--device foo: not a device", None),
     (P + " --eval-prompts 0", "--eval-prompts 0: must be >= 1", None),
     (P + " --kl-horizon 0", "--kl-horizon 0: must be >= 1", None),
