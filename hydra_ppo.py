@@ -164,7 +164,8 @@ class PPOConfig(Common):
     save_every: int = arg(10, "write a resumable checkpoint (OUT/state.pt) every N steps (0: only at the end)",
                          ge=0)
     resume: str = arg("", "continue the run in this folder from its last checkpoint, with its saved configuration "
-                          "(--steps may make it longer, --device may change; other flags are refused)")
+                          "(--steps may make it longer; --device, --actor-lr, --critic-lr, --score-clip, "
+                          "--max-grad-norm may change; other flags are refused)")
     max_bad_steps: int = arg(3, "stop after this many steps in a row whose updates all had a non-finite loss or "
                                 "gradient", ge=1)
 
@@ -819,8 +820,13 @@ def end_turns_as_the_template(tok):
     ppo and generate read it from there."""
     check(getattr(tok, "chat_template", None), "--chat-template: this tokenizer has no chat template")
     mark = "Hydra-PPO reply"
-    text = tok.apply_chat_template([dict(role="user", content="x"), dict(role="assistant", content=mark)],
-                                   tokenize=False)
+    try:
+        text = tok.apply_chat_template([dict(role="user", content="x"), dict(role="assistant", content=mark)],
+                                       tokenize=False)
+    except Exception:  # noqa: BLE001 (a template that will not end on an assistant turn: keep the tokenizer's EOS)
+        return tok
+    if mark not in text:  # a template that rewrites the reply: the end of the turn cannot be found
+        return tok
     after = tok(text[text.rindex(mark) + len(mark):], add_special_tokens=False)["input_ids"]
     special = [i for i in after if i in tok.added_tokens_decoder and tok.added_tokens_decoder[i].special]
     if special and special[0] != tok.eos_token_id:
@@ -1308,7 +1314,10 @@ def build_sft_model(cfg, pairs, device, dtype):
     else:  # full fine-tuning keeps fp32 master weights (bf16 autocast does the math); LoRA trains on a bf16 trunk
         lm, tok = load_lm(cfg.model, device, dtype if cfg.lora_r else torch.float32)
     if cfg.chat_template:
+        eos = tok.eos_token_id
         end_turns_as_the_template(tok)
+        if tok.eos_token_id != eos:  # a plain transformers generate() (an exported model) stops there too
+            lm.generation_config.eos_token_id = [tok.eos_token_id, eos]
     cut = count_truncated(tok, pairs, cfg)
     print(f"truncated: {cut[0]} of {len(pairs)} prompts (to their last --max-prompt-len {cfg.max_prompt_len} "
           f"tokens), {cut[1]} of {2 * len(pairs)} responses (to --max-response-len {cfg.max_response_len} "
@@ -1628,8 +1637,8 @@ def load_run_config(run_dir, flag):
 
 
 def resume_config(cfg):
-    """--resume DIR: the configuration the run saved when it started, with a longer --steps or another --device
-    if given."""
+    """--resume DIR: the configuration the run saved when it started, with what the command line gave of RESUMABLE
+    (a longer --steps, another --device, new learning rates or clipping)."""
     check(os.path.exists(cfg.resume), f"--resume {cfg.resume}: not found")
     check(os.path.isfile(os.path.join(cfg.resume, STATE_FILE)), f"--resume {cfg.resume}: no checkpoint there "
                                                                  f"({STATE_FILE}) to resume from")
@@ -1683,9 +1692,10 @@ def stop_if_bad(cfg, step, bad, saved):
     """A step whose updates all had a non-finite loss or gradient was skipped; --max-bad-steps in a row stop the run."""
     tqdm.write(f"step {step}: non-finite loss or gradient; update skipped ({bad} in a row)")
     check(bad < cfg.max_bad_steps,
-          f"stopped at step {step}: {bad} steps in a row had a non-finite loss or gradient. The last good "
-          f"checkpoint (step {saved}) is in {cfg.out}/{STATE_FILE}. What helps: a lower --actor-lr / "
-          f"--critic-lr, --score-clip 5, --max-grad-norm 0.5, given with: python hydra_ppo.py ppo --resume {cfg.out}")
+          f"stopped at step {step}: {bad} steps in a row had a non-finite loss or gradient. What helps: a lower "
+          f"--actor-lr / --critic-lr, --score-clip 5, --max-grad-norm 0.5, " + (
+              f"given with: python hydra_ppo.py ppo --resume {cfg.out} (its last good checkpoint, step {saved})"
+              if saved else f"in a new run (no checkpoint was saved yet; --overwrite to reuse {cfg.out})"))
 
 
 def finish_ppo(cfg, roles, tok, params, eval_prompts, device, autocast, judge, beta, rank, world, t0):

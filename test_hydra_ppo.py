@@ -793,6 +793,16 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(ckpts, tmp_path, monk
     assert [r["skipped"] for r in log] == [0.0, 0.0, 1.0, 1.0, 1.0]
 
 
+def test_non_finite_updates_before_any_checkpoint_say_so(ckpts, tmp_path, monkeypatch):
+    """No state.pt yet: the advice cannot be `--resume` (it would fail with "no checkpoint there")."""
+    out = tmp_path / "nan"
+    real = hp.ppo_value_loss
+    monkeypatch.setattr(hp, "ppo_value_loss", lambda *a, **kw: (real(*a, **kw)[0] * float("nan"), real(*a, **kw)[1]))
+    with pytest.raises(hp.UserError, match=r"in a new run \(no checkpoint was saved yet; --overwrite to reuse "):
+        hp.ppo(ppo_config(ckpts, "hydra", out=str(out), steps=10, save_every=10))
+    assert not (out / hp.STATE_FILE).exists()
+
+
 def test_cuda_out_of_memory_becomes_a_message(ckpts, monkeypatch, capsys):
     def oom(cfg, judge=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -947,8 +957,10 @@ def test_generation_ignores_the_checkpoints_sampling_settings():
     lm.generation_config.repetition_penalty = 5.0  # what a checkpoint's generation_config.json may carry
     lm.generation_config.no_repeat_ngram_size = 1
     lm.generation_config.top_k = 3
+    lm.generation_config.min_p = 0.5  # transformers 5.x lets this one through unless generation_config is blank
     torch.manual_seed(0)
     assert torch.equal(hp.generate(role, p_ids, p_mask, tok, 8)[0], clean)
+    assert lm.generation_config.min_p == 0.5  # the model's own is back afterwards
 
 
 def test_sft_and_rm_with_different_tokenizers_are_refused(ckpts, tmp_path):
@@ -1039,6 +1051,30 @@ def test_chat_responses_end_with_the_templates_end_of_turn(smol_tok):
     prompt, response = hp.encode_prompt(tok, hh, 64, chat=True), hp.encode_response(tok, " Mix flour and water.", 32, True)
     assert prompt + response == want[:len(prompt) + len(response)] and response[-1] == tok.eos_token_id
     assert hp.end_turns_as_the_template(tok).eos_token == "<|im_end|>"  # already so: nothing changes
+
+
+def test_sft_makes_the_end_of_turn_the_eos(smollm2, smol_tok, tmp_path, capsys):
+    """Through sft: a base model whose tokenizer's EOS is not the template's end of turn. The SFT checkpoint's
+    tokenizer ends responses with <|im_end|>, and its generation_config stops plain generate() at both."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in os.listdir(smollm2):
+        if not name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            os.symlink(os.path.join(smollm2, name), base / name)
+    tok = hp.load_tokenizer(smollm2)
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(base)
+    assert hp.load_tokenizer(str(base)).eos_token == "<|endoftext|>"
+    data = write(tmp_path, [hh_row(*p) for p in HH_PAIRS])
+    out = str(tmp_path / "sft")
+    hp.sft(hp.SFTConfig(model=str(base), data=data, out=out, chat_template=True, max_prompt_len=40,
+                        max_response_len=10, steps=1, batch_size=2, micro_batch_size=2, lora_r=4, eval_frac=0.34,
+                        device="cpu"))
+    assert "responses end with <|im_end|>" in capsys.readouterr().out
+    saved = hp.load_tokenizer(out)
+    assert saved.eos_token == "<|im_end|>" == smol_tok.eos_token
+    from transformers import GenerationConfig
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [saved.eos_token_id, tok.eos_token_id]
 
 
 def test_chat_prompt_is_cut_by_turns_not_through_the_template(smol_tok):
@@ -1571,8 +1607,13 @@ def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, lora_r):
     assert trunks == [torch.bfloat16 if lora_r else torch.float32]
     model, _, _ = hp.load_checkpoint(out, CPU, torch.float32, dropout=False)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged into the weights
-    changed = [not torch.equal(a, b) for a, b in zip(model.lm.parameters(), lm.parameters())]
-    assert any(changed) and all(torch.isfinite(p).all() for p in model.parameters())
+    before = [p.to(trunks[0]).float() for p in lm.parameters()]  # LoRA: the bf16 trunk it was trained on
+    changed = {name for (name, a), b in zip(model.lm.named_parameters(), before) if not torch.equal(a, b)}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if lora_r:  # exactly the layers LoRA was on moved (merged), nothing else
+        assert changed and all(any(t in name for t in hp.DEFAULT_TARGETS) for name in changed)
+    else:
+        assert changed
 
 
 def test_pipeline_settings_follow_the_model(tmp_path, capsys):
