@@ -813,12 +813,16 @@ def chat_ids(tok, messages):
     return tok(text, add_special_tokens=False)["input_ids"]  # the template writes its own BOS
 
 
+def needs_chat_template(tok):
+    check(getattr(tok, "chat_template", None), "--chat-template: this tokenizer has no chat template")
+
+
 def end_turns_as_the_template(tok):
     """--chat-template: a response must end with the token the template closes an assistant turn with (ChatML's
     <|im_end|>, Llama-3's <|eot_id|>), and the tokenizer's EOS may be another one (Llama-3: <|end_of_text|>). That
     token becomes the EOS that SFT appends and sampling stops at; the SFT checkpoint saves the tokenizer so, and
     ppo and generate read it from there."""
-    check(getattr(tok, "chat_template", None), "--chat-template: this tokenizer has no chat template")
+    needs_chat_template(tok)
     mark = "Hydra-PPO reply"
     try:
         text = tok.apply_chat_template([dict(role="user", content="x"), dict(role="assistant", content=mark)],
@@ -840,7 +844,7 @@ def encode_chat(tok, messages, max_len):
     """The conversation through the chat template, cut to max_len tokens without cutting the template's own
     tokens (a prompt that lost its <|im_start|> is not one the chat model was trained on): the oldest turns go first
     (a system message stays), then the oldest remaining turn loses text from its start."""
-    check(getattr(tok, "chat_template", None), "--chat-template: this tokenizer has no chat template")
+    needs_chat_template(tok)
     n_system = 1 if messages[0]["role"] == "system" else 0
     system, turns = messages[:n_system], messages[n_system:]
     ids = chat_ids(tok, system + turns)
@@ -1999,7 +2003,8 @@ def pipeline(cfg: PipelineConfig):
         claim_out(cfg.out, cfg.overwrite, stale=("summary.json",))
     print(f"== 1/2 Hydra-SFT: {cfg.model} on {cfg.data} (LM head + reward head, one model)")
     sft_summary = sft(sft_cfg)
-    print(f"\n== 2/2 {'Hydra' if cfg.mode == 'hydra' else 'J-Hydra'}-PPO: LoRA off = reference and reward model")
+    name = {"hydra": "Hydra-PPO", "jhydra": "J-Hydra-PPO"}[cfg.mode]
+    print(f"\n== 2/2 {name}: LoRA off = reference and reward model")
     ppo_summary = ppo(ppo_cfg, judge=judge)
     with open(os.path.join(ppo_cfg.out, "metrics.jsonl")) as fh:
         scores = [json.loads(line)["score"] for line in fh]
@@ -2017,8 +2022,7 @@ def pipeline(cfg: PipelineConfig):
         write_json(os.path.join(cfg.out, "summary.json"), summary)
         plot_scores(scores, os.path.join(cfg.out, "reward.png"))
     lo, hi = summary["win_rate_ci"]
-    print(f"\nverdict: {summary['verdict']}. {summary['judge']} win-rate of "
-          f"{'Hydra' if cfg.mode == 'hydra' else 'J-Hydra'}-PPO over Hydra-SFT "
+    print(f"\nverdict: {summary['verdict']}. {summary['judge']} win-rate of {name} over Hydra-SFT "
           f"{summary['win_rate']:.2f}, 95% interval [{lo:.2f}, {hi:.2f}] ({summary['eval_prompts']} held-out prompts "
           f"x {summary['eval_samples']} responses); reward-model accuracy {summary['rm_accuracy']:.2f} (held out), "
           f"KL {summary['kl']:.2f}, {summary['time_s']:.0f} s. Everything is in {cfg.out}/")

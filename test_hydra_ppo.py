@@ -452,10 +452,15 @@ def ppo_config(ckpts, mode, out="", **kw):
     return hp.PPOConfig(**{**base, **kw})
 
 
-def one_iteration(cfg, roles, opt, params, seed=0):
+def demo_prompts(cfg, seed=0):
+    """-> the SFT checkpoint's tokenizer, and cfg.batch_size demo prompts as left-padded ids (B, P) and mask."""
     tok = hp.load_tokenizer(cfg.sft)
     prompts = [hp.encode_prompt(tok, p["prompt"], 16) for p in hp.make_demo_pairs(cfg.batch_size, seed=seed)]
-    p_ids, p_mask = hp.pad(prompts, tok.pad_token_id, "left")
+    return (tok, *hp.pad(prompts, tok.pad_token_id, "left"))
+
+
+def one_iteration(cfg, roles, opt, params, seed=0):
+    tok, p_ids, p_mask = demo_prompts(cfg, seed)
     torch.manual_seed(seed)
     batch, _ = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, hp.nullcontext, cfg.kl_coef)
     stats = hp.ppo_update(roles, opt, params, batch, cfg, hp.nullcontext, torch.Generator().manual_seed(seed))
@@ -666,9 +671,7 @@ def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mod
         forwards = []
         for m in hp.models_of(roles):
             m.register_forward_hook(lambda *_: forwards.append(1))
-        tok = hp.load_tokenizer(cfg.sft)
-        prompts = [hp.encode_prompt(tok, p["prompt"], 16) for p in hp.make_demo_pairs(cfg.batch_size)]
-        p_ids, p_mask = hp.pad(prompts, tok.pad_token_id, "left")
+        tok, p_ids, p_mask = demo_prompts(cfg)
         torch.manual_seed(0)
         batch, stats = hp.ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, hp.nullcontext, cfg.kl_coef,
                                    torch.Generator().manual_seed(0))
@@ -1048,7 +1051,8 @@ def test_chat_responses_end_with_the_templates_end_of_turn(smol_tok):
                                     tokenize=False)
     want = tok(whole, add_special_tokens=False)["input_ids"]
     assert hp.end_turns_as_the_template(tok).eos_token == "<|im_end|>"
-    prompt, response = hp.encode_prompt(tok, hh, 64, chat=True), hp.encode_response(tok, " Mix flour and water.", 32, True)
+    prompt = hp.encode_prompt(tok, hh, 64, chat=True)
+    response = hp.encode_response(tok, " Mix flour and water.", 32, chat=True)
     assert prompt + response == want[:len(prompt) + len(response)] and response[-1] == tok.eos_token_id
     assert hp.end_turns_as_the_template(tok).eos_token == "<|im_end|>"  # already so: nothing changes
 
@@ -1536,15 +1540,17 @@ def test_full_fine_tuning_gets_its_own_learning_rates(ckpts):
     assert hp.learning_rates(ppo_config(ckpts, "lora", critic_lr=1e-4)) == (5e-4, 1e-4)
 
 
+def bf16_autocast():  # what setup_device gives CUDA runs, here on the CPU
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
     """On CUDA frozen trunks load in bf16 and the trained copies in fp32 (master weights, autocast). In full mode the
     reference and reward model must still equal the initial actor and critic exactly: KL 0 at step 1."""
     cfg = ppo_config(ckpts, "full")
     roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.bfloat16))
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    tok = hp.load_tokenizer(cfg.sft)
-    prompts = [hp.encode_prompt(tok, p["prompt"], 16) for p in hp.make_demo_pairs(cfg.batch_size)]
-    p_ids, p_mask = hp.pad(prompts, tok.pad_token_id, "left")
+    autocast = bf16_autocast
+    tok, p_ids, p_mask = demo_prompts(cfg)
     torch.manual_seed(0)
     batch, stats = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, cfg.kl_coef)
     assert torch.equal(batch["logprobs"], batch["ref_logprobs"]) and stats["kl"] == 0.0
@@ -1557,8 +1563,7 @@ def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
 def cuda_precision(monkeypatch):
     """What setup_device gives on CUDA (frozen trunks in bf16, bf16 autocast), here on the CPU. -> the dtypes
     that checkpoints are then loaded in."""
-    monkeypatch.setattr(hp, "setup_device", lambda name: (CPU, torch.bfloat16,
-                                                          lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+    monkeypatch.setattr(hp, "setup_device", lambda name: (CPU, torch.bfloat16, bf16_autocast))
     loaded, load = [], hp.load_checkpoint
     monkeypatch.setattr(hp, "load_checkpoint", lambda path, device, dtype, **kw: loaded.append(dtype) or
                         load(path, device, dtype, **kw))
