@@ -396,9 +396,14 @@ def test_sft_with_lora_merges_into_a_plain_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
     cfg = hp.SFTConfig(data=DEMO, out=str(tmp_path), steps=3, lora_r=4, task="sft", model="tiny-opt", device="cpu")
     summary = hp.sft(cfg)
-    assert "held_out_lm_loss" in summary
     lm = AutoModelForCausalLM.from_pretrained(str(tmp_path))  # an ordinary transformers model
-    assert not any("lora" in n for n, _ in lm.named_parameters())
+    assert not any(isinstance(m, LoRALinear) for m in lm.modules())
+    # The plain checkpoint is the trained model: it reproduces the held-out loss that sft measured with LoRA merged
+    # (unmerged, the saved weights would be `base.weight` + `lora_A/B` and the trunk would load re-initialised).
+    model, tok, _ = hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
+    held_out = hp.split_pairs(hp.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
+    again = hp.evaluate_sft(model, tok, held_out, cfg, torch.device("cpu"), hp.nullcontext)
+    assert again["lm_loss"] == pytest.approx(summary["held_out_lm_loss"], abs=1e-5)
 
 
 def test_help_lists_every_field():
@@ -597,9 +602,22 @@ def test_adaptive_kl_moves_beta_toward_the_target():
     assert hp.update_kl_coef(0.1, kl=3.0, target=6.0, n=100, horizon=1000) < 0.1
 
 
-def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys):
+def toy_logprobs(model, adapter, tok):
+    """Log-probs of one fixed review under `model` with `adapter` on (None: LoRA off). -> (1, R)"""
+    ids = torch.tensor([tok("review of the film : great nice lovely", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad(), hp.adapter_on(hp.Role(model, adapter, "lm")):
+        return model.logprobs(model(ids, torch.ones_like(ids)), ids, 4)
+
+
+def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys, monkeypatch):
     """A learnable toy: the reward model favours positive words, so the mean score rises over a short run."""
     out = str(tmp_path / "ppo")
+    trained, save_policy = {}, hp.save_policy
+    def capture(cfg, roles, tok):  # the policy in memory, as it is saved
+        trained.update(actor=toy_logprobs(roles["actor"].model, "actor", tok),
+                       ref=toy_logprobs(roles["ref"].model, None, tok))
+        save_policy(cfg, roles, tok)
+    monkeypatch.setattr(hp, "save_policy", capture)
     cfg = ppo_config(ckpts, "hydra", out=out, steps=16, batch_size=16, minibatch_size=8, micro_batch_size=8,
                      lora_r=8, lora_alpha=16.0, actor_lr=3e-3, critic_lr=3e-3, max_response_len=12, log_every=1,
                      eval_prompts=32, target_kl=1.0)
@@ -615,13 +633,15 @@ def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys):
     assert json.load(open(os.path.join(out, "summary.json")))["win_rate"] == summary["win_rate"]
     printed = capsys.readouterr().out
     assert "win-rate of PPO over SFT" in printed and "prompt:" in printed
-    # the saved adapters reproduce the trained policy
-    capsys.readouterr()
-    hp.generate_cmd(hp.GenerateConfig(run=out, greedy=True, device="cpu"))
-    greedy = capsys.readouterr().out.strip()
-    assert greedy
+    # The saved adapters reproduce the trained policy: the reloaded actor's log-probs equal the trained actor's
+    # (captured by hand below, through save_policy, from the roles in memory), and differ from LoRA off (the SFT model).
     actor, tok, _ = hp.load_policy(out, CPU, torch.float32)
     assert actor.adapter == "actor"
+    assert torch.equal(toy_logprobs(actor.model, "actor", tok), trained["actor"])
+    assert not torch.allclose(trained["actor"], trained["ref"])
+    capsys.readouterr()
+    hp.generate_cmd(hp.GenerateConfig(run=out, greedy=True, device="cpu"))
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -925,13 +945,18 @@ def test_ranks_in_sync_detects_a_difference(tmp_path):
 
 # ---- found in review ---------------------------------------------------------------------------------------------
 
-def test_evaluation_after_a_checkpointed_update_matches_eval_mode(ckpts):
+def test_evaluation_after_a_checkpointed_update_matches_eval_mode(ckpts, monkeypatch):
     """ppo_update leaves the models in train(); with checkpointing on, transformers would then generate without
     its KV cache. evaluate_ppo must put them in eval() itself."""
     cfg = ppo_config(ckpts, "hydra", grad_checkpointing=True, eval_prompts=8)
     roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
     one_iteration(cfg, roles, opt, params)
     assert all(m.training for m in hp.models_of(roles))
+    modes, generate = [], hp.generate
+    def watch(role, *a, **kw):  # on CPU fp32 with and without the KV cache sample the same: check eval() directly
+        modes.append(role.model.training)
+        return generate(role, *a, **kw)
+    monkeypatch.setattr(hp, "generate", watch)
     tok = hp.load_tokenizer(cfg.sft)
     prompts = [p["prompt"] for p in hp.make_demo_pairs(8, seed=5)]
     torch.manual_seed(0)
@@ -940,6 +965,7 @@ def test_evaluation_after_a_checkpointed_update_matches_eval_mode(ckpts):
         m.eval()
     torch.manual_seed(0)
     assert hp.evaluate_ppo(roles, tok, prompts, cfg, CPU, hp.nullcontext) == after_update
+    assert modes and not any(modes)  # every sample was drawn in eval()
 
 
 def test_logprobs_use_the_sampling_temperature(batch):
