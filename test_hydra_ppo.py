@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import hydra_ppo as hp
-from lora import (LoRALinear, add_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
+from lora import (LoRALinear, add_lora, describe_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
                   lora_state_dict, merge_lora, use_adapter)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -180,6 +180,13 @@ def test_lora_state_dict_round_trip(batch):
     torch.testing.assert_close(fresh(batch).logits, want, atol=0, rtol=0)
     with pytest.raises(KeyError, match="no place"):
         load_lora_state_dict(tiny()[0], sd)
+
+
+def test_lora_targets_narrow_the_default(batch):
+    lm, _ = tiny("tiny-opt")
+    assert add_lora(lm, targets=("self_attn.q_proj", "fc1"), r=4) == 4  # names end with these, in each of 2 layers
+    assert describe_lora(lm) == ("LoRA r 4 on 2 linear maps in each of 2 decoder layers (self_attn.q_proj, fc1), "
+                                 "adapters default: 3,584 parameters")  # 2 x (4 x (64 + 64) + 4 x (64 + 256))
 
 
 def test_add_lora_rejects_unknown_targets():
@@ -1680,7 +1687,7 @@ def test_ppo_runs_with_cuda_precision(ckpts, mode, tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])
-def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, lora_r):
+def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, capsys, lora_r):
     """Hydra-SFT from a saved model with CUDA's precision set-up: full fine-tuning keeps fp32 master weights under
     bf16 autocast; LoRA trains fp32 adapters on a bf16 trunk (the README's Llama-7b recipe) and is merged at the end."""
     cuda_precision(monkeypatch)
@@ -1693,6 +1700,7 @@ def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, lora_r):
     hp.sft(hp.SFTConfig(model=str(tmp_path / "base"), data=DEMO, out=out, steps=3, batch_size=8, micro_batch_size=4,
                         lora_r=lora_r, lr=1e-3, device="cpu"))
     assert trunks == [torch.bfloat16 if lora_r else torch.float32]
+    assert ("LoRA r 4 on 7 linear maps in each of 2 decoder layers" in capsys.readouterr().out) == bool(lora_r)
     model, _, _ = hp.load_checkpoint(out, CPU, torch.float32, dropout=False)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged into the weights
     before = [p.to(trunks[0]).float() for p in lm.parameters()]  # LoRA: the bf16 trunk it was trained on
