@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from lora import (DEFAULT_TARGETS, LoRALinear, add_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
-                  lora_state_dict, merge_lora, use_adapter)
+from lora import (DEFAULT_TARGETS, LoRALinear, add_lora, describe_lora, folded, load_lora_state_dict, lora_off,
+                  lora_parameters, lora_state_dict, merge_lora, use_adapter)
 
 
 # ================================================================================================================
@@ -86,9 +86,8 @@ class Common:
     chat_template: bool = arg(False, "format prompts with the tokenizer's chat template (HH transcripts become "
                                      "user/assistant turns); the SFT checkpoint records it, and ppo refuses a "
                                      "checkpoint trained with the other setting")
-    lora_targets: str = arg("", "comma-separated names of the linear layers that get LoRA (default: every linear "
-                                "map in OPT and Llama decoder layers; GPT-NeoX: query_key_value,dense,dense_h_to_4h,"
-                                "dense_4h_to_h)")
+    lora_targets: str = arg("", "comma-separated names: only the decoder layers' linear maps named so get LoRA, "
+                                "e.g. q_proj,v_proj (default: every linear map inside the decoder layers)")
     overwrite: bool = arg(False, "write into an --out folder that already holds another run (its files are replaced); "
                                  "without it such a run stops before doing anything")
 
@@ -1331,6 +1330,7 @@ def build_sft_model(cfg, pairs, device, dtype):
     rm_coef = 0.0 if cfg.task == "sft" else cfg.rm_coef
     if cfg.lora_r:
         add_adapter(model.lm, cfg)  # freezes everything else in the LM
+        print(describe_lora(model.lm))
     if not rm_coef:
         model.reward_head.requires_grad_(False)
     model.value_head.requires_grad_(False)  # PPO's head; SFT leaves it alone
@@ -1733,6 +1733,8 @@ def ppo(cfg: PPOConfig, judge=None):
     train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
     train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
     roles, opt, params = setup_ppo(cfg, checkpoint_loader(cfg, device, dtype))
+    for trunk in dict.fromkeys(r.model for r in roles.values() if r.adapter):  # one line per trunk with adapters
+        print(describe_lora(trunk.lm))
     print(f"learning rates: actor {opt.param_groups[0]['lr']:g}, critic {opt.param_groups[1]['lr']:g}"
           + ("" if cfg.actor_lr and cfg.critic_lr else f" (--mode {cfg.mode} defaults where a flag is 0)"))
     tok = load_tokenizer(cfg.sft)
@@ -1858,12 +1860,13 @@ def export(cfg: ExportConfig):
         suffix = f".{actor.adapter}"
         weights = {"base_model.model." + k[:-len(suffix)] + ".weight": v.contiguous()
                    for k, v in lora_state_dict(lm, actor.adapter).items()}  # ...q_proj.lora_A.actor -> .lora_A.weight
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, LoRALinear)})
+        layers = {n.rsplit(".", 1)[-1]: m for n, m in lm.named_modules() if isinstance(m, LoRALinear)}
         os.makedirs(out, exist_ok=True)
         save_file(weights, os.path.join(out, "adapter_model.safetensors"))
         write_json(os.path.join(out, "adapter_config.json"), dict(
             peft_type="LORA", task_type="CAUSAL_LM", r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=0.0,
-            target_modules=targets, bias="none", fan_in_fan_out=False, inference_mode=True, use_rslora=False,
+            target_modules=sorted(layers), bias="none", inference_mode=True, use_rslora=False,
+            fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()),  # GPT-2's Conv1D: weights (in, out)
             use_dora=False, init_lora_weights=True, modules_to_save=None, base_model_name_or_path=os.path.abspath(run.sft)))
     print(f"exported the policy of {cfg.run} ({cfg.format}) to {out}")
     return out

@@ -9,8 +9,12 @@ A starts Kaiming-uniform and B at zero, so a new adapter changes nothing. Hydra-
   and the reward model ("dynamic LoRA", Santacroce et al. 2023, section 3);
 - several named adapters on one layer (Hydra-PPO: "actor" and "critic"), one active at a time.
 
-Public API: LoRALinear, add_lora, lora_off, use_adapter, folded, lora_parameters, lora_state_dict,
-load_lora_state_dict, merge_lora. Learned from microsoft/LoRA (loralib/layers.py) and cccntu/minLoRA.
+Where: by default on every linear map inside the decoder layers (the paper: "LoRA on the decoder layers' linear
+maps"; peft calls it "all-linear"), found by structure rather than by name, so any family works: the layer stack is
+the model's largest nn.ModuleList, and the LM head and embeddings lie outside it.
+
+Public API: LoRALinear, add_lora, decoder_layers, describe_lora, lora_off, use_adapter, folded, lora_parameters,
+lora_state_dict, load_lora_state_dict, merge_lora. Learned from microsoft/LoRA (loralib/layers.py) and cccntu/minLoRA.
 """
 import math
 from contextlib import contextmanager
@@ -19,23 +23,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Every linear map inside the decoder layers (the paper puts LoRA on all of them), for OPT and Llama.
-# Other families name them differently: Mistral, Qwen2, Gemma use Llama's names; GPT-NeoX/Pythia use
-# query_key_value, dense, dense_h_to_4h, dense_4h_to_h; Phi uses q_proj, k_proj, v_proj, dense, fc1, fc2.
-# Pass targets= (hydra_ppo.py: --lora-targets) for those. GPT-2 uses Conv1D, not nn.Linear, and is not supported.
-# lm_head and the embeddings are never targeted.
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",  # OPT
-                   "o_proj", "gate_proj", "up_proj", "down_proj")           # Llama (+ q/k/v_proj above)
+try:  # GPT-2's linear maps are transformers' Conv1D: y = x W + b with W stored (in, out), nn.Linear's transposed
+    from transformers.pytorch_utils import Conv1D
+    LINEAR_TYPES = (nn.Linear, Conv1D)
+except ImportError:  # without transformers lora.py needs only torch
+    LINEAR_TYPES = (nn.Linear,)
+
+# add_lora's default targets: every linear map inside the decoder layers (peft's name for the same rule).
+DEFAULT_TARGETS = "all-linear"
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scaling * dropout(x) @ A.T @ B.T when enabled, else exactly base(x)."""
+    """y = base(x) + scaling * dropout(x) @ A.T @ B.T when enabled, else exactly base(x).
+    base: an nn.Linear, or a Conv1D (GPT-2), the same linear map with its weight stored transposed."""
 
-    def __init__(self, base: nn.Linear, r=8, alpha=16.0, dropout=0.0, adapter="default"):
+    def __init__(self, base: nn.Module, r=8, alpha=16.0, dropout=0.0, adapter="default"):
         super().__init__()
-        assert isinstance(base, nn.Linear), f"LoRALinear wraps nn.Linear, got {type(base).__name__}"
+        assert isinstance(base, LINEAR_TYPES), f"LoRALinear wraps nn.Linear or Conv1D, got {type(base).__name__}"
         assert r > 0, f"LoRA rank r must be positive, got {r}"
         self.base = base.requires_grad_(False)
+        self.fan_in_fan_out = not isinstance(base, nn.Linear)  # Conv1D: weight (in, out); peft's name for it
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.ParameterDict()  # name -> (r, in_features)
@@ -45,12 +52,17 @@ class LoRALinear(nn.Module):
         self.folded = None                # only inside folded(): (adapter, W0 + (alpha/r) B A) for fast inference
         self.add_adapter(adapter)
 
+    def W0(self):
+        """The frozen weight as (out, in) whichever way the base stores it; a view, so writes reach the base."""
+        return self.base.weight.T if self.fan_in_fan_out else self.base.weight
+
     def add_adapter(self, name):
         assert name not in self.lora_A, f"adapter {name!r} already exists"
         # Adapters are fp32 parameters even on a bf16 trunk (as in peft), so AdamW updates them in full precision.
-        A = torch.empty(self.r, self.base.in_features, device=self.base.weight.device)
+        out_features, in_features = self.W0().shape
+        A = torch.empty(self.r, in_features, device=self.base.weight.device)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as nn.Linear and microsoft/LoRA
-        B = torch.zeros(self.base.out_features, self.r, device=self.base.weight.device)
+        B = torch.zeros(out_features, self.r, device=self.base.weight.device)
         self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
 
     def forward(self, x):
@@ -70,30 +82,52 @@ def _lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
+def decoder_layers(model) -> nn.ModuleList:
+    """The stack of decoder layers: the nn.ModuleList holding the most parameters (model.layers in Llama,
+    model.decoder.layers in OPT, transformer.h in GPT-2 and Falcon, gpt_neox.layers in GPT-NeoX, ...)."""
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not stacks:
+        raise ValueError(f"{type(model).__name__} has no stack of layers (nn.ModuleList) to put LoRA in")
+    return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
 def add_lora(model, targets=DEFAULT_TARGETS, r=8, alpha=16.0, dropout=0.0, adapter="default") -> int:
-    """Wrap every nn.Linear whose name ends with one of `targets` (or add adapter `adapter` to an existing
-    LoRALinear). Afterwards only LoRA parameters are trainable in `model`. Returns how many layers it touched."""
+    """Wrap every linear map inside the decoder layers, or only those whose name ends with one of `targets` (or add
+    adapter `adapter` to an existing LoRALinear). Afterwards only LoRA parameters are trainable in `model`.
+    Returns how many layers it touched."""
+    inside = set(decoder_layers(model).modules())  # never the LM head, the embeddings, or heads outside the stack
     touched = 0
     for name, module in list(model.named_modules()):
-        if not any(name == t or name.endswith("." + t) for t in targets):
+        parent_name, _, child = name.rpartition(".")
+        if module not in inside or isinstance(model.get_submodule(parent_name), LoRALinear):  # or LoRALinear.base
+            continue
+        if targets != DEFAULT_TARGETS and not any(name == t or name.endswith("." + t) for t in targets):
             continue
         if isinstance(module, LoRALinear):
             if (module.r, module.alpha) != (r, alpha):
                 raise ValueError(f"{name}: adapters on one layer share r and alpha; it has r={module.r}, "
                                  f"alpha={module.alpha}, asked r={r}, alpha={alpha}")
             module.add_adapter(adapter)
-        elif isinstance(module, nn.Linear):
-            parent_name, _, child = name.rpartition(".")
+        elif isinstance(module, LINEAR_TYPES):
             setattr(model.get_submodule(parent_name), child, LoRALinear(module, r, alpha, dropout, adapter))
         else:
             continue
         touched += 1
     if touched == 0:
-        raise ValueError(f"add_lora found no nn.Linear named like {targets}; pass targets= for this model family")
+        raise ValueError(f"add_lora found no linear map named like {targets} in the decoder layers")
     model.requires_grad_(False)  # like peft's get_peft_model: only LoRA trains; the caller unfreezes heads
     for p in lora_parameters(model):
         p.requires_grad_(True)
     return touched
+
+
+def describe_lora(model) -> str:
+    """One line for a run's log: which linear maps of a decoder layer carry LoRA, and how many LoRA parameters."""
+    stack, layers = decoder_layers(model), _lora_layers(model)
+    names = list(dict.fromkeys(n.split(".", 1)[1] for n, m in stack.named_modules() if isinstance(m, LoRALinear)))
+    n = sum(p.numel() for p in lora_parameters(model))
+    return (f"LoRA r {layers[0].r} on {len(names)} linear maps in each of {len(stack)} decoder layers "
+            f"({', '.join(names)}), adapters {', '.join(layers[0].lora_A)}: {n:,} parameters")
 
 
 @contextmanager
@@ -139,7 +173,7 @@ def folded(model, name):
     try:
         with torch.no_grad():
             for m in layers:
-                W = m.base.weight  # W0 + scaling * B @ A, computed in fp32
+                W = m.W0()  # W0 + scaling * B @ A, computed in fp32: (out, in) for F.linear, also for a Conv1D
                 m.folded = name, torch.addmm(W.float(), m.lora_B[name].float(), m.lora_A[name].float(),
                                              alpha=m.scaling).to(W.dtype)
         yield model
@@ -175,7 +209,7 @@ def merge_lora(model, adapter):
     adapters are dropped). For export: the result is an ordinary transformers model."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            W = module.base.weight
+            W = module.W0()  # (out, in)
             delta = module.scaling * (module.lora_B[adapter].float() @ module.lora_A[adapter].float())  # (out, in)
             W.copy_((W.float() + delta).to(W.dtype))
             parent_name, _, child = name.rpartition(".")

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import hydra_ppo as hp
-from lora import (LoRALinear, add_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
+from lora import (LoRALinear, add_lora, describe_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
                   lora_state_dict, merge_lora, use_adapter)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -182,10 +182,19 @@ def test_lora_state_dict_round_trip(batch):
         load_lora_state_dict(tiny()[0], sd)
 
 
+def test_lora_targets_narrow_the_default(batch):
+    lm, _ = tiny("tiny-opt")
+    assert add_lora(lm, targets=("self_attn.q_proj", "fc1"), r=4) == 4  # names end with these, in each of 2 layers
+    assert describe_lora(lm) == ("LoRA r 4 on 2 linear maps in each of 2 decoder layers (self_attn.q_proj, fc1), "
+                                 "adapters default: 3,584 parameters")  # 2 x (4 x (64 + 64) + 4 x (64 + 256))
+
+
 def test_add_lora_rejects_unknown_targets():
     lm, _ = tiny()
-    with pytest.raises(ValueError, match="no nn.Linear"):
+    with pytest.raises(ValueError, match="no linear map named like"):
         add_lora(lm, targets=("c_attn",))
+    with pytest.raises(ValueError, match="no linear map named like"):
+        add_lora(lm, targets=("lm_head",))  # narrowing never leaves the decoder layers
 
 
 # ---- HydraModel --------------------------------------------------------------------------------------------------
@@ -879,6 +888,87 @@ def test_export_peft_loads_in_peft(ppo_runs, tmp_path, batch):
         hp.export(hp.ExportConfig(run=ppo_runs["full"], format="peft", out=str(tmp_path / "f")))
 
 
+# ---- model families: every test above runs on tiny Llama and OPT; here one tiny random-init config per family -------
+# (config class, its own size arguments, linear maps per decoder layer). transformers ignores the shared sizes a
+# family does not use. To add a family: one line here.
+FAMILY_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128)
+FAMILY_CONFIGS = {
+    "opt": ("OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=32), 6),
+    "llama": ("LlamaConfig", {}, 7),
+    "qwen2": ("Qwen2Config", {}, 7),
+    "qwen3": ("Qwen3Config", dict(head_dim=8), 7),
+    "gemma": ("GemmaConfig", dict(head_dim=8), 7),
+    "gemma2": ("Gemma2Config", dict(head_dim=8), 7),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=8), 7),
+    "mistral": ("MistralConfig", {}, 7),
+    "phi3": ("Phi3Config", {}, 4),           # fused qkv_proj and gate_up_proj
+    "gpt-neox": ("GPTNeoXConfig", {}, 4),    # Pythia
+    "falcon": ("FalconConfig", {}, 4),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=128), 4),  # Conv1D: weights (in, out)
+}
+
+
+def tiny_family(family, seed=0):
+    """A tiny random-init model of `family` with the word-level tokenizer of tiny()."""
+    import transformers
+    cls, sizes, _ = FAMILY_CONFIGS[family]
+    _, tok = tiny()
+    config = getattr(transformers, cls)(**{**FAMILY_SIZES, **sizes}, vocab_size=len(tok), pad_token_id=0,
+                                        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).eval(), tok
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_lora_on_every_linear_map_of_each_family(family, batch):
+    from lora import LINEAR_TYPES
+    lm, _ = tiny_family(family)
+    before = lm(batch).logits
+    linear = {n for n, m in lm.named_modules() if isinstance(m, LINEAR_TYPES)}
+    assert add_lora(lm, r=4, alpha=8.0) == 2 * FAMILY_CONFIGS[family][2]  # every linear map of the 2 layers
+    assert linear - {n for n, m in lm.named_modules() if isinstance(m, LoRALinear)} == {"lm_head"}  # all but it
+    assert torch.equal(lm(batch).logits, before)  # B = 0: a new adapter changes nothing
+    randomize_lora(lm)
+    on = lm(batch).logits
+    assert not torch.allclose(on, before)
+    with lora_off(lm):
+        assert torch.equal(lm(batch).logits, before)  # off: the frozen base, bit for bit
+    with folded(lm, "default"):
+        torch.testing.assert_close(lm(batch).logits, on, atol=1e-5, rtol=1e-5)
+    merge_lora(lm, "default")
+    torch.testing.assert_close(lm(batch).logits, on, atol=1e-5, rtol=1e-5)  # (GPT-2: W0 += (B A).T)
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_each_family_runs_hydra_sft_then_ppo_and_exports_to_peft(family, tmp_path, capsys, batch):
+    """From a saved model folder, as a user brings one: one Hydra-SFT step, one PPO step in hydra and in jhydra with
+    LoRA on every linear map of the decoder layers (said in one line), the policy exported for peft."""
+    lm, tok = tiny_family(family)
+    lm.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    data, sft = write(tmp_path, [json.dumps(p) for p in hp.make_demo_pairs(40)]), str(tmp_path / "sft")
+    hp.sft(hp.SFTConfig(model=str(tmp_path / "base"), data=data, out=sft, steps=1, batch_size=4, micro_batch_size=4,
+                        max_response_len=8, device="cpu"))
+    per_layer = FAMILY_CONFIGS[family][2]
+    for mode in ("hydra", "jhydra"):
+        capsys.readouterr()
+        hp.ppo(ppo_config(dict(hydra=sft), mode, data=data, out=str(tmp_path / mode), steps=1, batch_size=4,
+                          minibatch_size=2, max_response_len=4, eval_prompts=2, actor_lr=1e-2))
+        assert f"LoRA r 4 on {per_layer} linear maps in each of 2 decoder layers" in capsys.readouterr().out
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    out = hp.export(hp.ExportConfig(run=str(tmp_path / "hydra"), format="peft", out=str(tmp_path / "peft")))
+    config = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert config["fan_in_fan_out"] == (family == "gpt2")  # peft's flag for Conv1D's (in, out) weights
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft), out).eval()
+    assert sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules()) == 2 * per_layer
+    want = policy_logits(str(tmp_path / "hydra"), batch)
+    with model.disable_adapter():
+        assert not torch.allclose(model(batch).logits, want, atol=1e-4)  # the policy did move away from SFT
+    torch.testing.assert_close(model(batch).logits, want, atol=1e-5, rtol=1e-5)
+
+
 def test_chat_template_formats_hh_turns():
     _, tok = tiny()
     hh = "\n\nHuman: good film\n\nAssistant: nice\n\nHuman: bad song\n\nAssistant:"
@@ -1003,7 +1093,7 @@ def test_sft_and_rm_with_different_tokenizers_are_refused(ckpts, tmp_path):
 
 def test_unknown_lora_targets_are_one_line(ckpts):
     cfg = ppo_config(ckpts, "hydra", lora_targets="query_key_value")
-    with pytest.raises(hp.UserError, match="no nn.Linear named like.*--lora-targets"):
+    with pytest.raises(hp.UserError, match="no linear map named like.*--lora-targets"):
         hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
 
 
@@ -1623,7 +1713,7 @@ def test_ppo_runs_with_cuda_precision(ckpts, mode, tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])
-def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, lora_r):
+def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, capsys, lora_r):
     """Hydra-SFT from a saved model with CUDA's precision set-up: full fine-tuning keeps fp32 master weights under
     bf16 autocast; LoRA trains fp32 adapters on a bf16 trunk (the README's Llama-7b recipe) and is merged at the end."""
     cuda_precision(monkeypatch)
@@ -1636,13 +1726,15 @@ def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, lora_r):
     hp.sft(hp.SFTConfig(model=str(tmp_path / "base"), data=DEMO, out=out, steps=3, batch_size=8, micro_batch_size=4,
                         lora_r=lora_r, lr=1e-3, device="cpu"))
     assert trunks == [torch.bfloat16 if lora_r else torch.float32]
+    assert ("LoRA r 4 on 7 linear maps in each of 2 decoder layers" in capsys.readouterr().out) == bool(lora_r)
     model, _, _ = hp.load_checkpoint(out, CPU, torch.float32, dropout=False)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged into the weights
     before = [p.to(trunks[0]).float() for p in lm.parameters()]  # LoRA: the bf16 trunk it was trained on
     changed = {name for (name, a), b in zip(model.lm.named_parameters(), before) if not torch.equal(a, b)}
     assert all(torch.isfinite(p).all() for p in model.parameters())
     if lora_r:  # exactly the layers LoRA was on moved (merged), nothing else
-        assert changed and all(any(t in name for t in hp.DEFAULT_TARGETS) for name in changed)
+        add_lora(lm, r=4)
+        assert changed == {n + ".weight" for n, m in lm.named_modules() if isinstance(m, LoRALinear)}
     else:
         assert changed
 
