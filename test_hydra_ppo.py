@@ -315,6 +315,60 @@ def test_bad_data_on_the_command_line_is_one_line(tmp_path):
                                              f"double quotes)"]
 
 
+def hh_lines(n, seed=0):
+    return [json.dumps(p) for p in hp.make_demo_pairs(n, seed=seed, hh=True)]  # {chosen, rejected} transcripts
+
+
+def write_gz(path, lines):
+    import gzip
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write("".join(l + "\n" for l in lines))
+    return str(path)
+
+
+def test_data_as_hh_rlhf_is_published_gz_folders_and_lists(tmp_path):
+    """HH-RLHF comes as SUBSET/train.jsonl.gz: --data reads .jsonl.gz, a folder (its *.jsonl and *.jsonl.gz, sorted,
+    not its subfolders) and a comma-separated list of files."""
+    (tmp_path / "hh" / "deeper").mkdir(parents=True)
+    gz = write_gz(tmp_path / "hh" / "b.jsonl.gz", hh_lines(3, seed=1))
+    plain = write(tmp_path / "hh", hh_lines(2, seed=2), name="a.jsonl")
+    write(tmp_path / "hh" / "deeper", hh_lines(5), name="c.jsonl")
+    (tmp_path / "hh" / "notes.txt").write_text("not data")
+    a, b = hp.load_pairs(plain), hp.load_pairs(gz)
+    assert len(a) == 2 and len(b) == 3 and b[0]["prompt"].startswith("\n\nHuman:")
+    assert hp.load_pairs(str(tmp_path / "hh")) == a + b
+    assert hp.load_pairs(f"{gz}, {plain}") == b + a
+    (tmp_path / "cut.jsonl.gz").write_bytes(open(gz, "rb").read()[:30])
+    with pytest.raises(hp.UserError, match="cut.jsonl.gz: not a readable gzip file"):
+        hp.load_pairs(str(tmp_path / "cut.jsonl.gz"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(hp.UserError, match=r"empty: a folder with no \*.jsonl or \*.jsonl.gz file in it"):
+        hp.load_pairs(str(tmp_path / "empty"))
+    run = hp.absolute_paths(hp.PPOConfig(data="hf:Anthropic/hh-rlhf/helpful-base/train.jsonl.gz, x.jsonl", sft="s"))
+    assert run.data == "hf:Anthropic/hh-rlhf/helpful-base/train.jsonl.gz," + os.path.abspath("x.jsonl")
+
+
+def test_data_from_the_hub_offline_trains(tmp_path):
+    """--data hf:OWNER/REPO/path reads a dataset file through huggingface_hub's cache; here the cache is a folder laid
+    out as the hub lays it out, and HF_HUB_OFFLINE=1 keeps the test off the network."""
+    snapshot = tmp_path / "hub" / "datasets--Anthropic--hh-rlhf" / "snapshots" / ("0" * 40)
+    (snapshot / "helpful-base").mkdir(parents=True)
+    (tmp_path / "hub" / "datasets--Anthropic--hh-rlhf" / "refs").mkdir()
+    (tmp_path / "hub" / "datasets--Anthropic--hh-rlhf" / "refs" / "main").write_text("0" * 40)
+    write_gz(snapshot / "helpful-base" / "train.jsonl.gz", hh_lines(40))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    base = [sys.executable, os.path.join(HERE, "hydra_ppo.py"), "sft", "--steps", "1", "--batch-size", "4",
+            "--micro-batch-size", "4", "--device", "cpu"]
+    r = subprocess.run(base + ["--data", "hf:Anthropic/hh-rlhf/helpful-base/train.jsonl.gz", "--out",
+                               str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(tmp_path / "o" / "summary.json"))["steps"] == 1
+    r = subprocess.run(base + ["--data", "hf:Anthropic/hh-rlhf/harmless-base/train.jsonl.gz", "--out",
+                               str(tmp_path / "p")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: --data hf:Anthropic/hh-rlhf/harmless-base/train.jsonl.gz: "
+                                                     "could not get it from the hub") and r.stderr.count("\n") == 1
+
+
 def test_split_is_deterministic_and_disjoint():
     pairs = hp.make_demo_pairs(100)
     a_train, a_eval = hp.split_pairs(pairs, 0.1, seed=3)
@@ -406,6 +460,26 @@ def test_help_lists_every_field():
     assert r.returncode == 0
     for f in hp.fields(hp.SFTConfig):
         assert "--" + f.name.replace("_", "-") in r.stdout
+
+
+def test_help_lists_the_commands_and_says_what_each_does(capsys):
+    """`--help` names every subcommand in one line; each command's help opens with a sentence (not the dataclass's
+    repr) and shows the project's files by their path in the project, never this checkout's absolute path."""
+    def help_of(*argv):
+        with pytest.raises(SystemExit) as e:
+            hp.main([*argv, "--help"])
+        assert e.value.code == 0
+        return capsys.readouterr().out
+    top = help_of()
+    listed = {line.split()[0]: line for line in top.splitlines() if line.startswith("  ") and line.split()}
+    for name, (cls, _) in [("(none)", (hp.PipelineConfig, None))] + list(hp.SUBCOMMANDS.items()):
+        text = help_of(name) if name != "(none)" else top
+        opening = text.split("\n\n")[1]  # after the usage line
+        sentence = " ".join(opening.split()).split(". ")[0]
+        assert sentence and "Config(" not in text and HERE not in text, name
+        assert name in listed and " ".join(listed[name].split()[1:]).startswith(sentence), name
+    assert set(listed) >= {"(none)", "sft", "ppo", "generate", "export"}
+    assert "(default: data/demo.jsonl)" in " ".join(help_of("sft").split())
 
 
 def test_a_cut_response_gets_no_eos():
@@ -618,8 +692,8 @@ def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys):
     # the saved adapters reproduce the trained policy
     capsys.readouterr()
     hp.generate_cmd(hp.GenerateConfig(run=out, greedy=True, device="cpu"))
-    greedy = capsys.readouterr().out.strip()
-    assert greedy
+    greedy = capsys.readouterr().out.strip().splitlines()
+    assert greedy[0] == "prompt: 'review of the film :'" and greedy[1].startswith("response 1: ") and len(greedy) == 2
     actor, tok, _ = hp.load_policy(out, CPU, torch.float32)
     assert actor.adapter == "actor"
 
@@ -719,7 +793,7 @@ def test_pipeline_runs_every_stage_and_is_deterministic(tmp_path):
         r = run_cli(*small, "--out", str(out))
         assert r.returncode == 0, r.stderr[-2000:]
         assert "1/2 Hydra-SFT" in r.stdout and "2/2 Hydra-PPO" in r.stdout and "verdict:" in r.stdout
-        assert "win-rate of PPO over SFT (gold judge)" in r.stdout and "settings for the tiny model:" in r.stdout
+        assert "win-rate of PPO over SFT (gold judge)" in r.stdout and "settings for the tiny model, PIPELINE_SETTINGS['tiny']:" in r.stdout
         for f in ("sft/summary.json", "sft/model.safetensors", "ppo/summary.json", "ppo/policy.pt", "summary.json"):
             assert (out / f).exists(), f
         assert len((out / "ppo" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -1270,7 +1344,11 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     ("ppo --resume {run} --steps 2", "--steps 2: the run in {run} is already at step 3", None),
     ("ppo --resume {new}", "--resume {new}: not found", None),
     # paths: data, output folders, runs
-    (S + " --data {tmp}", "{tmp}: a folder, not a JSONL file", None),
+    (S + " --data {tmp}/empty", "{tmp}/empty: a folder with no *.jsonl or *.jsonl.gz file in it",
+     lambda p: os.mkdir(os.path.join(p["tmp"], "empty"))),
+    (S + " --data {tmp}/cut.jsonl.gz", "{tmp}/cut.jsonl.gz: not a readable gzip file",
+     lambda p: open(os.path.join(p["tmp"], "cut.jsonl.gz"), "wb").write(b"\x1f\x8b\x08\x00 cut")),
+    (S + " --data hf:owner-only", "--data hf:owner-only: expected hf:OWNER/REPO/path/in/repo", None),
     (S + " --data {latin1}", "{latin1}:2: not UTF-8", None),
     ("sft --out {file} --steps 1", "--out {file}: a file, not a folder", None),
     ("ppo --sft {sft} --out {file}/sub", "--out {file}/sub: cannot write there", None),
@@ -1588,8 +1666,8 @@ def test_ppo_runs_with_cuda_precision(ckpts, mode, tmp_path, monkeypatch, capsys
     assert next(actor.model.lm.parameters()).dtype == torch.bfloat16  # the saved policy, for sampling on CUDA
     capsys.readouterr()
     hp.generate_cmd(hp.GenerateConfig(run=out, num_samples=4, device="cpu"))
-    printed = capsys.readouterr().out
-    assert printed.count("\n") == 4 and printed.strip()  # one line per sample (a sample may be empty: EOS first)
+    printed = capsys.readouterr().out.splitlines()  # the prompt, then one line per sample (maybe empty: EOS first)
+    assert printed[0].startswith("prompt: ") and [l[:11] for l in printed[1:]] == [f"response {i}:" for i in range(1, 5)]
     hp.export(hp.ExportConfig(run=out))
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "export-merged"))
@@ -1623,10 +1701,10 @@ def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, lora_r):
 
 def test_pipeline_settings_follow_the_model(tmp_path, capsys):
     """The pipeline's tiny-model settings (lr 3e-3, r 8, 16 tokens) are wrong for a pretrained model: 0 means
-    "by model" (one table, PIPELINE_SETTINGS), the choice is printed in one line, explicit flags win."""
+    "by model size" (one table, PIPELINE_SETTINGS), the row and values are printed in one line, explicit flags win."""
     cfg = hp.pipeline_settings(hp.PipelineConfig())
-    assert (cfg.lora_r, cfg.actor_lr, cfg.max_response_len, cfg.sft_steps) == (8, 3e-3, 16, 300)
-    assert "settings for the tiny model:" in capsys.readouterr().out
+    assert (cfg.lora_r, cfg.actor_lr, cfg.max_response_len, cfg.sft_steps, cfg.max_prompt_len) == (8, 3e-3, 16, 300, 64)
+    assert "settings for the tiny model, PIPELINE_SETTINGS['tiny']:" in capsys.readouterr().out
     lm, tok = tiny()  # any model that is not built in memory counts as a real one; here a tiny Llama in a folder
     lm.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
@@ -1634,10 +1712,24 @@ def test_pipeline_settings_follow_the_model(tmp_path, capsys):
     assert {k: getattr(cfg, k) for k in hp.PIPELINE_SETTINGS["real"]} == hp.PIPELINE_SETTINGS["real"]
     n = sum(p.numel() for p in lm.parameters())
     line = capsys.readouterr().out
-    assert f"settings for a {hp.model_size(n)} model:" in line and "--lora-r 16," in line
+    assert f"settings for a {hp.model_size(n)} model, PIPELINE_SETTINGS['real']:" in line and "--lora-r 16," in line
     cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path / "m"), lora_r=4, actor_lr=1e-3))
     assert (cfg.lora_r, cfg.actor_lr, cfg.lora_alpha) == (4, 1e-3, hp.PIPELINE_SETTINGS["real"]["lora_alpha"])
     assert hp.model_size(134_515_008) == "135M" and hp.model_size(6_738_415_616) == "6.7B"
+
+
+def test_billion_parameter_models_get_the_papers_settings(tmp_path, capsys):
+    """From 1B parameters (OPT-1.3b, Llama-7b) the pipeline uses the paper's row: 400 + 400 tokens, LoRA r 128,
+    actor lr 5e-4, critic lr 5e-5, Hydra-SFT for one epoch. Only the config is read: a 1.1B Llama with no weights."""
+    from transformers import LlamaConfig
+    LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000).save_pretrained(tmp_path)
+    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path), sft_lr=2e-6))
+    assert (cfg.max_prompt_len, cfg.max_response_len, cfg.lora_r, cfg.actor_lr, cfg.critic_lr, cfg.sft_steps,
+            cfg.sft_lr) == (400, 400, 128, 5e-4, 5e-5, 0, 2e-6)
+    line = capsys.readouterr().out
+    assert line.startswith("settings for a 1.1B model, PIPELINE_SETTINGS['billion']: --max-prompt-len 400,")
+    assert "--sft-steps 0 (one epoch)," in line and line.rstrip().endswith("(given: sft_lr)")
 
 
 @pytest.mark.parametrize("task,trained,untrained", [("sft", "lm_loss", "rm_acc"), ("rm", "rm_acc", "lm_loss")])
