@@ -1546,6 +1546,24 @@ def test_bench_bad_input_is_one_line(tmp_path, capsys, argv, names):
 
 # ---- issue 12: paths, warnings, full-mode defaults, pipeline settings, what SFT reports, evaluation noise ---------
 
+def test_the_trl_venv_sees_the_running_interpreters_packages(tmp_path):
+    """bench.py --vs-trl run from a venv: the TRL venv must see that venv's torch and transformers, not only the base
+    interpreter's (what --system-site-packages gives). Here the running interpreter is a venv holding a module the
+    base interpreter lacks; the venv that bench_trl makes from it must import it. No TRL is installed."""
+    outer = tmp_path / "outer"
+    subprocess.check_call([sys.executable, "-m", "venv", "--without-pip", str(outer)])
+    outer_py = str(outer / "bin" / "python")
+    site_dir = subprocess.check_output([outer_py, "-c", "import site; print(site.getsitepackages()[0])"],
+                                       text=True).strip()
+    open(os.path.join(site_dir, "only_in_the_outer_venv.py"), "w").write("")
+    inner = tmp_path / "inner"
+    subprocess.check_call([outer_py, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_trl; "
+                                           f"bench_trl.make_venv({str(inner)!r}, pip=False)"])
+    found = subprocess.check_output([str(inner / "bin" / "python"), "-c", "import only_in_the_outer_venv as m, torch; "
+                                     "print(m.__file__); print(torch.__file__)"], text=True).split()
+    assert found == [os.path.join(site_dir, "only_in_the_outer_venv.py"), torch.__file__]
+
+
 def test_run_json_holds_absolute_paths_that_work_from_another_directory(ckpts, tmp_path, monkeypatch, capsys):
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
