@@ -1,8 +1,9 @@
 """Benchmark TRL's PPO (trl 1.12.0, `trl.experimental.ppo.PPOTrainer`) on a fixed CPU workload.
 
-TRL is NOT a dependency of this project. Run normally, this script creates `.bench_venv/` next to itself (a venv with
-`--system-site-packages`, so the system torch and transformers are reused unchanged), pip-installs pinned
-trl/peft/accelerate/datasets into it (torch is pinned to the system version so nothing can replace it), then re-runs
+TRL is NOT a dependency of this project. Run normally, this script creates `.bench_venv/` next to itself (a venv that
+sees the running interpreter's packages, so its torch and transformers are reused unchanged: see make_venv),
+pip-installs pinned trl/peft/accelerate/datasets into it (torch is pinned to the running interpreter's version so
+nothing can replace it), then re-runs
 itself inside that venv with `--inner` to measure. Our own implementation runs the same workload for comparison.
 
 Workload (every value below is fixed on purpose, so both sides do the same arithmetic):
@@ -50,11 +51,26 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def make_venv(venv, pip=True):
+    """A venv that sees the running interpreter's packages (torch, transformers), whether that interpreter is the
+    system's or itself a venv: `--system-site-packages` alone would give the *base* interpreter's packages. A .pth
+    file adds this interpreter's site directories after the venv's own, so what pip installs there comes first.
+    -> the venv's python."""
+    import site
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):
+        subprocess.check_call([sys.executable, "-m", "venv", "--system-site-packages", venv]
+                              + ([] if pip else ["--without-pip"]))
+    ours = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    inner = subprocess.check_output([py, "-c", "import site; print(site.getsitepackages()[0])"], text=True).strip()
+    with open(os.path.join(inner, "_running_interpreter.pth"), "w") as f:  # rewritten: the caller may have changed
+        f.write(f"import site; list(map(site.addsitedir, {ours!r}))\n")  # addsitedir: their .pth files count too
+    return py
+
+
 def ensure_venv_and_rerun():
     """Outer process: stdlib only. Make the venv, install the pins if missing, run the measurement inside it."""
-    py = os.path.join(VENV, "bin", "python")
-    if not os.path.exists(py):
-        subprocess.check_call([sys.executable, "-m", "venv", "--system-site-packages", VENV])
+    py = make_venv(VENV)
     check = ("import importlib.metadata as m, sys\n"
              "sys.exit(any(m.version(n) != v for n, v in (p.split('==') for p in sys.argv[1:])))")
     if subprocess.run([py, "-c", check, *PINS], capture_output=True).returncode != 0:  # missing or other version

@@ -20,6 +20,10 @@ The outer loops live in Part II because most of their lines are about running fo
 Ctrl-C); the method they repeat is ppo_step and sft_loss.
 """
 import argparse
+import glob
+import inspect
+import gzip
+import io
 import json
 import math
 import operator
@@ -30,6 +34,7 @@ import signal
 import sys
 import time
 import typing
+import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -72,7 +77,9 @@ def arg(default, help, **kw):
 @dataclass
 class Common:
     data: str = arg(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo.jsonl"),
-                    "preference pairs, JSONL: {prompt, chosen, rejected} or Anthropic HH {chosen, rejected}")
+                    "preference pairs, JSONL: {prompt, chosen, rejected}, Anthropic HH {chosen, rejected} or TRL's "
+                    "conversational format; a file (.jsonl or .jsonl.gz), a folder of them, a comma-separated list, "
+                    "or hf:OWNER/REPO/path for a file of a dataset on the Hugging Face hub")
     out: str = arg("out/run", "output folder: checkpoint, metrics.jsonl, summary.json")
     seed: int = arg(0, "random seed (data split, init, sampling)")
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
@@ -94,6 +101,8 @@ class Common:
 
 @dataclass
 class SFTConfig(Common):
+    """Hydra-SFT: train one model with an LM head and a reward head on preference pairs. --task sft or rm trains one
+    head only, for the configurations that keep separate models. `ppo --sft` reads the checkpoint it writes."""
     model: str = arg("tiny", "hub name or local folder of a causal LM; 'tiny' / 'tiny-opt': a small random-init "
                              "Llama / OPT with a word-level tokenizer built from --data")
     out: str = arg("out/sft", "output folder: checkpoint, metrics.jsonl, summary.json")
@@ -118,6 +127,8 @@ class SFTConfig(Common):
 
 @dataclass
 class PPOConfig(Common):
+    """PPO with LoRA from an SFT checkpoint, in one of the paper's five configurations (--mode). It writes the
+    policy, metrics.jsonl and summary.json (SFT vs PPO on held-out prompts)."""
     mode: str = arg("hydra", "which models PPO holds (paper, Table 2): hydra | jhydra | dlora | lora | full",
                     choices=("hydra", "jhydra", "dlora", "lora", "full"))
     sft: str = arg("out/sft", "SFT checkpoint (from `sft`): a Hydra-SFT one for hydra/jhydra, else --task sft or hydra")
@@ -737,25 +748,36 @@ def ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, genera
 # ----------------------------------------------------------------------------------------------------------------
 # Flags: parsed from the config dataclasses, checked against the ranges declared beside each field.
 
-def parse_config(cls, argv, prog):
+def parse_config(cls, argv, prog, commands=""):
+    """-> cls from the command line. --help opens with the class's docstring (then `commands`, the top level's list
+    of subcommands), and shows the project's own files by their path in the project (data/demo.jsonl)."""
+    project = os.path.dirname(os.path.abspath(__file__))
+    shown = lambda v: os.path.relpath(v, project) if isinstance(v, str) and v.startswith(project + os.sep) else v
+
     def parser(suppress):  # suppress: a flag not given stays out of the result, instead of taking its default
-        p = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = argparse.ArgumentParser(prog=prog, usage="%(prog)s " + ("[COMMAND] " if commands else "") + "[--flags]",
+                                    description=inspect.cleandoc(cls.__doc__) + commands, formatter_class=HelpFormatter)
 
         def error(message):  # argparse prints the usage and the error; one line is enough, --help has the rest
             raise UserError(f"{prog}: {message} (see --help)")
         p.error = error
         for f in fields(cls):
             flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-            default = argparse.SUPPRESS if suppress else f.default
+            default = argparse.SUPPRESS if suppress else shown(f.default)
             if f.type is bool:
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
             else:
                 p.add_argument(flag, type=f.type, default=default, help=meta["help"], choices=meta.get("choices"))
         return p
-    cfg = cls(**vars(parser(False).parse_args(argv)))
-    cfg.given = set(vars(parser(True).parse_args(argv)))  # not a field; `ppo --resume` reads it (20 given is not
-    return cfg                                            # the same as 20 by default)
+    parser(False).parse_args(argv)  # --help, and errors
+    given = vars(parser(True).parse_args(argv))
+    cfg = cls(**given)  # a flag not given: the field's own default
+    cfg.given = set(given)  # not a field; `ppo --resume` reads it (20 given is not the same as 20 by default)
+    return cfg
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults beside each flag; the description as written (the list of subcommands keeps its lines)."""
 
 
 BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
@@ -936,14 +958,52 @@ def from_conversation(row, where):
     return dict(prompt=prompt, chosen=reply(chosen), rejected=reply(rejected))
 
 
+def data_files(spec):
+    """--data -> the files it names: a JSONL file (`.jsonl.gz`: gzip, as HH-RLHF is published), a folder (its
+    *.jsonl and *.jsonl.gz, not its subfolders), a comma-separated list of these, or hf:OWNER/REPO/PATH, a file of
+    a dataset on the Hugging Face hub (downloaded once into the hub's cache; HF_HUB_OFFLINE=1 reads only the cache)."""
+    files = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if part.startswith("hf:"):
+            owner, repo, name = (part[3:].split("/", 2) + ["", ""])[:3]
+            check(owner and repo and name, f"--data {part}: expected hf:OWNER/REPO/path/in/repo")
+            from huggingface_hub import hf_hub_download
+            try:
+                files.append(hf_hub_download(f"{owner}/{repo}", name, repo_type="dataset"))
+            except Exception as e:  # offline, not cached, no such repo or file, gated: whatever the hub says, one line
+                raise UserError(f"--data {part}: could not get it from the hub ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        elif os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.jsonl")) + glob.glob(os.path.join(part, "*.jsonl.gz")))
+            check(found, f"{part}: a folder with no *.jsonl or *.jsonl.gz file in it")
+            files += found
+        else:
+            files.append(part)
+    check(files, f"--data {spec!r}: names no file")
+    return files
+
+
+def open_data(path):
+    """A data file as binary lines; a .gz file is decompressed whole first, so that a damaged one is one line."""
+    if not path.endswith(".gz"):
+        return open(path, "rb")
+    try:
+        with gzip.open(path, "rb") as fh:
+            return io.BytesIO(fh.read())
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, or cut short
+        raise UserError(f"{path}: not a readable gzip file ({e})") from None
+
+
 def load_pairs(path):
     """-> list of {prompt, chosen, rejected}. Accepts {prompt, chosen, rejected} or Anthropic HH {chosen, rejected}
     (whole transcripts; split at the last "\\n\\nAssistant:", which stays in the prompt), and TRL's conversational
-    format (lists of {role, content} messages, see from_conversation)."""
-    check(not os.path.isdir(path), f"{path}: a folder, not a JSONL file")
+    format (lists of {role, content} messages, see from_conversation). `path`: whatever data_files accepts."""
+    files = data_files(path)
+    if files != [path]:  # several files, a folder or the hub: their pairs in order
+        return [pair for f in files for pair in load_pairs(f)]
     check(os.path.isfile(path), f"{path}: no such file")
     pairs = []
-    with open(path, "rb") as fh:  # bytes, so a line that is not UTF-8 can be named
+    with open_data(path) as fh:  # bytes, so a line that is not UTF-8 can be named
         for n, raw in enumerate(fh, 1):
             where = f"{path}:{n}"
             try:
@@ -1562,8 +1622,10 @@ def check_ppo_config(cfg):
 def absolute_paths(cfg):
     """run.json is read by `generate`, `export` and `--resume`, maybe from another directory: its paths must not
     depend on where the run was started."""
-    paths = {k: getattr(cfg, k) for k in ("sft", "rm", "data", "out")}
-    return replace(cfg, **{k: os.path.abspath(v) for k, v in paths.items() if v})  # "" (no --rm) stays ""
+    paths = {k: getattr(cfg, k) for k in ("sft", "rm", "out")}
+    data = ",".join(p if p.startswith("hf:") else os.path.abspath(p)  # --data as data_files reads it
+                    for p in filter(None, (p.strip() for p in cfg.data.split(","))))
+    return replace(cfg, data=data, **{k: os.path.abspath(v) for k, v in paths.items() if v})  # "" (no --rm) stays ""
 
 
 # ---- checkpoints that a killed run resumes from ----
@@ -1786,6 +1848,7 @@ def ppo(cfg: PPOConfig, judge=None):
 
 @dataclass
 class GenerateConfig:
+    """Sample responses to a prompt from the policy of a finished PPO run, and print them under the prompt."""
     run: str = arg("out/ppo", "a PPO output folder")
     prompt: str = arg("review of the film :", "the prompt")
     num_samples: int = arg(1, "responses to sample", ge=1)
@@ -1798,6 +1861,7 @@ class GenerateConfig:
 
 @dataclass
 class ExportConfig:
+    """Export the policy of a finished PPO run as a plain transformers checkpoint or a peft adapter."""
     run: str = arg("out/ppo", "a PPO output folder")
     format: str = arg("merged", "merged: a plain transformers checkpoint with the actor adapter folded in; peft: "
                                 "adapter_config.json + adapter_model.safetensors for peft's PeftModel.from_pretrained",
@@ -1836,8 +1900,9 @@ def generate_cmd(cfg: GenerateConfig):
     with autocast():
         ids, mask, _ = generate(actor, p_ids, p_mask, tok, cfg.max_new_tokens or run.max_response_len,
                                 cfg.temperature, greedy=cfg.greedy)
-    for text in decode_responses(tok, ids, mask, p_ids.shape[1]):
-        print(text)
+    print(f"prompt: {cfg.prompt!r}")  # repr: an HH prompt's newlines stay visible
+    for i, text in enumerate(decode_responses(tok, ids, mask, p_ids.shape[1]), 1):
+        print(f"response {i}: {text}")
 
 
 def export(cfg: ExportConfig):
@@ -1877,12 +1942,14 @@ def export(cfg: ExportConfig):
 
 @dataclass
 class PipelineConfig(Common):
-    """Hydra-SFT, then Hydra-PPO, then SFT vs PPO on held-out prompts. With no flags: a tiny model on the built-in
-    review task (data/demo.jsonl), judged by its gold rule. Name --model and --data to run it for real. Flags whose
-    default is 0 ("auto") take their value from PIPELINE_SETTINGS for the model (tiny or real); the run prints them."""
+    """The whole method: Hydra-SFT, then Hydra-PPO, then SFT vs PPO on held-out prompts. With no flags: a tiny model
+    on the built-in review task (data/demo.jsonl), judged by its gold rule. Name --model and --data to run it for
+    real. Flags whose default is 0 ("auto") take their value from the row of PIPELINE_SETTINGS for the model's size
+    (tiny, up to 1B parameters, from 1B); the run prints the row and the values."""
     model: str = arg("tiny", "as in `sft --model`: hub name, local folder, or tiny / tiny-opt")
     out: str = arg("out/demo", "output folder; the stages write to OUT/sft and OUT/ppo")
     mode: str = arg("hydra", "PPO configuration that needs only the Hydra-SFT model", choices=("hydra", "jhydra"))
+    max_prompt_len: int = arg(0, "prompt tokens kept (truncated from the left) (0: auto)", ge=0)
     max_response_len: int = arg(0, "response tokens kept (SFT) / generated (PPO), EOS included (0: auto)", ge=0)
     sft_steps: int = arg(0, "Hydra-SFT optimizer steps (0: auto)", ge=0)
     sft_batch_size: int = arg(32, "Hydra-SFT preference pairs per step", ge=1)
@@ -1904,16 +1971,22 @@ class PipelineConfig(Common):
                      choices=("auto", "gold", "rm"))
 
 
-# The pipeline's "auto" settings (its flags that default to 0), in one table. tiny: the demo's in-memory model, on
-# which the demo's measured numbers (README) were made. real: any pretrained model; for a ~135M model: LoRA r 16,
-# alpha 32 and PPO lr 1e-4 are what the README's SmolLM2-135M run used (gold win-rate 0.96); a pretrained model
-# needs far smaller steps than a random one, a wider adapter, and room for a sentence. Several evaluation samples
-# per prompt narrow the win-rate's interval.
+# The pipeline's "auto" settings (its flags that default to 0), in one table; the row goes by the model's size.
+# tiny: the demo's in-memory model, on which the demo's measured numbers (README) were made. real: a pretrained
+# model under 1B parameters; for a ~135M model, LoRA r 16, alpha 32 and PPO lr 1e-4 are what the README's
+# SmolLM2-135M run used (gold win-rate 0.96): a pretrained model needs far smaller steps than a random one, a wider
+# adapter, and room for a sentence. billion: the paper's OPT-1.3b / Llama-7b settings (PAPER.md): 400 + 400 tokens,
+# LoRA r 128, actor lr 5e-4, critic lr 5e-5; Hydra-SFT full fine-tuning at the paper's reward-model rate 1e-6 (its
+# SFT used 5e-7; one Hydra-SFT rate must also train the new reward head) for one epoch (sft_steps 0: the paper
+# publishes no step count); alpha = r (not published; DeepSpeed-Chat's scaling 1). Several evaluation samples per
+# prompt narrow the win-rate's interval; at 400 tokens one each keeps the evaluation affordable.
 PIPELINE_SETTINGS = {
-    "tiny": dict(max_response_len=16, sft_steps=300, sft_lr=1e-3, lora_r=8, lora_alpha=16.0, actor_lr=3e-3,
-                 critic_lr=3e-3, eval_samples=4),
-    "real": dict(max_response_len=48, sft_steps=100, sft_lr=2e-5, lora_r=16, lora_alpha=32.0, actor_lr=1e-4,
-                 critic_lr=1e-4, eval_samples=4),
+    "tiny": dict(max_prompt_len=64, max_response_len=16, sft_steps=300, sft_lr=1e-3, lora_r=8, lora_alpha=16.0,
+                 actor_lr=3e-3, critic_lr=3e-3, eval_samples=4),
+    "real": dict(max_prompt_len=64, max_response_len=48, sft_steps=100, sft_lr=2e-5, lora_r=16, lora_alpha=32.0,
+                 actor_lr=1e-4, critic_lr=1e-4, eval_samples=4),
+    "billion": dict(max_prompt_len=400, max_response_len=400, sft_steps=0, sft_lr=1e-6, lora_r=128, lora_alpha=128.0,
+                    actor_lr=5e-4, critic_lr=5e-5, eval_samples=1),
 }
 
 
@@ -1933,16 +2006,19 @@ def model_size(n):
 
 
 def pipeline_settings(cfg):
-    """-> cfg with every 0 ("auto") field of PIPELINE_SETTINGS filled in for this model, and one printed line that
-    says what it uses and why. Flags set on the command line always win."""
+    """-> cfg with every 0 ("auto") field filled in from the row of PIPELINE_SETTINGS for this model's size, and one
+    printed line that names the row and says what it uses. Flags set on the command line always win."""
     tiny = cfg.model in ("tiny", "tiny-opt")
-    table = PIPELINE_SETTINGS["tiny" if tiny else "real"]
+    n = 0 if tiny else count_parameters(cfg.model)
+    row = "tiny" if tiny else "billion" if n >= 1e9 else "real"
+    table = PIPELINE_SETTINGS[row]
     chosen = {k: getattr(cfg, k) or v for k, v in table.items()}
     given = [k for k in table if getattr(cfg, k)]
     if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 prints
-        what = "the tiny model" if tiny else f"a {model_size(count_parameters(cfg.model))} model"
-        print(f"settings for {what}: " + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())
-              + (f" (given: {', '.join(given)}; the rest from PIPELINE_SETTINGS)" if given else ""))
+        what = "the tiny model" if tiny else f"a {model_size(n)} model"
+        print(f"settings for {what}, PIPELINE_SETTINGS[{row!r}]: "
+              + ", ".join(f"--{k.replace('_', '-')} {v:g}" + (" (one epoch)" if k == "sft_steps" and not v else "")
+                          for k, v in chosen.items()) + (f" (given: {', '.join(given)})" if given else ""))
     return replace(cfg, **chosen)
 
 
@@ -2046,8 +2122,16 @@ def oom_context(cfg):
             f"model {get('model') if hasattr(cfg, 'model') else get('sft')}")
 
 
+def commands_help():
+    """The top-level --help's list of commands: the first sentence of each one's configuration docstring."""
+    first = lambda cls: inspect.cleandoc(cls.__doc__).replace("\n", " ").split(". ")[0].rstrip(".") + "."
+    rows = [("(none)", PipelineConfig)] + [(name, cls) for name, (cls, _) in SUBCOMMANDS.items()]
+    return ("\n\ncommands (python hydra_ppo.py COMMAND --help: its flags):\n" + "\n".join(f"  {name:10}{first(cls)}" for name, cls in rows)
+            + "\n\nWithout a COMMAND, the pipeline runs; its flags:")
+
+
 def main(argv=None):
-    """`python hydra_ppo.py [sft|ppo|generate] [--flags]`; without a subcommand: the whole pipeline."""
+    """`python hydra_ppo.py [sft|ppo|generate|export] [--flags]`; without a subcommand: the whole pipeline."""
     argv = sys.argv[1:] if argv is None else argv
     name = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     cls, run = SUBCOMMANDS[name] if name else (PipelineConfig, pipeline)
@@ -2055,7 +2139,8 @@ def main(argv=None):
     logging.disable_progress_bar()  # our own bars are enough
     cfg = None
     try:
-        cfg = parse_config(cls, argv[1:] if name else argv, prog="hydra_ppo.py" + (f" {name}" if name else ""))
+        cfg = parse_config(cls, argv[1:] if name else argv, prog="hydra_ppo.py" + (f" {name}" if name else ""),
+                           commands="" if name else commands_help())
         run(cfg)
         import torch.distributed as dist
         if dist.is_initialized():

@@ -324,6 +324,60 @@ def test_bad_data_on_the_command_line_is_one_line(tmp_path):
                                              f"double quotes)"]
 
 
+def hh_lines(n, seed=0):
+    return [json.dumps(p) for p in hp.make_demo_pairs(n, seed=seed, hh=True)]  # {chosen, rejected} transcripts
+
+
+def write_gz(path, lines):
+    import gzip
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write("".join(l + "\n" for l in lines))
+    return str(path)
+
+
+def test_data_as_hh_rlhf_is_published_gz_folders_and_lists(tmp_path):
+    """HH-RLHF comes as SUBSET/train.jsonl.gz: --data reads .jsonl.gz, a folder (its *.jsonl and *.jsonl.gz, sorted,
+    not its subfolders) and a comma-separated list of files."""
+    (tmp_path / "hh" / "deeper").mkdir(parents=True)
+    gz = write_gz(tmp_path / "hh" / "b.jsonl.gz", hh_lines(3, seed=1))
+    plain = write(tmp_path / "hh", hh_lines(2, seed=2), name="a.jsonl")
+    write(tmp_path / "hh" / "deeper", hh_lines(5), name="c.jsonl")
+    (tmp_path / "hh" / "notes.txt").write_text("not data")
+    a, b = hp.load_pairs(plain), hp.load_pairs(gz)
+    assert len(a) == 2 and len(b) == 3 and b[0]["prompt"].startswith("\n\nHuman:")
+    assert hp.load_pairs(str(tmp_path / "hh")) == a + b
+    assert hp.load_pairs(f"{gz}, {plain}") == b + a
+    (tmp_path / "cut.jsonl.gz").write_bytes(open(gz, "rb").read()[:30])
+    with pytest.raises(hp.UserError, match="cut.jsonl.gz: not a readable gzip file"):
+        hp.load_pairs(str(tmp_path / "cut.jsonl.gz"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(hp.UserError, match=r"empty: a folder with no \*.jsonl or \*.jsonl.gz file in it"):
+        hp.load_pairs(str(tmp_path / "empty"))
+    run = hp.absolute_paths(hp.PPOConfig(data="hf:Anthropic/hh-rlhf/helpful-base/train.jsonl.gz, x.jsonl", sft="s"))
+    assert run.data == "hf:Anthropic/hh-rlhf/helpful-base/train.jsonl.gz," + os.path.abspath("x.jsonl")
+
+
+def test_data_from_the_hub_offline_trains(tmp_path):
+    """--data hf:OWNER/REPO/path reads a dataset file through huggingface_hub's cache; here the cache is a folder laid
+    out as the hub lays it out, and HF_HUB_OFFLINE=1 keeps the test off the network."""
+    snapshot = tmp_path / "hub" / "datasets--Anthropic--hh-rlhf" / "snapshots" / ("0" * 40)
+    (snapshot / "helpful-base").mkdir(parents=True)
+    (tmp_path / "hub" / "datasets--Anthropic--hh-rlhf" / "refs").mkdir()
+    (tmp_path / "hub" / "datasets--Anthropic--hh-rlhf" / "refs" / "main").write_text("0" * 40)
+    write_gz(snapshot / "helpful-base" / "train.jsonl.gz", hh_lines(40))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    base = [sys.executable, os.path.join(HERE, "hydra_ppo.py"), "sft", "--steps", "1", "--batch-size", "4",
+            "--micro-batch-size", "4", "--device", "cpu"]
+    r = subprocess.run(base + ["--data", "hf:Anthropic/hh-rlhf/helpful-base/train.jsonl.gz", "--out",
+                               str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(tmp_path / "o" / "summary.json"))["steps"] == 1
+    r = subprocess.run(base + ["--data", "hf:Anthropic/hh-rlhf/harmless-base/train.jsonl.gz", "--out",
+                               str(tmp_path / "p")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: --data hf:Anthropic/hh-rlhf/harmless-base/train.jsonl.gz: "
+                                                     "could not get it from the hub") and r.stderr.count("\n") == 1
+
+
 def test_split_is_deterministic_and_disjoint():
     pairs = hp.make_demo_pairs(100)
     a_train, a_eval = hp.split_pairs(pairs, 0.1, seed=3)
@@ -420,6 +474,26 @@ def test_help_lists_every_field():
     assert r.returncode == 0
     for f in hp.fields(hp.SFTConfig):
         assert "--" + f.name.replace("_", "-") in r.stdout
+
+
+def test_help_lists_the_commands_and_says_what_each_does(capsys):
+    """`--help` names every subcommand in one line; each command's help opens with a sentence (not the dataclass's
+    repr) and shows the project's files by their path in the project, never this checkout's absolute path."""
+    def help_of(*argv):
+        with pytest.raises(SystemExit) as e:
+            hp.main([*argv, "--help"])
+        assert e.value.code == 0
+        return capsys.readouterr().out
+    top = help_of()
+    listed = {line.split()[0]: line for line in top.splitlines() if line.startswith("  ") and line.split()}
+    for name, (cls, _) in [("(none)", (hp.PipelineConfig, None))] + list(hp.SUBCOMMANDS.items()):
+        text = help_of(name) if name != "(none)" else top
+        opening = text.split("\n\n")[1]  # after the usage line
+        sentence = " ".join(opening.split()).split(". ")[0]
+        assert sentence and "Config(" not in text and HERE not in text, name
+        assert name in listed and " ".join(listed[name].split()[1:]).startswith(sentence), name
+    assert set(listed) >= {"(none)", "sft", "ppo", "generate", "export"}
+    assert "(default: data/demo.jsonl)" in " ".join(help_of("sft").split())
 
 
 def test_a_cut_response_gets_no_eos():
@@ -650,7 +724,8 @@ def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys, monkeypa
     assert not torch.allclose(trained["actor"], trained["ref"])
     capsys.readouterr()
     hp.generate_cmd(hp.GenerateConfig(run=out, greedy=True, device="cpu"))
-    assert capsys.readouterr().out.strip()
+    greedy = capsys.readouterr().out.strip().splitlines()
+    assert greedy[0] == "prompt: 'review of the film :'" and greedy[1].startswith("response 1: ") and len(greedy) == 2
 
 
 @pytest.mark.parametrize("args,message", [
@@ -748,7 +823,7 @@ def test_pipeline_runs_every_stage_and_is_deterministic(tmp_path):
         r = run_cli(*small, "--out", str(out))
         assert r.returncode == 0, r.stderr[-2000:]
         assert "1/2 Hydra-SFT" in r.stdout and "2/2 Hydra-PPO" in r.stdout and "verdict:" in r.stdout
-        assert "win-rate of PPO over SFT (gold judge)" in r.stdout and "settings for the tiny model:" in r.stdout
+        assert "win-rate of PPO over SFT (gold judge)" in r.stdout and "settings for the tiny model, PIPELINE_SETTINGS['tiny']:" in r.stdout
         for f in ("sft/summary.json", "sft/model.safetensors", "ppo/summary.json", "ppo/policy.pt", "summary.json"):
             assert (out / f).exists(), f
         assert len((out / "ppo" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -1386,7 +1461,11 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     ("ppo --resume {run} --steps 2", "--steps 2: the run in {run} is already at step 3", None),
     ("ppo --resume {new}", "--resume {new}: not found", None),
     # paths: data, output folders, runs
-    (S + " --data {tmp}", "{tmp}: a folder, not a JSONL file", None),
+    (S + " --data {tmp}/empty", "{tmp}/empty: a folder with no *.jsonl or *.jsonl.gz file in it",
+     lambda p: os.mkdir(os.path.join(p["tmp"], "empty"))),
+    (S + " --data {tmp}/cut.jsonl.gz", "{tmp}/cut.jsonl.gz: not a readable gzip file",
+     lambda p: open(os.path.join(p["tmp"], "cut.jsonl.gz"), "wb").write(b"\x1f\x8b\x08\x00 cut")),
+    (S + " --data hf:owner-only", "--data hf:owner-only: expected hf:OWNER/REPO/path/in/repo", None),
     (S + " --data {latin1}", "{latin1}:2: not UTF-8", None),
     ("sft --out {file} --steps 1", "--out {file}: a file, not a folder", None),
     ("ppo --sft {sft} --out {file}/sub", "--out {file}/sub: cannot write there", None),
@@ -1584,6 +1663,24 @@ def test_bench_bad_input_is_one_line(tmp_path, capsys, argv, names):
 
 # ---- issue 12: paths, warnings, full-mode defaults, pipeline settings, what SFT reports, evaluation noise ---------
 
+def test_the_trl_venv_sees_the_running_interpreters_packages(tmp_path):
+    """bench.py --vs-trl run from a venv: the TRL venv must see that venv's torch and transformers, not only the base
+    interpreter's (what --system-site-packages gives). Here the running interpreter is a venv holding a module the
+    base interpreter lacks; the venv that bench_trl makes from it must import it. No TRL is installed."""
+    outer = tmp_path / "outer"
+    subprocess.check_call([sys.executable, "-m", "venv", "--without-pip", str(outer)])
+    outer_py = str(outer / "bin" / "python")
+    site_dir = subprocess.check_output([outer_py, "-c", "import site; print(site.getsitepackages()[0])"],
+                                       text=True).strip()
+    open(os.path.join(site_dir, "only_in_the_outer_venv.py"), "w").write("")
+    inner = tmp_path / "inner"
+    subprocess.check_call([outer_py, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_trl; "
+                                           f"bench_trl.make_venv({str(inner)!r}, pip=False)"])
+    found = subprocess.check_output([str(inner / "bin" / "python"), "-c", "import only_in_the_outer_venv as m, torch; "
+                                     "print(m.__file__); print(torch.__file__)"], text=True).split()
+    assert found == [os.path.join(site_dir, "only_in_the_outer_venv.py"), torch.__file__]
+
+
 def test_run_json_holds_absolute_paths_that_work_from_another_directory(ckpts, tmp_path, monkeypatch, capsys):
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
@@ -1704,8 +1801,8 @@ def test_ppo_runs_with_cuda_precision(ckpts, mode, tmp_path, monkeypatch, capsys
     assert next(actor.model.lm.parameters()).dtype == torch.bfloat16  # the saved policy, for sampling on CUDA
     capsys.readouterr()
     hp.generate_cmd(hp.GenerateConfig(run=out, num_samples=4, device="cpu"))
-    printed = capsys.readouterr().out
-    assert printed.count("\n") == 4 and printed.strip()  # one line per sample (a sample may be empty: EOS first)
+    printed = capsys.readouterr().out.splitlines()  # the prompt, then one line per sample (maybe empty: EOS first)
+    assert printed[0].startswith("prompt: ") and [l[:11] for l in printed[1:]] == [f"response {i}:" for i in range(1, 5)]
     hp.export(hp.ExportConfig(run=out))
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "export-merged"))
@@ -1741,10 +1838,10 @@ def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, capsys, lora_r):
 
 def test_pipeline_settings_follow_the_model(tmp_path, capsys):
     """The pipeline's tiny-model settings (lr 3e-3, r 8, 16 tokens) are wrong for a pretrained model: 0 means
-    "by model" (one table, PIPELINE_SETTINGS), the choice is printed in one line, explicit flags win."""
+    "by model size" (one table, PIPELINE_SETTINGS), the row and values are printed in one line, explicit flags win."""
     cfg = hp.pipeline_settings(hp.PipelineConfig())
-    assert (cfg.lora_r, cfg.actor_lr, cfg.max_response_len, cfg.sft_steps) == (8, 3e-3, 16, 300)
-    assert "settings for the tiny model:" in capsys.readouterr().out
+    assert (cfg.lora_r, cfg.actor_lr, cfg.max_response_len, cfg.sft_steps, cfg.max_prompt_len) == (8, 3e-3, 16, 300, 64)
+    assert "settings for the tiny model, PIPELINE_SETTINGS['tiny']:" in capsys.readouterr().out
     lm, tok = tiny()  # any model that is not built in memory counts as a real one; here a tiny Llama in a folder
     lm.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
@@ -1752,10 +1849,24 @@ def test_pipeline_settings_follow_the_model(tmp_path, capsys):
     assert {k: getattr(cfg, k) for k in hp.PIPELINE_SETTINGS["real"]} == hp.PIPELINE_SETTINGS["real"]
     n = sum(p.numel() for p in lm.parameters())
     line = capsys.readouterr().out
-    assert f"settings for a {hp.model_size(n)} model:" in line and "--lora-r 16," in line
+    assert f"settings for a {hp.model_size(n)} model, PIPELINE_SETTINGS['real']:" in line and "--lora-r 16," in line
     cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path / "m"), lora_r=4, actor_lr=1e-3))
     assert (cfg.lora_r, cfg.actor_lr, cfg.lora_alpha) == (4, 1e-3, hp.PIPELINE_SETTINGS["real"]["lora_alpha"])
     assert hp.model_size(134_515_008) == "135M" and hp.model_size(6_738_415_616) == "6.7B"
+
+
+def test_billion_parameter_models_get_the_papers_settings(tmp_path, capsys):
+    """From 1B parameters (OPT-1.3b, Llama-7b) the pipeline uses the paper's row: 400 + 400 tokens, LoRA r 128,
+    actor lr 5e-4, critic lr 5e-5, Hydra-SFT for one epoch. Only the config is read: a 1.1B Llama with no weights."""
+    from transformers import LlamaConfig
+    LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000).save_pretrained(tmp_path)
+    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path), sft_lr=2e-6))
+    assert (cfg.max_prompt_len, cfg.max_response_len, cfg.lora_r, cfg.actor_lr, cfg.critic_lr, cfg.sft_steps,
+            cfg.sft_lr) == (400, 400, 128, 5e-4, 5e-5, 0, 2e-6)
+    line = capsys.readouterr().out
+    assert line.startswith("settings for a 1.1B model, PIPELINE_SETTINGS['billion']: --max-prompt-len 400,")
+    assert "--sft-steps 0 (one epoch)," in line and line.rstrip().endswith("(given: sft_lr)")
 
 
 @pytest.mark.parametrize("task,trained,untrained", [("sft", "lm_loss", "rm_acc"), ("rm", "rm_acc", "lm_loss")])
@@ -1803,3 +1914,99 @@ def test_evaluation_with_several_samples_per_prompt(ckpts):
     assert len(samples) == 5 and metrics["eval_samples"] == 3 and metrics["eval_prompts"] == 5
     lo, hi = metrics["win_rate_ci"]
     assert lo <= metrics["win_rate"] <= hi and metrics["verdict"] == hp.verdict((lo, hi))
+
+
+# ---- the README's demo table regenerates ---------------------------------------------------------------------------
+# The demo is deterministic on one kind of CPU, not across kinds: vector instructions of another width round the
+# last bit of a logit differently, a sampled token flips, and PPO amplifies it (KL 4 to 10 for seed 0 across CPUs).
+# So the README names the versions and the CPU its numbers hold for, and this test compares exactly where they match.
+
+README = os.path.join(HERE, "README.md")
+CAPTION = re.compile(r"Measured with torch (\S+) and transformers (\S+) on CPU `([^`]+)`")
+
+
+def cpu_id():
+    """vendor-capability-digest: the CPU's vendor, torch's vector capability and a digest of the vector-instruction
+    flags (what decides how MKL and torch's kernels round)."""
+    import hashlib
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    vendor = re.search(r"vendor_id\s*:\s*(\S+)", info)
+    flags = re.search(r"^flags\s*:(.*)$", info, re.M)
+    vector = sorted(f for f in (flags.group(1).split() if flags else []) if f.startswith(("avx", "amx", "fma")))
+    return "-".join([vendor.group(1) if vendor else "unknown", torch.backends.cpu.get_cpu_capability(),
+                     hashlib.sha256(" ".join(vector).encode()).hexdigest()[:6]])
+
+
+def demo_row(seed, s, wall="TBD"):
+    """One README table row from a demo's summary.json (wall time: measured apart, on a quiet machine)."""
+    lo, hi = s["win_rate_ci"]
+    return (f"| {seed} | {s['rm_accuracy']:.2f} | {s['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {s['sft_gold']:.2f} → "
+            f"{s['policy_gold']:.2f} | {s['kl']:.2f} | {s['sft_len']:.1f} → {s['policy_len']:.1f} | {wall} |")
+
+
+def readme_demo_rows():
+    text = open(README, encoding="utf-8").read()
+    rows = {int(m.group(1)): m.group(0) for m in re.finditer(r"^\| (\d) \| \d\.\d\d \| .*\|$", text, re.M)}
+    return text, CAPTION.search(text), rows
+
+
+def run_demo(seed, out):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "hydra_ppo.py"), "--seed", str(seed), "--out", out],
+                       capture_output=True, text=True, timeout=900, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.load(open(os.path.join(out, "summary.json")))
+
+
+def test_readme_demo_row_is_what_the_demo_gives(tmp_path):
+    """Seed 0 of `python hydra_ppo.py` against the README's row (all but the wall time): fails when the code or the
+    README drifts. Regenerate the rows with `python test_hydra_ppo.py --demo-table`."""
+    _, caption, rows = readme_demo_rows()
+    assert caption and 0 in rows, "README: no demo table caption or seed-0 row"
+    here = (torch.__version__, __import__("transformers").__version__, cpu_id())
+    if here != caption.groups():
+        pytest.skip(f"README's demo numbers are for torch {caption[1]}, transformers {caption[2]}, CPU {caption[3]}; "
+                    f"this is {', '.join(here)}")
+    expected = rows[0].rsplit("|", 2)[0]
+    assert demo_row(0, run_demo(0, str(tmp_path / "demo"))).rsplit("|", 2)[0] == expected
+
+
+def test_readme_commands_parse_and_read_what_the_demo_or_an_earlier_row_wrote():
+    """The README's Commands table runs as written after the demo, top to bottom: every flag parses, every
+    checkpoint or run it reads is one the demo (out/demo/...) or an earlier row writes, and no row writes into a
+    folder that already holds a run."""
+    import shlex
+    section = open(README, encoding="utf-8").read().split("\n## Commands\n")[1].split("\n## ")[0]
+    commands = re.findall(r"^\| [^|`]+ \| `(python hydra_ppo\.py[^`]*)`", section, re.M)
+    assert len(commands) >= 8
+    written = {"out/demo", "out/demo/sft", "out/demo/ppo"}
+    for command in commands:
+        argv = shlex.split(command)[2:]
+        name = argv[0] if argv and argv[0] in hp.SUBCOMMANDS else None
+        cls = hp.SUBCOMMANDS[name][0] if name else hp.PipelineConfig
+        cfg = hp.parse_config(cls, argv[1:] if name else argv, prog=command)
+        for flag in ("sft", "rm", "run", "resume"):
+            if flag in cfg.given or (flag == "run" and name in ("generate", "export")):
+                assert getattr(cfg, flag) in written, (command, flag)
+        assert os.path.exists(os.path.join(HERE, cfg.data)) if "data" in cfg.given else True, command
+        if name not in ("generate", "export") and not getattr(cfg, "resume", ""):
+            out = cfg.out
+            assert out not in written, (command, "writes into", out)
+            written |= {out, f"{out}/sft", f"{out}/ppo"} if name is None else {out}
+
+
+def regenerate_demo_table():
+    """Run seeds 0, 1, 2 of the demo and write their rows and the caption into README.md (wall times kept)."""
+    import tempfile
+    text, caption, rows = readme_demo_rows()
+    for seed in (0, 1, 2):
+        summary = run_demo(seed, os.path.join(tempfile.mkdtemp(), "demo"))
+        new = demo_row(seed, summary, rows[seed].rsplit("|", 2)[1].strip())
+        print(new)
+        text = text.replace(rows[seed], new)
+    text = text.replace(caption[0], f"Measured with torch {torch.__version__} and transformers "
+                                    f"{__import__('transformers').__version__} on CPU `{cpu_id()}`")
+    open(README, "w", encoding="utf-8").write(text)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--demo-table"]:
+    regenerate_demo_table()
