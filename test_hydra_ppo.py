@@ -61,18 +61,24 @@ def test_lora_linear_layout():
     torch.testing.assert_close(layer(x), base(x) + 2.0 * x @ A.T @ B.T)  # h = W0 x + (alpha/r) B A x
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_new_adapter_changes_nothing_and_lora_off_is_bit_exact(family, batch):
+def test_new_adapter_changes_nothing_and_lora_off_is_bit_exact(family, batch, precision):
+    """Also with --precision bf16 (CUDA's set-up, on the CPU): a bf16 trunk, fp32 LoRA, bf16 autocast."""
+    _, dtype, autocast = hp.setup_device("cpu", precision)
     lm, _ = tiny(family)
-    before = lm(batch).logits
-    n = add_lora(lm, r=4)
-    assert n == 2 * (6 if family == "tiny-opt" else 7)  # every linear map of the 2 decoder layers
-    assert torch.equal(lm(batch).logits, before)  # B = 0: a new adapter changes nothing
-    randomize_lora(lm)
-    assert not torch.allclose(lm(batch).logits, before)
-    with lora_off(lm):
-        assert torch.equal(lm(batch).logits, before)  # off: the frozen base, bit for bit
-    assert not torch.allclose(lm(batch).logits, before)  # switched back on after the block
+    lm.to(dtype)
+    with autocast():
+        before = lm(batch).logits
+        n = add_lora(lm, r=4)
+        assert n == 2 * (6 if family == "tiny-opt" else 7)  # every linear map of the 2 decoder layers
+        assert lm.get_input_embeddings().weight.dtype == dtype and lora_parameters(lm)[0].dtype == torch.float32
+        assert torch.equal(lm(batch).logits, before)  # B = 0: a new adapter changes nothing
+        randomize_lora(lm)
+        assert not torch.allclose(lm(batch).logits, before)
+        with lora_off(lm):
+            assert torch.equal(lm(batch).logits, before)  # off: the frozen base, bit for bit
+        assert not torch.allclose(lm(batch).logits, before)  # switched back on after the block
 
 
 def test_lora_off_restores_on_exception(batch):
@@ -1540,8 +1546,7 @@ def test_full_fine_tuning_gets_its_own_learning_rates(ckpts):
     assert hp.learning_rates(ppo_config(ckpts, "lora", critic_lr=1e-4)) == (5e-4, 1e-4)
 
 
-def bf16_autocast():  # what setup_device gives CUDA runs, here on the CPU
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+bf16_autocast = hp.setup_device("cpu", "bf16")[2]  # --precision bf16: CUDA's set-up, here on the CPU
 
 
 def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
@@ -1561,9 +1566,8 @@ def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
 
 
 def cuda_precision(monkeypatch):
-    """What setup_device gives on CUDA (frozen trunks in bf16, bf16 autocast), here on the CPU. -> the dtypes
-    that checkpoints are then loaded in."""
-    monkeypatch.setattr(hp, "setup_device", lambda name: (CPU, torch.bfloat16, bf16_autocast))
+    """Records the dtypes that checkpoints are loaded in (the tests run with --precision bf16: CUDA's set-up, frozen
+    trunks in bf16 under bf16 autocast, on the CPU). -> that list."""
     loaded, load = [], hp.load_checkpoint
     monkeypatch.setattr(hp, "load_checkpoint", lambda path, device, dtype, **kw: loaded.append(dtype) or
                         load(path, device, dtype, **kw))
@@ -1577,7 +1581,7 @@ def test_ppo_runs_with_cuda_precision(ckpts, mode, tmp_path, monkeypatch, capsys
     reference is still the initial policy exactly (KL 0 at step 1), and every update is finite."""
     loaded = cuda_precision(monkeypatch)
     out = str(tmp_path / mode)
-    hp.ppo(ppo_config(ckpts, mode, out=out, steps=2, grad_checkpointing=mode == "hydra"))
+    hp.ppo(ppo_config(ckpts, mode, out=out, steps=2, grad_checkpointing=mode == "hydra", precision="bf16"))
     # LoRA modes: every trunk frozen, in bf16; full: every copy fp32 (master weights, and frozen ones that match them)
     assert set(loaded) == ({torch.float32} if mode == "full" else {torch.bfloat16})
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -1608,7 +1612,7 @@ def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, lora_r):
     tok.save_pretrained(tmp_path / "base")
     out = str(tmp_path / "sft")
     hp.sft(hp.SFTConfig(model=str(tmp_path / "base"), data=DEMO, out=out, steps=3, batch_size=8, micro_batch_size=4,
-                        lora_r=lora_r, lr=1e-3, device="cpu"))
+                        lora_r=lora_r, lr=1e-3, device="cpu", precision="bf16"))
     assert trunks == [torch.bfloat16 if lora_r else torch.float32]
     model, _, _ = hp.load_checkpoint(out, CPU, torch.float32, dropout=False)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged into the weights
