@@ -1,14 +1,20 @@
-"""Memory and latency of every configuration: the paper's Table 1 on any machine.
+"""Memory and latency of every configuration: the paper's Table 1 on any machine, and a memory model that predicts it.
 
     python bench.py --preset opt-125m --batch 8                  # CPU or GPU, every configuration
-    python bench.py --preset llama-7b --budget-gb 80 --grad-checkpointing --prompt-len 400 --response-len 400
+    python bench.py --preset llama-7b --configs hydra --precision bf16 --batch 1 --grad-checkpointing  # CUDA's set-up
+    python bench.py --preset llama-7b --predict --device cuda --budget-gb 80 --grad-checkpointing \
+        --prompt-len 400 --response-len 400                       # the model alone: largest batches, in seconds
+    python bench.py --predict --scale --device cuda --batch 8 --grad-checkpointing   # 125M to 70B parameters
 
 Each configuration runs in a fresh subprocess (so one's memory never counts toward another's) through the same
 code as a real run (hydra_ppo.setup_ppo, ppo_step), with random-init models built from the
 architecture's config (no download) and generation forced to the full response length. Reported per
-configuration: peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the subprocess's peak RSS, which includes
-the ~0.5 GB of Python + torch + transformers), latency per sample of a whole PPO step split into generate / score /
-update (median over --steps steps after one warm-up step), and tokens (prompt + response) per second.
+configuration: the live tensor bytes at the peak of a step (LiveMemory: what a GPU's allocator counts, measured on
+any device) by category (frozen and trained weights, LoRA, gradients, optimizer state, activations, KV cache,
+logits), the memory model's prediction beside it (predict), the device's own figure (CUDA:
+torch.cuda.max_memory_allocated; CPU: the subprocess's peak RSS, which also counts Python, libraries and what
+glibc keeps), latency per sample of a whole PPO step split into generate / score / update (median over --steps
+steps after one warm-up step; the memory is measured in one more step), and tokens (prompt + response) per second.
 `sft` is one full fine-tuning step of the SFT model: the paper's "PPO needs over 3x SFT" baseline.
 """
 import argparse
@@ -515,6 +521,8 @@ def main(argv=None):
         fail(f"--configs {args.configs}: choose from {','.join(CONFIGS)}")
     if args.vs_trl and ("hydra" not in configs or args.budget_gb):
         fail("--vs-trl compares against hydra at a fixed --batch: keep hydra in --configs, no --budget-gb")
+    if args.scale and not args.predict:
+        fail("--scale is a table of predictions: add --predict")
     if args.predict and args.scale:
         print(scale_table(args, configs))
         return

@@ -1461,6 +1461,8 @@ def test_overwrite_never_leaves_two_runs_mixed(work, monkeypatch, capsys):
     ("--json {tmp}", "--json {tmp}: cannot write there"),
     ("--configs hydra,nope", "--configs hydra,nope: choose from"),
     ("--batch x", "argument --batch: invalid int value: 'x'"),
+    ("--scale", "--scale is a table of predictions: add --predict"),
+    ("--precision fp16", "argument --precision: invalid choice: 'fp16'"),
 ])
 def test_bench_bad_input_is_one_line(tmp_path, capsys, argv, names):
     import bench
