@@ -1421,7 +1421,7 @@ def test_resume_sees_flags_given_at_their_default_value(work):
     assert hp.PPOConfig().steps == 20 and hp.resume_config(hp.PPOConfig(resume=run)).steps == 3
     assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--steps", "20"], "t")).steps == 20
     assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--device", "auto"], "t")).device == "auto"
-    with pytest.raises(hp.UserError, match=r"drop --kl-coef \(only --steps, --device, --actor-lr, --critic-lr, "
+    with pytest.raises(hp.UserError, match=r"drop --kl-coef \(only --steps, --device, --precision, --actor-lr, --critic-lr, "
                                            r"--score-clip, --max-grad-norm may change\)"):
         hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--kl-coef", "0.02"], "t"))
 
