@@ -1,17 +1,24 @@
-"""Memory and latency of every configuration: the paper's Table 1 on any machine.
+"""Memory and latency of every configuration: the paper's Table 1 on any machine, and a memory model that predicts it.
 
     python bench.py --preset opt-125m --batch 8                  # CPU or GPU, every configuration
-    python bench.py --preset llama-7b --budget-gb 80 --grad-checkpointing --prompt-len 400 --response-len 400
+    python bench.py --preset llama-7b --configs hydra --precision bf16 --batch 1 --grad-checkpointing  # CUDA's set-up
+    python bench.py --preset llama-7b --predict --device cuda --budget-gb 80 --grad-checkpointing \
+        --prompt-len 400 --response-len 400                       # the model alone: largest batches, in seconds
+    python bench.py --predict --scale --device cuda --batch 8 --grad-checkpointing   # 125M to 70B parameters
 
 Each configuration runs in a fresh subprocess (so one's memory never counts toward another's) through the same
 code as a real run (hydra_ppo.setup_ppo, ppo_step), with random-init models built from the
 architecture's config (no download) and generation forced to the full response length. Reported per
-configuration: peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: the subprocess's peak RSS, which includes
-the ~0.5 GB of Python + torch + transformers), latency per sample of a whole PPO step split into generate / score /
-update (median over --steps steps after one warm-up step), and tokens (prompt + response) per second.
+configuration: the live tensor bytes at the peak of a step (LiveMemory: what a GPU's allocator counts, measured on
+any device) by category (frozen and trained weights, LoRA, gradients, optimizer state, activations, KV cache,
+logits), the memory model's prediction beside it (predict), the device's own figure (CUDA:
+torch.cuda.max_memory_allocated; CPU: the subprocess's peak RSS, which also counts Python, libraries and what
+glibc keeps), latency per sample of a whole PPO step split into generate / score / update (median over --steps
+steps after one warm-up step; the memory is measured in one more step), and tokens (prompt + response) per second.
 `sft` is one full fine-tuning step of the SFT model: the paper's "PPO needs over 3x SFT" baseline.
 """
 import argparse
+import collections
 import json
 import os
 import resource
@@ -20,8 +27,10 @@ import subprocess
 import sys
 import time
 import types
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 CONFIGS = ("sft", "full", "lora", "dlora", "jhydra", "hydra")
 
@@ -35,6 +44,15 @@ PRESETS = {
     "llama-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                                max_position_embeddings=4096)),
+    # Smaller and larger shapes: a tiny Llama for the tests, and the rest of the scale table (Llama-2 13b and 70b).
+    "tiny-llama": ("llama", dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=4, vocab_size=1000)),
+    "llama-13b": ("llama", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                                num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
+                                max_position_embeddings=4096)),
+    "llama-70b": ("llama", dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
+                                max_position_embeddings=4096)),
 }
 
 
@@ -64,12 +82,80 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+# ---- live tensor memory, as a GPU counts it, on any device -------------------------------------------------------
+# torch's own MemTracker (torch.distributed._tools) counts parameters, gradients, optimizer state and activations,
+# but cannot tell frozen weights from trained ones or LoRA, nor the KV cache and the logits from other activations:
+# a small TorchDispatchMode that tags each tensor storage does.
+
+class LiveMemory(TorchDispatchMode):
+    """Live tensor bytes by what holds them. Storages that exist when it starts are tagged from the models and the
+    optimizer (frozen / trained weights, LoRA, optimizer state); every storage an op creates afterwards counts until
+    it is freed (weakref.finalize on the storage), tagged by what made it: a 4-D cat while sampling is the KV cache,
+    a last dimension of vocabulary size is logits, a parameter's .grad gradients (its hook re-tags it), anything else
+    activations (and temporaries). peaks: {phase: (most bytes live at once, {category: bytes} then)}; the caller
+    names the phase, opt.step() is the phase "optimizer"."""
+
+    def __init__(self, models, opt, vocab, phase="update"):
+        super().__init__()
+        self.vocab, self.phase = vocab, phase
+        self.bytes, self.live, self.total, self.peaks = {}, collections.Counter(), 0, {}
+        for model in models:
+            for name, p in model.named_parameters():
+                self.tag(p, "LoRA" if "lora_" in name else "trained weights" if p.requires_grad else "frozen weights")
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(lambda p: self.tag(p.grad, "gradients"))
+            for b in model.buffers():
+                self.tag(b, "frozen weights")
+        for t in (t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)):
+            self.tag(t, "optimizer state")
+        opt.register_step_pre_hook(lambda *a: setattr(self, "phase", "optimizer"))
+        opt.register_step_post_hook(lambda *a: setattr(self, "phase", "update"))
+
+    def tag(self, t, category):
+        storage = t.untyped_storage()
+        key = storage._cdata  # the C++ storage: views and in-place results share it
+        if key not in self.bytes:
+            self.bytes[key] = (storage.nbytes(), category)
+            self.live[category] += storage.nbytes()
+            self.total += storage.nbytes()
+            weakref.finalize(storage, self.free, key)
+        n, old = self.bytes[key]
+        self.live[old] -= n
+        self.live[category] += n
+        self.bytes[key] = (n, category)
+
+    def free(self, key):
+        n, category = self.bytes.pop(key)
+        self.live[category] -= n
+        self.total -= n
+
+    def category(self, func, t):
+        if self.phase == "generate" and func is torch.ops.aten.cat.default and t.dim() == 4:
+            return "KV cache"  # (B, kv heads, T, head dim): transformers' DynamicCache grows by cat
+        return "logits" if t.dim() >= 2 and t.shape[-1] == self.vocab else "activations"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.bytes:
+                self.tag(t, self.category(func, t))
+        if self.total > self.peaks.get(self.phase, (0,))[0]:
+            self.peaks[self.phase] = (self.total, {k: v for k, v in self.live.items() if v})
+        return out
+
+    def in_phase(self, phase, fn):
+        def run(*a, **kw):
+            self.phase = phase
+            return fn(*a, **kw)
+        return run
+
+
 # ---- one configuration, in its own process ------------------------------------------------------------------------
 
 def child(args):
     import hydra_ppo as hp
     from transformers import AutoModelForCausalLM
-    device, dtype, autocast = hp.setup_device(args.device)
+    device, dtype, autocast = hp.setup_device(args.device, args.precision)
     config = hp.no_dropout(model_config(args))
     B, P, R = args.batch, args.prompt_len, args.response_len
 
@@ -84,18 +170,17 @@ def child(args):
     p_ids = torch.randint(4, config.vocab_size, (B, P), generator=g).to(device)
     p_mask = torch.ones_like(p_ids)
     micro = args.micro_batch or B
-    times, stamps = [], []
     if args.config == "sft":  # one full fine-tuning step of the SFT model on prompt + response
         model = load("sft", trained=True).requires_grad_(True)
         if args.grad_checkpointing:
             hp.checkpointing_on(model.lm)
         model.train()
-        params = list(model.lm.parameters())
+        models, params = [model], list(model.lm.parameters())
         opt = torch.optim.AdamW(params, lr=1e-5)
         r_ids = torch.randint(4, config.vocab_size, (B, R), generator=g).to(device)
         ids, mask = torch.cat([p_ids, r_ids], 1), torch.ones(B, P + R, dtype=torch.long, device=device)
-        for _ in range(args.steps + 1):
-            stamps.append((time.perf_counter(), time.process_time(), machine_busy_s()))
+
+        def step():
             clock = hp.Clock(device)
             for i in range(0, B, micro):
                 with autocast():
@@ -103,28 +188,144 @@ def child(args):
                 (loss * len(ids[i:i + micro]) / B).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            times.append(dict(time_generate=0.0, time_score=0.0, time_update=clock()))
+            return dict(time_generate=0.0, time_score=0.0, time_update=clock())
     else:
-        cfg = hp.PPOConfig(mode=args.config, batch_size=B, minibatch_size=B, micro_batch_size=micro,
-                           max_prompt_len=P, max_response_len=R, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
-                           grad_checkpointing=args.grad_checkpointing, fold_lora=args.fold_lora, device=args.device)
+        cfg = ppo_config(args, B)
         roles, opt, params = hp.setup_ppo(cfg, load)
+        models = hp.models_of(roles)
         tok = types.SimpleNamespace(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
-        for _ in range(args.steps + 1):
-            stamps.append((time.perf_counter(), time.process_time(), machine_busy_s()))
+
+        def step():
             batch, stats = hp.ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, cfg.kl_coef,
                                        torch.Generator().manual_seed(0), min_new_tokens=R)
             assert batch["ids"].shape[1] == P + R, "generation stopped before the full response length"
-            times.append({k: stats[k] for k in ("time_generate", "time_score", "time_update")})
+            return {k: stats[k] for k in ("time_generate", "time_score", "time_update")}
+    times, stamps = [], []
+    for _ in range(args.steps + 1):
+        stamps.append((time.perf_counter(), time.process_time(), machine_busy_s()))
+        times.append(step())
     stamps.append((time.perf_counter(), time.process_time(), machine_busy_s()))
     (w0, c0, b0), (w1, c1, b1) = stamps[1], stamps[-1]  # the timed steps (after the warm-up)
     others = max(0.0, ((b1 - b0) - (c1 - c0)) / ((w1 - w0) * os.cpu_count())) if device.type == "cpu" else 0.0
     times = times[1:]  # drop the warm-up step
     med = {k: statistics.median(t[k] for t in times) for k in times[0]}
-    step = sum(med.values())
+    step_s = sum(med.values())
+    # One more step, untimed (the tracker slows every op), with the optimizer state of a run in progress.
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    phases = dict(generate="generate", score_rollout="score", ppo_update="update")  # ppo_step's phases, by function
+    own = {name: getattr(hp, name) for name in phases}
+    with LiveMemory(models, opt, config.vocab_size) as live:
+        try:
+            for name, phase in phases.items():
+                setattr(hp, name, live.in_phase(phase, own[name]))
+            step()
+        finally:
+            for name, fn in own.items():
+                setattr(hp, name, fn)
+    phase = max(live.peaks, key=lambda k: live.peaks[k][0])
+    total, predicted_phase, model = predicted(args, config, model_sizes(config), args.config, B)
     return dict(config=args.config, batch=B, peak_memory_gb=peak_memory_gb(device),
-                latency_per_sample_s=step / B, **{k.replace("time_", "") + "_per_sample_s": v / B for k, v in med.items()},
-                tokens_per_s=B * (P + R) / step, steps_timed=len(times), others_cpu_frac=others)
+                predicted_gb=total / 2**30, predicted_phase=predicted_phase,
+                predicted_live_gb={k: v / 2**30 for k, v in model.items() if v},
+                live_peak_gb=live.peaks[phase][0] / 2**30, peak_phase=phase,
+                live_gb={k: v / 2**30 for k, v in live.peaks[phase][1].items()},
+                phases_gb={k: {c: n / 2**30 for c, n in v[1].items()} for k, v in live.peaks.items()},
+                latency_per_sample_s=step_s / B, **{k.replace("time_", "") + "_per_sample_s": v / B for k, v in med.items()},
+                tokens_per_s=B * (P + R) / step_s, steps_timed=len(times), others_cpu_frac=others)
+
+
+def ppo_config(args, B):
+    import hydra_ppo as hp
+    micro = args.micro_batch or B
+    return hp.PPOConfig(mode=args.config, batch_size=B, minibatch_size=B, micro_batch_size=micro,
+                        max_prompt_len=args.prompt_len, max_response_len=args.response_len, lora_r=args.lora_r,
+                        lora_alpha=2.0 * args.lora_r, grad_checkpointing=args.grad_checkpointing,
+                        fold_lora=args.fold_lora, device=args.device)
+
+
+# ---- the memory model: the paper's Table 2 as arithmetic -------------------------------------------------------
+# Predicted live tensor bytes at the peak of each phase of a PPO step (what LiveMemory measures, by the same
+# categories), from the architecture, the batch and lengths, LoRA's rank, checkpointing and precision. Two kinds of
+# terms: what a configuration holds all the time (weights, LoRA, AdamW's state: Table 2 times bytes per parameter)
+# and what one phase adds on top (the KV cache while sampling; activations and logits while scoring and updating).
+
+TABLE2 = dict(sft=(1, 0), full=(4, 0), lora=(4, 2), dlora=(2, 2), jhydra=(1, 1), hydra=(1, 2))  # trunks, LoRA sets
+
+# Bytes the backward keeps per token and decoder layer (no checkpointing): cH * H + cF * F, by family and bytes per
+# activation, from a census of saved tensors (torch.autograd.graph.saved_tensors_hooks on one layer, transformers 5,
+# sdpa attention). OPT fp32 keeps 8 H-sized tensors (2 layer-norm inputs and outputs, q, k, v, attention output)
+# and the ReLU's output; Llama also the MLP's gate, up, SiLU and their product (4 F). In bf16 most are halved, while
+# norms and residuals stay fp32. LoRA adds r numbers per target and token (A x; in bf16 also its casts).
+ACT_BYTES = {("opt", 4): (32, 4), ("opt", 2): (24.5, 4.5), ("llama", 4): (34, 16), ("llama", 2): (32, 8.75)}
+LORA_ACT_BYTES = {4: 4, 2: 14}
+LOGIT_BYTES = 16  # per element of a (rows, 16 positions, V) logits chunk: the logits, their fp32 log-softmax, grads
+
+
+def model_sizes(config, targets=None):
+    """Parameter counts, on the meta device (no memory, no weights): N (all, tied ones once), the linear weights
+    (what bf16 autocast copies for a trained fp32 model), the decoder's (the full-mode critic trains it, not the LM
+    head), and LoRA's parameters per unit of rank and adapter (r (in + out) on every targeted linear map)."""
+    from transformers import AutoModelForCausalLM
+    from lora import DEFAULT_TARGETS
+    targets = targets or DEFAULT_TARGETS
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    linears = {n: m for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
+    lora = [m for n, m in linears.items() if any(n == t or n.endswith("." + t) for t in targets)]
+    return types.SimpleNamespace(
+        N=sum(p.numel() for p in lm.parameters()), decoder=sum(p.numel() for p in lm.base_model.parameters()),
+        linear=sum(p.numel() for p in {id(m.weight): m.weight for m in linears.values()}.values()),
+        largest=max(p.numel() for p in lm.parameters()), lora_weights=sum(m.weight.numel() for m in lora),
+        lora_per_rank=sum(m.in_features + m.out_features for m in lora), lora_layers=len(lora))
+
+
+def predict(config, sizes, name, B, P, R, r, micro=0, grad_checkpointing=False, bf16=False, cuda=False, fold=False):
+    """-> {phase: {category: bytes}} at each phase's peak; the step's peak is the phase with the largest sum."""
+    L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
+    F = getattr(config, "ffn_dim", None) or config.intermediate_size
+    heads = config.num_attention_heads
+    kv_dim = (getattr(config, "num_key_value_heads", None) or heads) * (getattr(config, "head_dim", None) or H // heads)
+    a = 2 if bf16 else 4                                # bytes per activation (bf16 autocast: matmul outputs)
+    T, b, C = P + R, micro or B, min(16, R)             # sequence, rows per forward pass, positions per logits chunk
+    full = name in ("sft", "full")
+    w = 4 if full or not bf16 else 2                    # bytes per weight of a trunk: trained weights stay fp32
+    # Held all the time (paper, Table 2): the trunks, the LoRA sets, AdamW's two fp32 moments per trained parameter.
+    trunks, sets = TABLE2[name]
+    if name == "sft":
+        trained, held = sizes.N, {"trained weights": 4 * sizes.N}
+    elif name == "full":  # actor: the whole LM; critic: its decoder (it never reads the LM head); frozen copies fp32
+        trained, held = sizes.N + sizes.decoder, {"trained weights": 2 * 4 * sizes.N, "frozen weights": 2 * 4 * sizes.N}
+    else:
+        trained, held = sets * r * sizes.lora_per_rank, {"frozen weights": trunks * w * sizes.N}
+        held["LoRA"] = 4 * trained
+    held["optimizer state"] = 8 * trained
+    actor_grads = 4 * (sizes.N if full else r * sizes.lora_per_rank)  # held while the critic's pass runs
+    # 1. Sampling (the actor alone): K and V of every layer and token but the last, the last token's logits (their
+    #    fp32 copies, probabilities, ...: 6 of them), and with --fold-lora a copy of the targeted weights.
+    kv = 2 * L * B * (T - 1) * kv_dim * a
+    phases = dict(generate=dict(held, **{"KV cache": kv, "logits": 6 * B * V * 4,
+                                        "activations": fold * w * sizes.lora_weights}))
+    # 2. Scoring, without gradients: the last hidden states of b rows, and one chunk of logits (with its fp32 copy).
+    phases["score"] = dict(held, activations=2 * b * T * H * a, logits=b * C * V * 8)
+    # 3. The update: a forward and a backward per trunk and adapter, the actor's first (jhydra: one for both). The
+    #    backward keeps every layer's activations (one token, one layer: cH * H + cF * F bytes), or with checkpointing
+    #    each layer's input and, while it recomputes one layer, that layer's; also the last hidden state and its
+    #    gradient. Its peak: at the LM head (the actor's logits), or in the critic's pass, the actor's gradients held.
+    #    bf16 autocast keeps bf16 copies of trained fp32 weights (full fine-tuning) while a pass runs.
+    cH, cF = ACT_BYTES["opt" if config.model_type == "opt" else "llama", a]
+    per_token = cH * H + cF * F + (0 if full else r * sizes.lora_layers / L * LORA_ACT_BYTES[a])
+    kept = (L * b * T * H * w if grad_checkpointing else L * b * T * per_token) + 4 * b * T * H * a
+    kept += 2 * sizes.linear if full and bf16 else 0
+    layer = b * T * per_token if grad_checkpointing else 0  # one layer recomputed
+    phases["update"] = max(dict(held, activations=kept, logits=b * C * V * LOGIT_BYTES),
+                           dict(held, activations=kept + layer,
+                                gradients=actor_grads if TABLE2[name][1] != 1 and name != "sft" else 0),
+                           key=lambda p: sum(p.values()))
+    # 4. The optimizer step: every gradient, and AdamW's temporaries (CUDA's foreach: one per trained parameter).
+    phases["optimizer"] = dict(held, gradients=4 * trained,
+                               activations=4 * trained if cuda else 8 * sizes.largest * full)
+    return {k: v for k, v in phases.items() if name != "sft" or k in ("update", "optimizer")}  # sft: no sampling
 
 
 # ---- the parent: one subprocess per configuration (and per batch size tried) -------------------------------------
@@ -137,7 +338,7 @@ def child_env(args):
 
 def run_child(args, config, batch, steps):
     argv = [sys.executable, os.path.abspath(__file__), "--child", config, "--batch", str(batch), "--steps", str(steps)]
-    for k in ("preset", "model", "prompt_len", "response_len", "lora_r", "device", "micro_batch"):
+    for k in ("preset", "model", "prompt_len", "response_len", "lora_r", "device", "precision", "micro_batch"):
         if getattr(args, k) not in (None, ""):
             argv += ["--" + k.replace("_", "-"), str(getattr(args, k))]
     argv += [f for f in ("--grad-checkpointing", "--fold-lora") if getattr(args, f[2:].replace("-", "_"))]
@@ -148,36 +349,108 @@ def run_child(args, config, batch, steps):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def largest_batch(args, config):
-    """Double the batch until it no longer fits in --budget-gb, then bisect. One step per try."""
-    fits = lambda b: (lambda r: not r.get("oom") and not r.get("error") and r["peak_memory_gb"] <= args.budget_gb)(
-        run_child(args, config, b, 1))
+def largest_batch(fits, max_batch):
+    """The largest batch <= max_batch for which fits(batch) holds (memory grows with the batch): double, then bisect."""
     lo, hi = 0, 1
-    while hi <= args.max_batch and fits(hi):
+    while hi <= max_batch and fits(hi):
         lo, hi = hi, hi * 2
-    hi = min(hi, args.max_batch + 1)
+    hi = min(hi, max_batch + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
 
-def table(rows, args, device_name):
-    head = (f"{args.model or args.preset}, {args.prompt_len} + {args.response_len} tokens, "
-            f"{'bf16' if device_name.startswith('cuda') else 'fp32'}, {device_name}"
+def measured_fits(args, config):
+    """One step per try, in a child: does this batch fit in --budget-gb (peak memory: CUDA allocated, CPU RSS)?"""
+    return lambda b: (lambda r: not r.get("oom") and not r.get("error") and r["peak_memory_gb"] <= args.budget_gb)(
+        run_child(args, config, b, 1))
+
+
+def resolved(args):
+    """-> (cuda, bf16): the device and precision that hydra_ppo.setup_device gives these flags."""
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    return cuda, args.precision == "bf16" or (args.precision == "auto" and cuda)
+
+
+def predicted(args, config, sizes, name, batch):
+    """-> (peak bytes, its phase, {category: bytes} then) by the memory model, for these flags."""
+    cuda, bf16 = resolved(args)
+    phases = predict(config, sizes, name, batch, args.prompt_len, args.response_len, args.lora_r, args.micro_batch,
+                     args.grad_checkpointing, bf16, cuda, args.fold_lora)
+    phase = max(phases, key=lambda k: sum(phases[k].values()))
+    return sum(phases[phase].values()), phase, phases[phase]
+
+
+def heading(args, device_name):
+    return (f"{args.model or args.preset}, {args.prompt_len} + {args.response_len} tokens, "
+            f"{'bf16' if resolved(args)[1] else 'fp32'}, {device_name}, LoRA r {args.lora_r}"
             + (", gradient checkpointing" if args.grad_checkpointing else "")
             + (", LoRA folded for sampling" if args.fold_lora else "")
             + (", MALLOC_TRIM_THRESHOLD_=0" if args.malloc_trim else ""))
-    lines = [f"**{head}**", "",
-             "| config | batch | peak memory (GB) | latency / sample (s) | generate | score | update | tokens / s |"
-             " other load |", "|---|---|---|---|---|---|---|---|---|"]
+
+
+CATEGORIES = ("frozen weights", "trained weights", "LoRA", "gradients", "optimizer state", "activations", "KV cache",
+              "logits")
+
+
+def breakdown(label, gb, phase):
+    return f"| {label} | {phase} | " + " | ".join(f"{gb.get(c, 0):.3f}" for c in CATEGORIES) + " |"
+
+
+def table(rows, args, device_name):
+    cuda = resolved(args)[0]
+    lines = [f"**{heading(args, device_name)}**", "",
+             f"| config | batch | live peak (GB) | predicted (GB) | error | {'max allocated' if cuda else 'peak RSS'} (GB)"
+             " | latency / sample (s) | generate | score | update | tokens / s | other load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    parts = ["", "Live tensors at the peak, measured and predicted (GB):", "",
+             "| config | phase | " + " | ".join(CATEGORIES) + " |", "|---|---|" + "---|" * len(CATEGORIES)]
     for r in rows:
         if "peak_memory_gb" not in r:
-            lines.append(f"| {r['config']} | {r['batch']} | {'OOM' if r.get('oom') else 'failed'} | | | | | | |")
+            lines.append(f"| {r['config']} | {r['batch']} | {'OOM' if r.get('oom') else 'failed'} |" + " |" * 9)
             continue
-        lines.append(f"| {r['config']} | {r['batch']} | {r['peak_memory_gb']:.2f} | {r['latency_per_sample_s']:.3f} | "
-                     f"{r['generate_per_sample_s']:.3f} | {r['score_per_sample_s']:.3f} | "
-                     f"{r['update_per_sample_s']:.3f} | {r['tokens_per_s']:.0f} | {r['others_cpu_frac']:.0%} |")
+        lines.append(f"| {r['config']} | {r['batch']} | {r['live_peak_gb']:.3f} | {r['predicted_gb']:.3f} | "
+                     f"{r['predicted_gb'] / r['live_peak_gb'] - 1:+.1%} | {r['peak_memory_gb']:.2f} | "
+                     f"{r['latency_per_sample_s']:.3f} | {r['generate_per_sample_s']:.3f} | "
+                     f"{r['score_per_sample_s']:.3f} | {r['update_per_sample_s']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['others_cpu_frac']:.0%} |")
+        parts += [breakdown(f"{r['config']} measured", r["live_gb"], r["peak_phase"]),
+                  breakdown(f"{r['config']} predicted", r["predicted_live_gb"], r["predicted_phase"])]
+    return "\n".join(lines + parts)
+
+
+def prediction_table(args, config, sizes, configs):
+    """--predict: the memory model alone, no model built. With --budget-gb, each configuration's largest batch."""
+    device = "cuda" if resolved(args)[0] else "cpu"
+    lines = [f"**{heading(args, device)}: predicted"
+             + (f", largest batch in {args.budget_gb:g} GB" if args.budget_gb else "") + "**", "",
+             "| config | batch | predicted peak (GB) | phase | " + " | ".join(CATEGORIES) + " |",
+             "|---|---|---|---|" + "---|" * len(CATEGORIES)]
+    for name in configs:
+        fits = lambda b: predicted(args, config, sizes, name, b)[0] <= args.budget_gb * 2**30
+        batch = largest_batch(fits, args.max_batch) if args.budget_gb else args.batch
+        total, phase, parts = predicted(args, config, sizes, name, max(batch, 1))
+        lines.append(f"| {name} | {batch if batch else 'none (batch 1:)'} | {total / 2**30:.2f} | {phase} | "
+                     + " | ".join(f"{parts.get(c, 0) / 2**30:.2f}" for c in CATEGORIES) + " |")
+    return "\n".join(lines)
+
+
+SCALE = ("opt-125m", "opt-350m", "opt-1.3b", "llama-7b", "llama-13b", "llama-70b")
+
+
+def scale_table(args, configs):
+    """--predict --scale: every configuration's predicted peak from 125M to 70B parameters, and the paper's ratios."""
+    lines = [f"**{heading(args, 'cuda' if resolved(args)[0] else 'cpu').split(', ', 1)[1]}, batch {args.batch}: "
+             "predicted peak (GB)**", "",
+             "| model | parameters | " + " | ".join(configs) + " | full / sft | hydra / sft | hydra / lora |",
+             "|---|---|" + "---|" * (len(configs) + 3)]
+    for preset in SCALE:
+        config = model_config(types.SimpleNamespace(model="", preset=preset))
+        sizes = model_sizes(config)
+        gb = {c: predicted(args, config, sizes, c, args.batch)[0] / 2**30 for c in set(configs) | {"sft", "full", "lora", "hydra"}}
+        lines.append(f"| {preset} | {sizes.N / 1e9:.2f} B | " + " | ".join(f"{gb[c]:.1f}" for c in configs)
+                     + f" | {gb['full'] / gb['sft']:.2f} | {gb['hydra'] / gb['sft']:.2f} | {gb['hydra'] / gb['lora']:.2f} |")
     return "\n".join(lines)
 
 
@@ -196,7 +469,7 @@ def check_args(args):
         device = torch.device("cpu" if args.device == "auto" else args.device)
     except (RuntimeError, ValueError):
         fail(f"--device {args.device}: not a device; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.predict:
         fail(f"--device {args.device}: CUDA is not available here")
     folder = os.path.dirname(os.path.abspath(args.json))
     if args.json and (os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
@@ -221,12 +494,19 @@ def main(argv=None):
     p.add_argument("--fold-lora", action="store_true", help="sample with the actor adapter folded into a copy of "
                    "the weights (hydra_ppo.py ppo --fold-lora)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 on CUDA, fp32 "
+                   "on CPU; bf16: CUDA's set-up on any device (hydra_ppo.py --precision)")
     p.add_argument("--malloc-trim", action="store_true", help="CPU: peak RSS of live tensors, without what glibc "
                    "keeps of freed memory (MALLOC_TRIM_THRESHOLD_=0 for every measured process; slower)")
     p.add_argument("--vs-trl", action="store_true", help="then run the same workload on TRL's PPO (bench_trl.py, "
                    "which installs TRL in its own venv) and print the ratios against our hydra")
     p.add_argument("--rounds", type=int, default=1, help="with --vs-trl: hydra and TRL measured this many times, "
                    "alternating; the ratios' medians are reported")
+    p.add_argument("--predict", action="store_true", help="the memory model alone, in seconds, no model built: "
+                   "each configuration's predicted peak at --batch, or with --budget-gb its largest batch (--device "
+                   "cuda predicts for a GPU from any machine)")
+    p.add_argument("--scale", action="store_true", help="with --predict: every configuration from 125M to 70B "
+                   "parameters at --batch, with the paper's ratios (full / sft, hydra / sft)")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -241,16 +521,23 @@ def main(argv=None):
         fail(f"--configs {args.configs}: choose from {','.join(CONFIGS)}")
     if args.vs_trl and ("hydra" not in configs or args.budget_gb):
         fail("--vs-trl compares against hydra at a fixed --batch: keep hydra in --configs, no --budget-gb")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    if device == "cpu" or device == "auto":
-        device_name = f"cpu ({os.cpu_count()} cores)"
+    if args.scale and not args.predict:
+        fail("--scale is a table of predictions: add --predict")
+    if args.predict and args.scale:
+        print(scale_table(args, configs))
+        return
+    if args.predict:
+        config = model_config(args)
+        print(prediction_table(args, config, model_sizes(config), configs))
+        return
+    cuda = resolved(args)[0]
+    device_name = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
     rows, t0 = [], time.time()
-    for config in configs:
-        batch = largest_batch(args, config) if args.budget_gb else args.batch
-        row = run_child(args, config, batch, args.steps) if batch else dict(config=config, batch=0, oom=True)
+    for name in configs:
+        batch = largest_batch(measured_fits(args, name), args.max_batch) if args.budget_gb else args.batch
+        row = run_child(args, name, batch, args.steps) if batch else dict(config=name, batch=0, oom=True)
         rows.append(row)
-        print(f"{config}: {row}", file=sys.stderr, flush=True)
+        print(f"{name}: {row}", file=sys.stderr, flush=True)
     print(table(rows, args, device_name))
     trl = vs_trl(args, rows) if args.vs_trl else None
     if args.json:

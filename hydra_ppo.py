@@ -83,6 +83,9 @@ class Common:
     out: str = arg("out/run", "output folder: checkpoint, metrics.jsonl, summary.json")
     seed: int = arg(0, "random seed (data split, init, sampling)")
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    precision: str = arg("auto", "auto: bf16 on CUDA, fp32 on CPU; bf16: frozen trunks in bf16 under bf16 autocast, "
+                                 "trained weights and AdamW state in fp32 (CUDA's set-up, on any device)",
+                         choices=("auto", "fp32", "bf16"))
     max_prompt_len: int = arg(64, "prompt tokens kept (truncated from the left)", ge=1)
     max_response_len: int = arg(32, "response tokens kept (SFT) / generated (PPO), EOS included", ge=1)
     eval_frac: float = arg(0.1, "fraction of pairs held out for evaluation (deterministic with --seed)", gt=0, lt=1)
@@ -174,7 +177,7 @@ class PPOConfig(Common):
     save_every: int = arg(10, "write a resumable checkpoint (OUT/state.pt) every N steps (0: only at the end)",
                          ge=0)
     resume: str = arg("", "continue the run in this folder from its last checkpoint, with its saved configuration "
-                          "(--steps may make it longer; --device, --actor-lr, --critic-lr, --score-clip, "
+                          "(--steps may make it longer; --device, --precision, --actor-lr, --critic-lr, --score-clip, "
                           "--max-grad-norm may change; other flags are refused)")
     max_bad_steps: int = arg(3, "stop after this many steps in a row whose updates all had a non-finite loss or "
                                 "gradient", ge=1)
@@ -182,14 +185,16 @@ class PPOConfig(Common):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Device and precision (nanoGPT style): bf16 weights + autocast on CUDA, fp32 on CPU. Heads always compute in fp32.
+# --precision bf16 gives CUDA's set-up on any device (the CPU has a bf16 autocast too): frozen trunks load in `dtype`,
+# while what is trained (LoRA, heads, full fine-tuning's master weights) and AdamW's state stay fp32.
 
-def setup_device(name):
+def setup_device(name, precision="auto"):
     device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                           "cpu" if name == "auto" else name)
     check(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: CUDA is not available here")
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     return device, dtype, autocast
 
 
@@ -1365,7 +1370,7 @@ def next_shard(items, order, rng, n, rank, world):
 def start_run(cfg):
     """Data parallel (when started by torchrun), then device and precision. -> rank, world, device, dtype, autocast."""
     rank, world, device_name = init_distributed(cfg.device)
-    return (rank, world) + setup_device(device_name)
+    return (rank, world) + setup_device(device_name, cfg.precision)
 
 
 def build_sft_model(cfg, pairs, device, dtype):
@@ -1688,7 +1693,7 @@ def keep_log_until(path, step):
 
 # What `ppo --resume` may change: the run's length, the device, and what helps after non-finite steps (stop_if_bad).
 # It would ignore any other flag, so refuses it.
-RESUMABLE = ("steps", "device", "actor_lr", "critic_lr", "score_clip", "max_grad_norm")
+RESUMABLE = ("steps", "device", "precision", "actor_lr", "critic_lr", "score_clip", "max_grad_norm")
 
 
 def load_run_config(run_dir, flag):

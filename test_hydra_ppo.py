@@ -61,18 +61,24 @@ def test_lora_linear_layout():
     torch.testing.assert_close(layer(x), base(x) + 2.0 * x @ A.T @ B.T)  # h = W0 x + (alpha/r) B A x
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_new_adapter_changes_nothing_and_lora_off_is_bit_exact(family, batch):
+def test_new_adapter_changes_nothing_and_lora_off_is_bit_exact(family, batch, precision):
+    """Also with --precision bf16 (CUDA's set-up, on the CPU): a bf16 trunk, fp32 LoRA, bf16 autocast."""
+    _, dtype, autocast = hp.setup_device("cpu", precision)
     lm, _ = tiny(family)
-    before = lm(batch).logits
-    n = add_lora(lm, r=4)
-    assert n == 2 * (6 if family == "tiny-opt" else 7)  # every linear map of the 2 decoder layers
-    assert torch.equal(lm(batch).logits, before)  # B = 0: a new adapter changes nothing
-    randomize_lora(lm)
-    assert not torch.allclose(lm(batch).logits, before)
-    with lora_off(lm):
-        assert torch.equal(lm(batch).logits, before)  # off: the frozen base, bit for bit
-    assert not torch.allclose(lm(batch).logits, before)  # switched back on after the block
+    lm.to(dtype)
+    with autocast():
+        before = lm(batch).logits
+        n = add_lora(lm, r=4)
+        assert n == 2 * (6 if family == "tiny-opt" else 7)  # every linear map of the 2 decoder layers
+        assert lm.get_input_embeddings().weight.dtype == dtype and lora_parameters(lm)[0].dtype == torch.float32
+        assert torch.equal(lm(batch).logits, before)  # B = 0: a new adapter changes nothing
+        randomize_lora(lm)
+        assert not torch.allclose(lm(batch).logits, before)
+        with lora_off(lm):
+            assert torch.equal(lm(batch).logits, before)  # off: the frozen base, bit for bit
+        assert not torch.allclose(lm(batch).logits, before)  # switched back on after the block
 
 
 def test_lora_off_restores_on_exception(batch):
@@ -1610,7 +1616,7 @@ def test_resume_sees_flags_given_at_their_default_value(work):
     assert hp.PPOConfig().steps == 20 and hp.resume_config(hp.PPOConfig(resume=run)).steps == 3
     assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--steps", "20"], "t")).steps == 20
     assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--device", "auto"], "t")).device == "auto"
-    with pytest.raises(hp.UserError, match=r"drop --kl-coef \(only --steps, --device, --actor-lr, --critic-lr, "
+    with pytest.raises(hp.UserError, match=r"drop --kl-coef \(only --steps, --device, --precision, --actor-lr, --critic-lr, "
                                            r"--score-clip, --max-grad-norm may change\)"):
         hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--kl-coef", "0.02"], "t"))
 
@@ -1650,6 +1656,8 @@ def test_overwrite_never_leaves_two_runs_mixed(work, monkeypatch, capsys):
     ("--json {tmp}", "--json {tmp}: cannot write there"),
     ("--configs hydra,nope", "--configs hydra,nope: choose from"),
     ("--batch x", "argument --batch: invalid int value: 'x'"),
+    ("--scale", "--scale is a table of predictions: add --predict"),
+    ("--precision fp16", "argument --precision: invalid choice: 'fp16'"),
 ])
 def test_bench_bad_input_is_one_line(tmp_path, capsys, argv, names):
     import bench
@@ -1753,8 +1761,7 @@ def test_full_fine_tuning_gets_its_own_learning_rates(ckpts):
     assert hp.learning_rates(ppo_config(ckpts, "lora", critic_lr=1e-4)) == (5e-4, 1e-4)
 
 
-def bf16_autocast():  # what setup_device gives CUDA runs, here on the CPU
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+bf16_autocast = hp.setup_device("cpu", "bf16")[2]  # --precision bf16: CUDA's set-up, here on the CPU
 
 
 def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
@@ -1774,9 +1781,8 @@ def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
 
 
 def cuda_precision(monkeypatch):
-    """What setup_device gives on CUDA (frozen trunks in bf16, bf16 autocast), here on the CPU. -> the dtypes
-    that checkpoints are then loaded in."""
-    monkeypatch.setattr(hp, "setup_device", lambda name: (CPU, torch.bfloat16, bf16_autocast))
+    """Records the dtypes that checkpoints are loaded in (the tests run with --precision bf16: CUDA's set-up, frozen
+    trunks in bf16 under bf16 autocast, on the CPU). -> that list."""
     loaded, load = [], hp.load_checkpoint
     monkeypatch.setattr(hp, "load_checkpoint", lambda path, device, dtype, **kw: loaded.append(dtype) or
                         load(path, device, dtype, **kw))
@@ -1790,7 +1796,7 @@ def test_ppo_runs_with_cuda_precision(ckpts, mode, tmp_path, monkeypatch, capsys
     reference is still the initial policy exactly (KL 0 at step 1), and every update is finite."""
     loaded = cuda_precision(monkeypatch)
     out = str(tmp_path / mode)
-    hp.ppo(ppo_config(ckpts, mode, out=out, steps=2, grad_checkpointing=mode == "hydra"))
+    hp.ppo(ppo_config(ckpts, mode, out=out, steps=2, grad_checkpointing=mode == "hydra", precision="bf16"))
     # LoRA modes: every trunk frozen, in bf16; full: every copy fp32 (master weights, and frozen ones that match them)
     assert set(loaded) == ({torch.float32} if mode == "full" else {torch.bfloat16})
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -1821,7 +1827,7 @@ def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, capsys, lora_r):
     tok.save_pretrained(tmp_path / "base")
     out = str(tmp_path / "sft")
     hp.sft(hp.SFTConfig(model=str(tmp_path / "base"), data=DEMO, out=out, steps=3, batch_size=8, micro_batch_size=4,
-                        lora_r=lora_r, lr=1e-3, device="cpu"))
+                        lora_r=lora_r, lr=1e-3, device="cpu", precision="bf16"))
     assert trunks == [torch.bfloat16 if lora_r else torch.float32]
     assert ("LoRA r 4 on 7 linear maps in each of 2 decoder layers" in capsys.readouterr().out) == bool(lora_r)
     model, _, _ = hp.load_checkpoint(out, CPU, torch.float32, dropout=False)
@@ -2006,6 +2012,53 @@ def regenerate_demo_table():
     text = text.replace(caption[0], f"Measured with torch {torch.__version__} and transformers "
                                     f"{__import__('transformers').__version__} on CPU `{cpu_id()}`")
     open(README, "w", encoding="utf-8").write(text)
+
+
+# ---- memory: live tensors by category, and the memory model that predicts them - ------------------------------------
+
+def bench_child(capsys, *argv):
+    """One bench.py configuration in this process (its --child): -> its JSON row."""
+    import bench
+    capsys.readouterr()
+    bench.main(["--child", *argv, "--device", "cpu", "--steps", "1"])
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+SHAPES = [("tiny", "fp32", c) for c in ("sft", "full", "lora", "dlora", "jhydra", "hydra")] + \
+         [("tiny-llama", "bf16", c) for c in ("sft", "full", "lora", "dlora", "jhydra", "hydra")] + \
+         [("opt-125m", "fp32", c) for c in ("lora", "hydra")]  # 4 trunks and 1; ~20 s each (bf16 is slower on CPUs)
+
+
+@pytest.mark.parametrize("preset,precision,config", SHAPES)
+def test_memory_model_predicts_the_live_peak(capsys, preset, precision, config):
+    """bench.predict (arithmetic on the architecture's config) within 10% of the live tensor bytes LiveMemory measures
+    at the peak of a PPO step (of an SFT step for sft), every configuration on the tiny OPT and Llama shapes, and the
+    two ends of Table 2 on opt-125m's (every configuration there holds 0.5 to 5 GB: the README measures them)."""
+    r = bench_child(capsys, config, "--preset", preset, "--precision", precision, "--batch", "2", "--prompt-len", "6",
+                    "--response-len", "6", "--lora-r", "4", *(["--grad-checkpointing"] if preset == "opt-125m" else []))
+    assert abs(r["predicted_gb"] / r["live_peak_gb"] - 1) < 0.10, r
+    held = {"sft": "trained weights", "full": "trained weights"}.get(config, "LoRA")
+    assert r["live_gb"][held] > 0 and r["live_gb"]["optimizer state"] > 0  # the categories are told apart
+    assert (r["live_gb"].get("frozen weights", 0) > r["live_peak_gb"] / 10) == (config != "sft")  # (+ buffers)
+
+
+def test_predict_budget_answers_for_llama_7b_without_a_model(capsys, monkeypatch):
+    """--predict --budget-gb: each configuration's largest batch by the model, on the meta device: no weights."""
+    import bench
+    from transformers import AutoModelForCausalLM
+    built, build = [], AutoModelForCausalLM.from_config
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config",
+                        lambda *a, **kw: (lambda lm: built.append(lm.device.type) or lm)(build(*a, **kw)))
+    bench.main("--preset llama-7b --predict --budget-gb 80 --prompt-len 400 --response-len 400 --device cuda "
+               "--grad-checkpointing".split())
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| config")}
+    assert set(rows) == set(bench.CONFIGS) and built == ["meta"]
+    assert rows["full"][0].startswith("none")  # 4 fp32 copies of 6.7B parameters and AdamW: never in 80 GB
+    batch = {c: int(rows[c][0]) for c in ("lora", "dlora", "jhydra", "hydra")}
+    assert 0 < batch["lora"] < batch["dlora"] < batch["hydra"] <= batch["jhydra"]  # fewer copies, larger batch
+    assert all(float(rows[c][1]) <= 80 for c in batch)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--demo-table"]:
