@@ -2014,7 +2014,7 @@ def regenerate_demo_table():
     open(README, "w", encoding="utf-8").write(text)
 
 
-# ---- memory: live tensors by category, and the memory model that predicts them - ------------------------------------
+# ---- memory: live tensors by category, and the memory model that predicts them ---------------------------------
 
 def bench_child(capsys, *argv):
     """One bench.py configuration in this process (its --child): -> its JSON row."""
