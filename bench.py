@@ -265,19 +265,20 @@ LOGIT_BYTES = 16  # per element of a (rows, 16 positions, V) logits chunk: the l
 def model_sizes(config, targets=None):
     """Parameter counts, on the meta device (no memory, no weights): N (all, tied ones once), the linear weights
     (what bf16 autocast copies for a trained fp32 model), the decoder's (the full-mode critic trains it, not the LM
-    head), and LoRA's parameters per unit of rank and adapter (r (in + out) on every targeted linear map)."""
+    head), and LoRA's parameters per unit of rank and adapter (r (in + out) on every linear map LoRA targets: as
+    lora.add_lora, those inside the decoder layers, narrowed by name with `targets`)."""
     from transformers import AutoModelForCausalLM
-    from lora import DEFAULT_TARGETS
-    targets = targets or DEFAULT_TARGETS
+    from lora import LINEAR_TYPES, decoder_layers
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config)
     linears = {n: m for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
-    lora = [m for n, m in linears.items() if any(n == t or n.endswith("." + t) for t in targets)]
+    lora = [m for n, m in decoder_layers(lm).named_modules() if isinstance(m, LINEAR_TYPES)
+            and (not targets or any(n == t or n.endswith("." + t) for t in targets))]
     return types.SimpleNamespace(
         N=sum(p.numel() for p in lm.parameters()), decoder=sum(p.numel() for p in lm.base_model.parameters()),
         linear=sum(p.numel() for p in {id(m.weight): m.weight for m in linears.values()}.values()),
         largest=max(p.numel() for p in lm.parameters()), lora_weights=sum(m.weight.numel() for m in lora),
-        lora_per_rank=sum(m.in_features + m.out_features for m in lora), lora_layers=len(lora))
+        lora_per_rank=sum(sum(m.weight.shape) for m in lora), lora_layers=len(lora))
 
 
 def predict(config, sizes, name, B, P, R, r, micro=0, grad_checkpointing=False, bf16=False, cuda=False, fold=False):
