@@ -201,6 +201,8 @@ def check_args(args):
     folder = os.path.dirname(os.path.abspath(args.json))
     if args.json and (os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
         fail(f"--json {args.json}: cannot write there (checked now: the results come only after every run)")
+    if args.json and os.path.lexists(args.json) and not args.overwrite:
+        fail(f"--json {args.json} already exists; choose another file, or --overwrite to replace it")
 
 
 def main(argv=None):
@@ -228,6 +230,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1, help="with --vs-trl: hydra and TRL measured this many times, "
                    "alternating; the ratios' medians are reported")
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

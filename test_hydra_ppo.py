@@ -1165,9 +1165,18 @@ def test_real_model_hydra_sft_then_ppo(smollm2, smol_tok, tmp_path, chat):
 # ---- bad input: one line, exit status 2, and nothing a user made is lost (issue 13) -----------------------------
 
 def tree(root):
-    """{path: sha256} of every file under root: what a refused command must leave exactly as it was."""
+    """{path: sha256} of every file under root (a link: its target; a pipe: its kind): what a refused command must
+    leave exactly as it was."""
     import hashlib
-    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+    import stat
+
+    def what(path):
+        if os.path.islink(path):
+            return "-> " + os.readlink(path)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a file"
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return {os.path.relpath(os.path.join(d, f), root): what(os.path.join(d, f))
             for d, _, files in os.walk(root) for f in files}
 
 
@@ -1196,6 +1205,51 @@ def spoil(key, name, data=None, cut=None, edit=None):
             os.remove(path)
         else:
             open(path, "wb").write(new)
+    return apply
+
+
+def torch_bytes(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def heads_with(**entries):
+    """Edit of a heads file: its entries updated with `entries` (None: removed), keys given with __ for "."."""
+    def edit(raw):
+        import io
+        heads = torch.load(io.BytesIO(raw), weights_only=True)
+        for k, v in entries.items():
+            heads.pop(k.replace("__", "."))
+            if v is not None:
+                heads[k.replace("__", ".")] = v
+        return torch_bytes(heads)
+    return edit
+
+
+def json_with(**entries):
+    """Edit of a JSON file: its keys updated with `entries` (None: removed)."""
+    def edit(raw):
+        obj = json.loads(raw)
+        for k, v in entries.items():
+            obj.pop(k)
+            if v is not None:
+                obj[k] = v
+        return json.dumps(obj).encode()
+    return edit
+
+
+def make(name, data=None, fifo=False, link=None):
+    """A setup step for the table: a file tmp/name holding `data`, a FIFO, or a symbolic link to `link`."""
+    def apply(p):
+        path = os.path.join(p["tmp"], name)
+        if fifo:
+            os.mkfifo(path)
+        elif link:
+            os.symlink(link, path)
+        else:
+            open(path, "wb").write(data)
     return apply
 
 
@@ -1294,6 +1348,61 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     ("generate --run {run}", "{run}/run.json: damaged", spoil("run", "run.json", cut=20)),
     ("generate --run {run}", "{run}/policy.pt: damaged", spoil("run", "policy.pt", b"PK\x03\x04 not a zip")),
     ("export --run {run} --out {new}", "{run}: no policy.pt yet", spoil("run", "policy.pt")),
+    # issue 20: loaded state is checked for what it is, not only whether it parses
+    (P, "{sft}/heads.pt: no reward_head.weight, reward_head.bias, value_head.weight, value_head.bias",
+     spoil("sft", "heads.pt", torch_bytes({}))),
+    (P, "{sft}/heads.pt: holds a list, not the model's heads", spoil("sft", "heads.pt", torch_bytes([1, 2]))),
+    (P, "{sft}/heads.pt: reward_head.weight has shape (1, 7); this model needs (1, 64)",
+     spoil("sft", "heads.pt", edit=heads_with(reward_head__weight=torch.zeros(1, 7)))),
+    (P, "{sft}/heads.pt: no value_head.bias", spoil("sft", "heads.pt", edit=heads_with(value_head__bias=None))),
+    (P, "{sft}/heads.pt: value_head.bias is of type int, not a tensor", spoil("sft", "heads.pt", edit=heads_with(value_head__bias=3))),
+    ("ppo --resume {run}", "{run}/run.json: no 'sft'", spoil("run", "run.json", edit=json_with(sft=None))),
+    ("generate --run {run}", "{run}/run.json: no 'mode'", spoil("run", "run.json", edit=json_with(mode=None))),
+    ("ppo --resume {run}", "{run}/run.json: 'steps' is \"3\", not of type int",
+     spoil("run", "run.json", edit=json_with(steps="3"))),
+    ("generate --run {run}", "{run}/policy.pt does not fit {run}/run.json",
+     spoil("run", "run.json", edit=json_with(lora_r=8))),
+    ("ppo --resume {run}", "{run}/metrics.jsonl:2: not a metrics line",
+     spoil("run", "metrics.jsonl", edit=lambda raw: raw.replace(b"\n", b"\n" + b"[" * 100000 + b"\n", 1))),
+    # issue 20: numbers no run can use, refused before any work
+    (S + " --lr inf", "--lr inf: must be <= 1 (a step that large", None),
+    (S + " --lr 5", "--lr 5.0: must be <= 1", None),
+    (S + " --epochs inf", "--epochs inf: must be a finite number", None),
+    (S + " --lm-coef inf", "--lm-coef inf: must be a finite number", None),
+    (S + " --lm-coef 0 --rm-coef 0", "--task hydra with --lm-coef 0 and --rm-coef 0: nothing to train", None),
+    (S + " --task rm --rm-coef 0", "--task rm with --lm-coef 1 and --rm-coef 0: nothing to train", None),
+    (S + " --seed 18446744073709551616", "--seed 18446744073709551616: must be < 9223372036854775808 (the range",
+     None),
+    (S + " --max-prompt-len 99999999999999999999", "--max-prompt-len 99999999999999999999: more than a 64-bit", None),
+    (S + " --batch-size 1000000000 --micro-batch-size 1000000000", "--batch-size 1000000000: more than the 1800 "
+                                                                    "training pairs", None),
+    (P + " --kl-coef inf", "--kl-coef inf: must be a finite number", None),
+    (P + " --temperature inf", "--temperature inf: must be a finite number", None),
+    (P + " --actor-lr 1e300", "--actor-lr 1e+300: must be <= 1", None),
+    (P + " --seed -9223372036854775809", "--seed -9223372036854775809: must be >= -9223372036854775808", None),
+    (P + " --batch-size 1000000000", "--batch-size 1000000000: more than the 1800 training prompts", None),
+    (P + " --eval-samples 1000000000", "--eval-samples 1000000000: must be <= 1024 (each prompt's k x k", None),
+    (P + " --max-response-len 1000", "--max-prompt-len + --max-response-len: 64 + 1000 tokens, more than the model's "
+                                     "512 positions", None),
+    (PIPE + " --eval-samples 1000000000", "--eval-samples 1000000000: must be <= 1024", None),
+    ("generate --run {run} --num-samples 1000000000", "--num-samples 1000000000: must be <= 1024", None),
+    ("generate --run {run} --max-new-tokens 100000", "64 + 100000 tokens, more than the model's 512 positions", None),
+    ("generate --run {run} --seed 99999999999999999999", "--seed 99999999999999999999: must be <", None),
+    # issue 20: text and paths
+    (S + " --data {tmp}/fifo", "{tmp}/fifo: not a regular file", make("fifo", fifo=True)),
+    (S + " --data /dev/null", "/dev/null: not a regular file", None),
+    (S + " --data {tmp}/deep.jsonl", "{tmp}/deep.jsonl:1: JSON nested too deeply",
+     make("deep.jsonl", b"[" * 100000 + b"\n")),
+    (S + " --data {tmp}/lone.jsonl", "{tmp}/lone.jsonl:2: a lone surrogate escape", make("lone.jsonl", (
+        b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a\\ud800", "chosen": "b", "rejected": "c"}\n'))),
+    ("generate --run {run} --prompt 'caf\udce9'", "--prompt 'caf\\udce9': not text", None),
+    (S.replace("{new}", "{new}\udcff"), "--out '", None),
+    (S.replace("{new}", "{tmp}/dangling"), "--out {tmp}/dangling: a broken symbolic link",
+     make("dangling", link="nowhere")),
+    (S.replace("{new}", "''"), "--out is empty", None),
+    (P.replace("{new}", "''"), "--out is empty", None),
+    (S.replace("{new}", "/dev/null"), "--out /dev/null: not a folder", None),
+    (P.replace("{new}", "{tmp}/fifo"), "--out {tmp}/fifo: not a folder", make("fifo", fifo=True)),
 ]
 
 
