@@ -1213,6 +1213,14 @@ def own_folder(path, flag="--out"):
     OWNED[(st.st_dev, st.st_ino)] = fd
 
 
+def release_folders():
+    """Drop every folder lock this process holds: at the end of a command (main), so that a long-lived process
+    (a notebook, the tests) does not keep a finished or refused run's folder locked."""
+    for fd in OWNED.values():
+        os.close(fd)
+    OWNED.clear()
+
+
 def claim_out(path, overwrite, stale=()):
     """Checks an output folder before any work; creates nothing. It must be a folder we can write, and hold no
     other run's files unless --overwrite, which first deletes `stale` (files that would pass two runs off as one).
@@ -2197,6 +2205,8 @@ def main(argv=None):
               f"--micro-batch-size (then --batch-size), --grad-checkpointing, shorter --max-prompt-len / "
               f"--max-response-len, and --mode hydra (one model in memory instead of two or four).", file=sys.stderr)
         return 3
+    finally:
+        release_folders()
     return 0
 
 

@@ -747,6 +747,25 @@ def metrics_without_time(path):
     return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
 
 
+def wait_stop_and_kill(proc, state, deadline, args, cut):
+    """Wait for a checkpoint after step 4; then, with the run stopped (SIGSTOP: it still holds its folder), a second
+    run there is refused at once, naming the process; then kill -9."""
+    import signal
+    import time
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and torch.load(state, weights_only=True)["step"] >= 4:
+            proc.send_signal(signal.SIGSTOP)  # still holds its folder: a second run there is refused at once
+            for flag, again in (("--resume", ["ppo", "--resume", str(cut)]),
+                                ("--out", [*args, "--out", str(cut), "--overwrite"])):
+                r = run_cli(*again)
+                assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+                    f"error: {flag} {cut} is in use by another run (process {proc.pid}); wait for it to end, or "
+                    f"choose another {flag}"], r.stderr[-2000:]
+            proc.send_signal(signal.SIGKILL)  # and a killed run leaves no lock behind (the resume below)
+            break
+        time.sleep(0.02)
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_run(ckpts, tmp_path):
     import signal
     import time
@@ -760,11 +779,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(ckpts, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
     state = cut / hp.STATE_FILE
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # wait for a checkpoint after step 4, then kill -9
-        if state.exists() and torch.load(state, weights_only=True)["step"] >= 4:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    try:
+        wait_stop_and_kill(proc, state, deadline, args, cut)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # never leave a stopped run behind a failed check
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = torch.load(state, weights_only=True)["step"]  # the last complete checkpoint is readable
@@ -775,6 +794,56 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(ckpts, tmp_path):
     resumed = metrics_without_time(cut / "metrics.jsonl")
     assert [row["step"] for row in resumed] == list(range(1, 31))  # no step missing or duplicated
     assert resumed == metrics_without_time(whole / "metrics.jsonl")  # and exactly the uninterrupted run
+
+
+def test_two_runs_started_together_into_one_folder(ckpts, tmp_path):
+    """Both pass the "holds another run" check before either has written anything; the folder's lock lets one
+    run and refuses the other with one line, and the log and run.json are the one run's alone."""
+    out = tmp_path / "shared"
+    args = [sys.executable, os.path.join(HERE, "hydra_ppo.py"), "ppo", "--sft", ckpts["hydra"], "--out", str(out),
+            *SMALL.split(), "--steps", "3"]
+    procs = [subprocess.Popen(args + ["--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=HERE) for seed in (1, 2)]
+    results = [(p.communicate(timeout=600)[1], p.returncode, seed) for p, seed in zip(procs, (1, 2))]
+    assert sorted(code for _, code, _ in results) == [0, 2], [err[-2000:] for err, _, _ in results]
+    (refused,), (seed,) = [err for err, code, _ in results if code], [s for _, code, s in results if not code]
+    assert re.fullmatch(f"error: --out {re.escape(str(out))} (is in use by another run \\(process \\d+\\)|already "
+                        f"holds another run).*", one_error_line(refused)), refused
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]  # every line whole JSON
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert json.load(open(out / hp.RUN_FILE))["seed"] == seed
+
+
+def test_a_command_leaves_no_folder_locked(work, capsys):
+    """The lock lives as long as the command, not the process (a notebook, these tests): main() drops it."""
+    import fcntl
+    assert hp.main(["export", "--run", work["run"], "--out", work["sft"]]) == 2  # locks the folder, then refuses
+    fd = os.open(work["sft"], os.O_RDONLY)  # flock conflicts between two opens even in one process
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
+def test_sft_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert hp.main(["sft", "--out", str(out), "--steps", "3", "--batch-size", "4", "--micro-batch-size", "4",
+                    "--lm-coef", "1e300", "--device", "cpu"]) == 2
+    assert "sft stopped at step 1: a non-finite loss or gradient" in one_error_line(capsys.readouterr().err)
+    assert not (out / hp.HEADS_FILE).exists() and not (out / hp.META_FILE).exists()
+
+
+def test_a_cuda_device_that_is_not_there_is_named_as_such(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(hp.UserError, match=r"--device cuda:1: no such CUDA device here \(1 visible"):
+        hp.setup_device("cuda:1")  # what torchrun's LOCAL_RANK gives a second rank on a one-GPU node
+
+
+def test_a_missing_hub_model_is_one_line_without_the_hubs_retries(tmp_path):
+    r = run_cli("sft", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.startswith("error: --model no-such-org/no-such-model: could not load")
+    assert r.stderr.count("\n") == 1, r.stderr  # offline: the hub client retried 5 times, saying so each time
 
 
 def test_non_finite_updates_are_skipped_then_the_run_stops(ckpts, tmp_path, monkeypatch):
@@ -1553,6 +1622,21 @@ def test_overwrite_never_leaves_two_runs_mixed(work, monkeypatch, capsys):
     assert one_error_line(capsys.readouterr().err) == "error: step 1 failed"
     assert sorted(os.listdir(run)) == ["metrics.jsonl", "run.json"]
     assert json.load(open(os.path.join(run, "run.json")))["lora_r"] == 2  # the new run's configuration
+
+
+def test_bench_keeps_an_existing_json_file_unless_overwrite(tmp_path, capsys, monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "run_child", lambda args, config, batch, steps: dict(config=config, batch=batch, oom=True))
+    monkeypatch.setattr(bench, "table", lambda rows, args, device_name: "")  # no measurement runs here
+    old = tmp_path / "old.json"
+    old.write_text("mine\n")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--json", str(old), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and old.read_text() == "mine\n"
+    assert err == f"error: --json {old} already exists; choose another file, or --overwrite to replace it\n"
+    bench.main(["--json", str(old), "--steps", "1", "--configs", "hydra", "--overwrite"])
+    assert json.load(open(old))["rows"] == [dict(config="hydra", batch=8, oom=True)]
 
 
 @pytest.mark.parametrize("argv,names", [
