@@ -1196,9 +1196,10 @@ def lock_holder(st):
 
 
 def own_folder(path, flag="--out"):
-    """An exclusive lock on the folder for as long as this process lives, so that two runs never write into one
-    folder: flock on the folder itself (no lock file to leave behind; the kernel drops it when the process dies,
-    kill -9 included, so a killed run never blocks the next). Taking it again in the same process does nothing."""
+    """An exclusive lock on the folder until the command ends (release_folders) or the process dies, so that two
+    runs never write into one folder: flock on the folder itself (no lock file to leave behind; the kernel drops it
+    when the process dies, kill -9 included, so a killed run never blocks the next). Taking it again in the same
+    process does nothing."""
     st = os.stat(path)
     if (st.st_dev, st.st_ino) in OWNED or fcntl is None:  # Windows: no flock; runs there are not guarded
         return
@@ -1495,9 +1496,9 @@ def sft(cfg: SFTConfig):
     check(cfg.max_response_len > 1, "--max-response-len must be > 1 for sft (a response token and its EOS)")
     check(not (cfg.save_every and cfg.lora_r), "--save-every saves full fine-tuning checkpoints; with --lora-r the "
                                                "adapter is merged into the model only at the end")
-    check(cfg.task == "rm" and cfg.rm_coef or cfg.task == "sft" and cfg.lm_coef or cfg.task == "hydra" and (
-        cfg.lm_coef or cfg.rm_coef), f"--task {cfg.task} with --lm-coef {cfg.lm_coef:g} and --rm-coef "
-                                     f"{cfg.rm_coef:g}: nothing to train (every loss it uses is weighted 0)")
+    used = {"hydra": cfg.lm_coef + cfg.rm_coef, "sft": cfg.lm_coef, "rm": cfg.rm_coef}[cfg.task]  # the losses' weight
+    check(used > 0, f"--task {cfg.task} with --lm-coef {cfg.lm_coef:g} and --rm-coef {cfg.rm_coef:g}: nothing to "
+                    f"train (every loss it uses is weighted 0)")
     if rank == 0:
         claim_out(cfg.out, cfg.overwrite)
     pairs = load_pairs(cfg.data)
@@ -1728,7 +1729,7 @@ def keep_log_until(path, step):
         try:
             keep = json.loads(line)["step"] <= step
         except (ValueError, KeyError, TypeError, RecursionError):  # not a JSON object with a step (ValueError: bad
-            # JSON, bad UTF-8; RecursionError: nested too deeply)
+            # JSON or UTF-8; RecursionError: nested too deeply)
             check(n == len(rows) or not line.strip(), f"{path}:{n}: not a metrics line (damaged?); fix or delete "
                                                       f"that line to resume")
             continue

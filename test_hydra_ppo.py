@@ -1038,7 +1038,7 @@ def test_generation_ignores_the_checkpoints_sampling_settings():
 def test_sft_and_rm_with_different_tokenizers_are_refused(ckpts, tmp_path):
     other = write(tmp_path, [json.dumps(dict(prompt="zz yy", chosen="xx ww", rejected="vv uu"))] * 4)
     rm = str(tmp_path / "rm")
-    hp.sft(hp.SFTConfig(data=other, out=rm, task="rm", steps=1, device="cpu"))
+    hp.sft(hp.SFTConfig(data=other, out=rm, task="rm", steps=1, batch_size=2, micro_batch_size=2, device="cpu"))
     cfg = ppo_config(ckpts, "dlora", rm=rm)
     with pytest.raises(hp.UserError, match="different tokenizers"):
         hp.check_ppo_config(cfg)
@@ -1424,7 +1424,8 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     (P, "{sft}/heads.pt: reward_head.weight has shape (1, 7); this model needs (1, 64)",
      spoil("sft", "heads.pt", edit=heads_with(reward_head__weight=torch.zeros(1, 7)))),
     (P, "{sft}/heads.pt: no value_head.bias", spoil("sft", "heads.pt", edit=heads_with(value_head__bias=None))),
-    (P, "{sft}/heads.pt: value_head.bias is of type int, not a tensor", spoil("sft", "heads.pt", edit=heads_with(value_head__bias=3))),
+    (P, "{sft}/heads.pt: value_head.bias is of type int, not a tensor",
+     spoil("sft", "heads.pt", edit=heads_with(value_head__bias=3))),
     ("ppo --resume {run}", "{run}/run.json: no 'sft'", spoil("run", "run.json", edit=json_with(sft=None))),
     ("generate --run {run}", "{run}/run.json: no 'mode'", spoil("run", "run.json", edit=json_with(mode=None))),
     ("ppo --resume {run}", "{run}/run.json: 'steps' is \"3\", not of type int",
@@ -1626,7 +1627,8 @@ def test_overwrite_never_leaves_two_runs_mixed(work, monkeypatch, capsys):
 
 def test_bench_keeps_an_existing_json_file_unless_overwrite(tmp_path, capsys, monkeypatch):
     import bench
-    monkeypatch.setattr(bench, "run_child", lambda args, config, batch, steps: dict(config=config, batch=batch, oom=True))
+    monkeypatch.setattr(bench, "run_child", lambda args, config, batch, steps: dict(config=config, batch=batch,
+                                                                                  oom=True))
     monkeypatch.setattr(bench, "table", lambda rows, args, device_name: "")  # no measurement runs here
     old = tmp_path / "old.json"
     old.write_text("mine\n")
