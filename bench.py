@@ -475,6 +475,8 @@ def check_args(args):
     folder = os.path.dirname(os.path.abspath(args.json))
     if args.json and (os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
         fail(f"--json {args.json}: cannot write there (checked now: the results come only after every run)")
+    if args.json and os.path.lexists(args.json) and not args.overwrite:
+        fail(f"--json {args.json} already exists; choose another file, or --overwrite to replace it")
 
 
 def main(argv=None):
@@ -509,6 +511,7 @@ def main(argv=None):
     p.add_argument("--scale", action="store_true", help="with --predict: every configuration from 125M to 70B "
                    "parameters at --batch, with the paper's ratios (full / sft, hydra / sft)")
     p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

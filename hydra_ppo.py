@@ -37,6 +37,10 @@ import typing
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
+try:
+    import fcntl  # POSIX: a run's lock on its --out folder
+except ImportError:
+    fcntl = None
 
 import torch
 import torch.nn as nn
@@ -70,8 +74,17 @@ def check(cond, msg):
 
 def arg(default, help, **kw):
     """A field and its flag. kw: choices, and the allowed range that validate() checks before any work:
-    ge / gt / le / lt (>=, >, <=, <), divides="other_field" (other_field must be a multiple of this one)."""
+    ge / gt / le / lt (>=, >, <=, <), divides="other_field" (other_field must be a multiple of this one), why=
+    the reason for a bound that is not obvious (said with the error)."""
     return field(default=default, metadata=dict(help=help, **kw))
+
+
+# Ceilings that no flag's own range gives, with the reason the error states.
+LR_WHY = "a step that large moves every weight further than its own size: the run diverges at once"
+SEED_WHY = "the range torch's random generators take"
+MAX_SAMPLES = 1024
+EVAL_SAMPLES_WHY = "each prompt's k x k response pairs are compared; the win-rate's interval is over prompts"
+SAMPLES_WHY = "they are sampled as one batch"
 
 
 @dataclass
@@ -81,7 +94,7 @@ class Common:
                     "conversational format; a file (.jsonl or .jsonl.gz), a folder of them, a comma-separated list, "
                     "or hf:OWNER/REPO/path for a file of a dataset on the Hugging Face hub")
     out: str = arg("out/run", "output folder: checkpoint, metrics.jsonl, summary.json")
-    seed: int = arg(0, "random seed (data split, init, sampling)")
+    seed: int = arg(0, "random seed (data split, init, sampling)", ge=-2**63, lt=2**63, why=SEED_WHY)
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     precision: str = arg("auto", "auto: bf16 on CUDA, fp32 on CPU; bf16: frozen trunks in bf16 under bf16 autocast, "
                                  "trained weights and AdamW state in fp32 (CUDA's set-up, on any device)",
@@ -117,7 +130,7 @@ class SFTConfig(Common):
     micro_batch_size: int = arg(16, "pairs per forward pass; batch_size / micro_batch_size = gradient accumulation",
                                 ge=1, divides="batch_size")
     lr: float = arg(0.0, "AdamW learning rate; 0: 1e-3 for a tiny model, 1e-5 otherwise (paper, full FT: "
-                         "5e-7 SFT, 1e-6 RM)", ge=0)
+                         "5e-7 SFT, 1e-6 RM)", ge=0, le=1, why=LR_WHY)
     weight_decay: float = arg(0.1, "AdamW weight decay (paper: 0.1)", ge=0)
     max_grad_norm: float = arg(1.0, "gradient clipping", gt=0)
     lm_coef: float = arg(1.0, "weight of the causal-LM loss on chosen responses (Hydra-SFT; not published)", ge=0)
@@ -144,9 +157,9 @@ class PPOConfig(Common):
                                 ge=1, divides="minibatch_size")
     ppo_epochs: int = arg(1, "passes over each rollout batch (paper: 1)", ge=1)
     actor_lr: float = arg(0.0, "actor learning rate; 0: by mode (LoRA: 5e-4, the paper's visible config; full: 5e-7)",
-                          ge=0)
+                          ge=0, le=1, why=LR_WHY)
     critic_lr: float = arg(0.0, "critic (and value head) learning rate; 0: by mode (LoRA: 5e-5, paper; full: 1e-6)",
-                           ge=0)
+                           ge=0, le=1, why=LR_WHY)
     lora_r: int = arg(128, "LoRA rank of the actor and critic adapters (paper: 128)", ge=1)
     lora_alpha: float = arg(128.0, "LoRA alpha; scaling = alpha / r = 1 as DeepSpeed-Chat's default (not published)",
                             gt=0)
@@ -173,7 +186,7 @@ class PPOConfig(Common):
     eval_every: int = arg(0, "evaluate on held-out prompts every N steps (0: only at the end)", ge=0)
     eval_prompts: int = arg(64, "held-out prompts used by each evaluation", ge=1)
     eval_samples: int = arg(1, "responses per held-out prompt from each policy; more narrow the win-rate's interval",
-                            ge=1)
+                            ge=1, le=MAX_SAMPLES, why=EVAL_SAMPLES_WHY)
     save_every: int = arg(10, "write a resumable checkpoint (OUT/state.pt) every N steps (0: only at the end)",
                          ge=0)
     resume: str = arg("", "continue the run in this folder from its last checkpoint, with its saved configuration "
@@ -192,6 +205,8 @@ def setup_device(name, precision="auto"):
     device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
                           "cpu" if name == "auto" else name)
     check(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: CUDA is not available here")
+    check(device.type != "cuda" or (device.index or 0) < torch.cuda.device_count(), f"--device {name}: no such CUDA "
+          f"device here ({torch.cuda.device_count()} visible; torchrun: no more ranks per node than devices)")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -295,6 +310,14 @@ class HydraModel(nn.Module):
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         with torch.autocast(hidden.device.type, enabled=False):
             return self.reward_head(h.float()).squeeze(-1)  # (B,)
+
+
+def check_positions(lm, prompt_len, response_len, where):
+    """Prompt and response must fit the positions the model has: past them a learned position table (OPT) fails
+    with an index error and rotary models (Llama) read positions they were never trained on."""
+    n = getattr(lm.config, "max_position_embeddings", None)
+    check(n is None or prompt_len + response_len <= n, f"{where}: {prompt_len} + {response_len} tokens, more than "
+                                                       f"the model's {n} positions")
 
 
 def checkpointing_on(lm):
@@ -785,6 +808,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults beside each flag; the description as written (the list of subcommands keeps its lines)."""
 
 
+def utf8(text):
+    """Whether text can be written out as UTF-8: a lone surrogate (from a JSON "\\ud800" escape, or an argument
+    whose bytes are not UTF-8) cannot, and fails later in a tokenizer or a print."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
 
 
@@ -794,9 +827,14 @@ def validate(cfg):
     as whether --sft is a checkpoint, come later, still before any training.)"""
     for f in fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        why = f" ({f.metadata['why']})" if "why" in f.metadata else ""
         for key, (sign, ok) in BOUNDS.items():
             if key in f.metadata:  # asked as "is it in range", so that NaN fails too
-                check(ok(value, f.metadata[key]), f"{flag} {value}: must be {sign} {f.metadata[key]}")
+                check(ok(value, f.metadata[key]), f"{flag} {value}: must be {sign} {f.metadata[key]}{why}")
+        check(not isinstance(value, float) or math.isfinite(value), f"{flag} {value}: must be a finite number")
+        check(not isinstance(value, int) or abs(value) < 2**63, f"{flag} {value}: more than a 64-bit integer holds")
+        check(not isinstance(value, str) or utf8(value), f"{flag} {ascii(value)}: not text (a lone surrogate: on the "
+                                                          f"command line, a byte that is not UTF-8)")
         if "divides" in f.metadata:
             whole = getattr(cfg, f.metadata["divides"])
             check(whole % value == 0, f"--{f.metadata['divides'].replace('_', '-')} {whole} must be a multiple of "
@@ -1006,7 +1044,8 @@ def load_pairs(path):
     files = data_files(path)
     if files != [path]:  # several files, a folder or the hub: their pairs in order
         return [pair for f in files for pair in load_pairs(f)]
-    check(os.path.isfile(path), f"{path}: no such file")
+    check(os.path.exists(path), f"{path}: no such file")
+    check(os.path.isfile(path), f"{path}: not a regular file (a pipe or a device); save the data to a file")
     pairs = []
     with open_data(path) as fh:  # bytes, so a line that is not UTF-8 can be named
         for n, raw in enumerate(fh, 1):
@@ -1021,7 +1060,11 @@ def load_pairs(path):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{where}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UserError(f"{where}: JSON nested too deeply to read") from None
             check(isinstance(row, dict), f"{where}: expected a JSON object, got {type(row).__name__}")
+            check(utf8(json.dumps(row, ensure_ascii=False)), f"{where}: a lone surrogate escape (such as \\ud800): "
+                                                            f"not text a tokenizer can read")
             if isinstance(row.get("chosen"), list):
                 pairs.append(from_conversation(row, where))
                 continue
@@ -1202,10 +1245,59 @@ def log_line(fh, record):
     fh.flush()  # a crash loses nothing already logged
 
 
+OWNED = {}  # (st_dev, st_ino) of each folder this process has locked -> the open descriptor that holds the lock
+
+
+def lock_holder(st):
+    """The process that holds the flock on the file with os.stat result `st`, from Linux's /proc/locks
+    ("1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF"); None where that cannot be read."""
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as fh:
+            return next((f[4] for f in map(str.split, fh) if f[1:2] == ["FLOCK"] and f[5:6] == [where]), None)
+    except OSError:
+        return None
+
+
+def own_folder(path, flag="--out"):
+    """An exclusive lock on the folder until the command ends (release_folders) or the process dies, so that two
+    runs never write into one folder: flock on the folder itself (no lock file to leave behind; the kernel drops it
+    when the process dies, kill -9 included, so a killed run never blocks the next). Taking it again in the same
+    process does nothing."""
+    st = os.stat(path)
+    if (st.st_dev, st.st_ino) in OWNED or fcntl is None:  # Windows: no flock; runs there are not guarded
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = lock_holder(st)
+        raise UserError(f"{flag} {path} is in use by another run{f' (process {pid})' if pid else ''}; wait for it "
+                        f"to end, or choose another {flag}") from None
+    OWNED[(st.st_dev, st.st_ino)] = fd
+
+
+def release_folders():
+    """Drop every folder lock this process holds: at the end of a command (main), so that a long-lived process
+    (a notebook, the tests) does not keep a finished or refused run's folder locked."""
+    for fd in OWNED.values():
+        os.close(fd)
+    OWNED.clear()
+
+
 def claim_out(path, overwrite, stale=()):
     """Checks an output folder before any work; creates nothing. It must be a folder we can write, and hold no
-    other run's files unless --overwrite, which first deletes `stale` (files that would pass two runs off as one)."""
+    other run's files unless --overwrite, which first deletes `stale` (files that would pass two runs off as one).
+    A folder that exists is locked first (own_folder), so that no other run can start in it between this check and
+    the end of this run; a run that creates its folder later calls claim_out again, right after creating it."""
+    check(path, "--out is empty: name an output folder")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"--out {path}: a broken symbolic link (to {os.readlink(path)}); remove it or name a folder")
     check(not os.path.isfile(path), f"--out {path}: a file, not a folder")
+    check(not os.path.exists(path) or os.path.isdir(path), f"--out {path}: not a folder (a pipe or a device)")
+    if os.path.isdir(path):
+        own_folder(path)
     held = sorted(os.listdir(path)) if os.path.isdir(path) else []
     if held:
         check(overwrite, f"--out {path} already holds another run ({', '.join(held[:3])}{', ...' * (len(held) > 3)});"
@@ -1265,11 +1357,23 @@ def load_checkpoint(path, device, dtype, dropout=True):
     heads = read_file(os.path.join(path, HEADS_FILE), lambda p: torch.load(p, map_location=device, weights_only=True))
     lm, tok = load_lm(path, device, dtype, dropout)
     model = HydraModel(lm)
-    try:
-        model.load_state_dict(heads, strict=False)
-    except (RuntimeError, AttributeError) as e:  # wrong shapes, or not a state dict at all
-        raise UserError(f"{path}/{HEADS_FILE} does not fit this model ({str(e).splitlines()[0][:100]})") from None
+    check_heads(heads, model, os.path.join(path, HEADS_FILE))
+    model.load_state_dict(heads, strict=False)
     return model, tok, meta
+
+
+def check_heads(heads, model, path):
+    """A heads file must hold exactly the model's reward and value heads, in its shapes: a head left out would
+    stay randomly initialised, and PPO would train against a random reward without a word."""
+    need = {k: v.shape for k, v in model.state_dict().items() if k.startswith(("reward_head.", "value_head."))}
+    check(isinstance(heads, dict), f"{path}: holds a {type(heads).__name__}, not the model's heads")
+    missing, extra = [k for k in need if k not in heads], [k for k in heads if k not in need]
+    check(not missing, f"{path}: no {', '.join(missing)} (holds {len(heads)} entries; damaged?)")
+    check(not extra, f"{path}: unexpected {', '.join(map(str, extra[:3]))} (not this model's heads)")
+    for k, shape in need.items():
+        check(isinstance(heads[k], torch.Tensor), f"{path}: {k} is of type {type(heads[k]).__name__}, not a tensor")
+        check(heads[k].shape == shape, f"{path}: {k} has shape {tuple(heads[k].shape)}; this model needs "
+                                       f"{tuple(shape)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1386,6 +1490,7 @@ def build_sft_model(cfg, pairs, device, dtype):
         end_turns_as_the_template(tok)
         if tok.eos_token_id != eos:  # a plain transformers generate() (an exported model) stops there too
             lm.generation_config.eos_token_id = [tok.eos_token_id, eos]
+    check_positions(lm, cfg.max_prompt_len, cfg.max_response_len, "--max-prompt-len + --max-response-len")
     cut = count_truncated(tok, pairs, cfg)
     print(f"truncated: {cut[0]} of {len(pairs)} prompts (to their last --max-prompt-len {cfg.max_prompt_len} "
           f"tokens), {cut[1]} of {2 * len(pairs)} responses (to --max-response-len {cfg.max_response_len} "
@@ -1456,10 +1561,15 @@ def sft(cfg: SFTConfig):
     check(cfg.max_response_len > 1, "--max-response-len must be > 1 for sft (a response token and its EOS)")
     check(not (cfg.save_every and cfg.lora_r), "--save-every saves full fine-tuning checkpoints; with --lora-r the "
                                                "adapter is merged into the model only at the end")
+    used = {"hydra": cfg.lm_coef + cfg.rm_coef, "sft": cfg.lm_coef, "rm": cfg.rm_coef}[cfg.task]  # the losses' weight
+    check(used > 0, f"--task {cfg.task} with --lm-coef {cfg.lm_coef:g} and --rm-coef {cfg.rm_coef:g}: nothing to "
+                    f"train (every loss it uses is weighted 0)")
     if rank == 0:
         claim_out(cfg.out, cfg.overwrite)
     pairs = load_pairs(cfg.data)
     train, held_out = split_pairs(pairs, cfg.eval_frac, cfg.seed)
+    check(cfg.batch_size * world <= len(train), f"--batch-size {cfg.batch_size}{f' x {world} ranks' * (world > 1)}: "
+          f"more than the {len(train)} training pairs in {cfg.data} (a step would see a pair twice)")
     torch.manual_seed(cfg.seed)
     model, tok, lm_coef, rm_coef, cut = build_sft_model(cfg, pairs, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1467,6 +1577,8 @@ def sft(cfg: SFTConfig):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * world)))  # global batch
     os.makedirs(cfg.out, exist_ok=True)
+    if rank == 0:  # again, now that the folder exists: locked, and still empty unless --overwrite
+        claim_out(cfg.out, cfg.overwrite)
     # The prompt format goes with the checkpoint: ppo refuses to use it with another one.
     meta = dict(task=cfg.task, base_model=cfg.model, chat_template=cfg.chat_template, max_prompt_len=cfg.max_prompt_len,
                 max_response_len=cfg.max_response_len)
@@ -1485,6 +1597,9 @@ def sft(cfg: SFTConfig):
         for step in bar:
             stats, grad_norm, order = sft_step(model, tok, opt, params, train, order, rng, cfg, (lm_coef, rm_coef),
                                                autocast, device, rank, world)
+            check(math.isfinite(grad_norm), f"sft stopped at step {step}: a non-finite loss or gradient (a lower "
+                                            f"--lr or loss weight may help); nothing of it saved" +
+                                            (f" ({cfg.out} holds the checkpoint of step {saved})" if saved else ""))
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()}, refresh=False)
             if step % cfg.log_every == 0 or step == steps:
                 log_line(log, dict(step=step, **stats, grad_norm=grad_norm, lr=lr, time=time.time() - t0))
@@ -1680,7 +1795,8 @@ def keep_log_until(path, step):
     for n, line in enumerate(rows, 1):
         try:
             keep = json.loads(line)["step"] <= step
-        except (ValueError, KeyError, TypeError):  # not a JSON object with a step (ValueError: bad JSON, bad UTF-8)
+        except (ValueError, KeyError, TypeError, RecursionError):  # not a JSON object with a step (ValueError: bad
+            # JSON or UTF-8; RecursionError: nested too deeply)
             check(n == len(rows) or not line.strip(), f"{path}:{n}: not a metrics line (damaged?); fix or delete "
                                                       f"that line to resume")
             continue
@@ -1704,6 +1820,11 @@ def load_run_config(run_dir, flag):
     saved = read_file(path, read_json)
     check(isinstance(saved, dict) and set(saved) <= {f.name for f in fields(PPOConfig)},
           f"{path}: not a PPO run's configuration (damaged?)")
+    for f in fields(PPOConfig):  # ppo writes every field: one missing or of another type was edited or damaged
+        check(f.name in saved, f"{path}: no {f.name!r} (every setting of the run is needed; damaged?)")
+        value = saved[f.name]
+        check(type(value) is f.type or f.type is float and type(value) is int,
+              f"{path}: {f.name!r} is {json.dumps(value)[:40]}, not of type {f.type.__name__} (damaged?)")
     return PPOConfig(**saved)
 
 
@@ -1797,9 +1918,15 @@ def ppo(cfg: PPOConfig, judge=None):
     rank, world, device, dtype, autocast = start_run(cfg)
     if rank == 0 and not cfg.resume:
         claim_out(cfg.out, cfg.overwrite, stale=(STATE_FILE, POLICY_FILE, "summary.json"))
+    elif rank == 0:
+        own_folder(cfg.out, "--resume")
     train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
+    check(cfg.batch_size * world <= len(train), f"--batch-size {cfg.batch_size}{f' x {world} ranks' * (world > 1)}: "
+          f"more than the {len(train)} training prompts in {cfg.data} (a rollout would repeat prompts)")
     train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
     roles, opt, params = setup_ppo(cfg, checkpoint_loader(cfg, device, dtype))
+    check_positions(roles["actor"].model.lm, cfg.max_prompt_len, cfg.max_response_len,
+                    "--max-prompt-len + --max-response-len")
     for trunk in dict.fromkeys(r.model for r in roles.values() if r.adapter):  # one line per trunk with adapters
         print(describe_lora(trunk.lm))
     print(f"learning rates: actor {opt.param_groups[0]['lr']:g}, critic {opt.param_groups[1]['lr']:g}"
@@ -1808,6 +1935,8 @@ def ppo(cfg: PPOConfig, judge=None):
     generator = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     os.makedirs(cfg.out, exist_ok=True)
+    if rank == 0 and not cfg.resume:  # again, now that the folder exists: locked, and still empty unless --overwrite
+        claim_out(cfg.out, cfg.overwrite)
     log_path = os.path.join(cfg.out, "metrics.jsonl")
     first, beta, order, bad, saved, t0 = 1, cfg.kl_coef, [], 0, 0, time.time()
     if cfg.resume:
@@ -1856,11 +1985,11 @@ class GenerateConfig:
     """Sample responses to a prompt from the policy of a finished PPO run, and print them under the prompt."""
     run: str = arg("out/ppo", "a PPO output folder")
     prompt: str = arg("review of the film :", "the prompt")
-    num_samples: int = arg(1, "responses to sample", ge=1)
+    num_samples: int = arg(1, "responses to sample (one batch)", ge=1, le=MAX_SAMPLES, why=SAMPLES_WHY)
     max_new_tokens: int = arg(0, "0: the run's --max-response-len", ge=0)
     temperature: float = arg(1.0, "sampling temperature", gt=0)
     greedy: bool = arg(False, "greedy decoding instead of sampling")
-    seed: int = arg(0, "random seed")
+    seed: int = arg(0, "random seed", ge=-2**63, lt=2**63, why=SEED_WHY)
     device: str = arg("auto", "auto, cpu, cuda, ...")
 
 
@@ -1891,7 +2020,9 @@ def load_policy(run_dir, device, dtype):
     try:
         load_lora_state_dict(model.lm, state["actor"])
     except (KeyError, TypeError, RuntimeError) as e:  # not our file, or the adapters of another configuration
-        raise UserError(f"{path} does not fit {run_dir}/{RUN_FILE} ({type(e).__name__}: {e})") from None
+        first = [l.strip() for l in str(e).splitlines() if l.strip()]  # a shape mismatch lists every layer
+        raise UserError(f"{path} does not fit {run_dir}/{RUN_FILE} ({type(e).__name__}: "
+                        f"{' '.join(first[:2])[:200]}{' ...' * (len(first) > 2)})") from None
     return Role(model, adapter, "lm"), tok, cfg
 
 
@@ -1899,6 +2030,8 @@ def generate_cmd(cfg: GenerateConfig):
     validate(cfg)
     device, dtype, autocast = setup_device(cfg.device)
     actor, tok, run = load_policy(cfg.run, device, dtype)
+    check_positions(actor.model.lm, run.max_prompt_len, cfg.max_new_tokens or run.max_response_len,
+                    "the run's --max-prompt-len + --max-new-tokens")
     actor.model.eval()
     torch.manual_seed(cfg.seed)
     p_ids, p_mask = prompt_batch(tok, [cfg.prompt] * cfg.num_samples, run, device)
@@ -1919,19 +2052,21 @@ def export(cfg: ExportConfig):
     claim_out(out, cfg.overwrite)
     actor, tok, run = load_policy(cfg.run, torch.device("cpu"), "auto")  # keep the checkpoint's own dtype
     lm = actor.model.lm
+    check(cfg.format == "merged" or actor.adapter, "--format peft needs a LoRA run; a --mode full run has no adapter "
+                                                   "(use --format merged)")
+    os.makedirs(out, exist_ok=True)
+    claim_out(out, cfg.overwrite)  # again, now that the folder exists: locked, and still empty unless --overwrite
     if cfg.format == "merged":
         if actor.adapter:
             merge_lora(lm, actor.adapter)  # W0 + (alpha/r) B A, then plain nn.Linear again
         lm.save_pretrained(out)
         tok.save_pretrained(out)
     else:
-        check(actor.adapter, "--format peft needs a LoRA run; a --mode full run has no adapter (use --format merged)")
         from safetensors.torch import save_file
         suffix = f".{actor.adapter}"
         weights = {"base_model.model." + k[:-len(suffix)] + ".weight": v.contiguous()
                    for k, v in lora_state_dict(lm, actor.adapter).items()}  # ...q_proj.lora_A.actor -> .lora_A.weight
         layers = {n.rsplit(".", 1)[-1]: m for n, m in lm.named_modules() if isinstance(m, LoRALinear)}
-        os.makedirs(out, exist_ok=True)
         save_file(weights, os.path.join(out, "adapter_model.safetensors"))
         write_json(os.path.join(out, "adapter_config.json"), dict(
             peft_type="LORA", task_type="CAUSAL_LM", r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=0.0,
@@ -1958,7 +2093,7 @@ class PipelineConfig(Common):
     max_response_len: int = arg(0, "response tokens kept (SFT) / generated (PPO), EOS included (0: auto)", ge=0)
     sft_steps: int = arg(0, "Hydra-SFT optimizer steps (0: auto)", ge=0)
     sft_batch_size: int = arg(32, "Hydra-SFT preference pairs per step", ge=1)
-    sft_lr: float = arg(0.0, "Hydra-SFT learning rate (0: auto)", ge=0)
+    sft_lr: float = arg(0.0, "Hydra-SFT learning rate (0: auto)", ge=0, le=1, why=LR_WHY)
     ppo_steps: int = arg(60, "PPO iterations", ge=1)
     batch_size: int = arg(32, "PPO prompts per rollout", ge=1)
     minibatch_size: int = arg(16, "PPO rollouts per optimizer step", ge=1, divides="batch_size")
@@ -1966,11 +2101,12 @@ class PipelineConfig(Common):
                                 divides="minibatch_size")
     lora_r: int = arg(0, "LoRA rank of the PPO adapters (0: auto; the paper's 128 is for 1.3b-7b models)", ge=0)
     lora_alpha: float = arg(0.0, "LoRA alpha (0: auto)", ge=0)
-    actor_lr: float = arg(0.0, "PPO actor learning rate (0: auto)", ge=0)
-    critic_lr: float = arg(0.0, "PPO critic learning rate (0: auto)", ge=0)
+    actor_lr: float = arg(0.0, "PPO actor learning rate (0: auto)", ge=0, le=1, why=LR_WHY)
+    critic_lr: float = arg(0.0, "PPO critic learning rate (0: auto)", ge=0, le=1, why=LR_WHY)
     kl_coef: float = arg(0.02, "beta of the KL penalty (paper: 0.02)", ge=0)
     eval_prompts: int = arg(128, "held-out prompts in the final comparison", ge=1)
-    eval_samples: int = arg(0, "responses per held-out prompt from each policy (0: auto)", ge=0)
+    eval_samples: int = arg(0, "responses per held-out prompt from each policy (0: auto)", ge=0, le=MAX_SAMPLES,
+                            why=EVAL_SAMPLES_WHY)
     judge: str = arg("auto", "who judges PPO against SFT: gold (the review task's rule, for data/demo.jsonl and "
                              "data/hh_reviews.jsonl), rm (the reward model); auto: gold on data/demo.jsonl only",
                      choices=("auto", "gold", "rm"))
@@ -2140,8 +2276,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     name = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     cls, run = SUBCOMMANDS[name] if name else (PipelineConfig, pipeline)
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging
     logging.disable_progress_bar()  # our own bars are enough
+    hub_logging.set_verbosity_error()  # its retries of an unreachable hub are warnings; a failure is our one line
     cfg = None
     try:
         cfg = parse_config(cls, argv[1:] if name else argv, prog="hydra_ppo.py" + (f" {name}" if name else ""),
@@ -2161,6 +2299,8 @@ def main(argv=None):
               f"--micro-batch-size (then --batch-size), --grad-checkpointing, shorter --max-prompt-len / "
               f"--max-response-len, and --mode hydra (one model in memory instead of two or four).", file=sys.stderr)
         return 3
+    finally:
+        release_folders()
     return 0
 
 

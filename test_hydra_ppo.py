@@ -857,6 +857,25 @@ def metrics_without_time(path):
     return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
 
 
+def wait_stop_and_kill(proc, state, deadline, args, cut):
+    """Wait for a checkpoint after step 4; then, with the run stopped (SIGSTOP: it still holds its folder), a second
+    run there is refused at once, naming the process; then kill -9."""
+    import signal
+    import time
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and torch.load(state, weights_only=True)["step"] >= 4:
+            proc.send_signal(signal.SIGSTOP)  # still holds its folder: a second run there is refused at once
+            for flag, again in (("--resume", ["ppo", "--resume", str(cut)]),
+                                ("--out", [*args, "--out", str(cut), "--overwrite"])):
+                r = run_cli(*again)
+                assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+                    f"error: {flag} {cut} is in use by another run (process {proc.pid}); wait for it to end, or "
+                    f"choose another {flag}"], r.stderr[-2000:]
+            proc.send_signal(signal.SIGKILL)  # and a killed run leaves no lock behind (the resume below)
+            break
+        time.sleep(0.02)
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_run(ckpts, tmp_path):
     import signal
     import time
@@ -870,11 +889,11 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(ckpts, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
     state = cut / hp.STATE_FILE
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # wait for a checkpoint after step 4, then kill -9
-        if state.exists() and torch.load(state, weights_only=True)["step"] >= 4:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    try:
+        wait_stop_and_kill(proc, state, deadline, args, cut)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # never leave a stopped run behind a failed check
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = torch.load(state, weights_only=True)["step"]  # the last complete checkpoint is readable
@@ -885,6 +904,56 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(ckpts, tmp_path):
     resumed = metrics_without_time(cut / "metrics.jsonl")
     assert [row["step"] for row in resumed] == list(range(1, 31))  # no step missing or duplicated
     assert resumed == metrics_without_time(whole / "metrics.jsonl")  # and exactly the uninterrupted run
+
+
+def test_two_runs_started_together_into_one_folder(ckpts, tmp_path):
+    """Both pass the "holds another run" check before either has written anything; the folder's lock lets one
+    run and refuses the other with one line, and the log and run.json are the one run's alone."""
+    out = tmp_path / "shared"
+    args = [sys.executable, os.path.join(HERE, "hydra_ppo.py"), "ppo", "--sft", ckpts["hydra"], "--out", str(out),
+            *SMALL.split(), "--steps", "3"]
+    procs = [subprocess.Popen(args + ["--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=HERE) for seed in (1, 2)]
+    results = [(p.communicate(timeout=600)[1], p.returncode, seed) for p, seed in zip(procs, (1, 2))]
+    assert sorted(code for _, code, _ in results) == [0, 2], [err[-2000:] for err, _, _ in results]
+    (refused,), (seed,) = [err for err, code, _ in results if code], [s for _, code, s in results if not code]
+    assert re.fullmatch(f"error: --out {re.escape(str(out))} (is in use by another run \\(process \\d+\\)|already "
+                        f"holds another run).*", one_error_line(refused)), refused
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]  # every line whole JSON
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert json.load(open(out / hp.RUN_FILE))["seed"] == seed
+
+
+def test_a_command_leaves_no_folder_locked(work, capsys):
+    """The lock lives as long as the command, not the process (a notebook, these tests): main() drops it."""
+    import fcntl
+    assert hp.main(["export", "--run", work["run"], "--out", work["sft"]]) == 2  # locks the folder, then refuses
+    fd = os.open(work["sft"], os.O_RDONLY)  # flock conflicts between two opens even in one process
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
+def test_sft_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert hp.main(["sft", "--out", str(out), "--steps", "3", "--batch-size", "4", "--micro-batch-size", "4",
+                    "--lm-coef", "1e300", "--device", "cpu"]) == 2
+    assert "sft stopped at step 1: a non-finite loss or gradient" in one_error_line(capsys.readouterr().err)
+    assert not (out / hp.HEADS_FILE).exists() and not (out / hp.META_FILE).exists()
+
+
+def test_a_cuda_device_that_is_not_there_is_named_as_such(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(hp.UserError, match=r"--device cuda:1: no such CUDA device here \(1 visible"):
+        hp.setup_device("cuda:1")  # what torchrun's LOCAL_RANK gives a second rank on a one-GPU node
+
+
+def test_a_missing_hub_model_is_one_line_without_the_hubs_retries(tmp_path):
+    r = run_cli("sft", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.startswith("error: --model no-such-org/no-such-model: could not load")
+    assert r.stderr.count("\n") == 1, r.stderr  # offline: the hub client retried 5 times, saying so each time
 
 
 def test_non_finite_updates_are_skipped_then_the_run_stops(ckpts, tmp_path, monkeypatch):
@@ -1166,7 +1235,7 @@ def test_generation_ignores_the_checkpoints_sampling_settings():
 def test_sft_and_rm_with_different_tokenizers_are_refused(ckpts, tmp_path):
     other = write(tmp_path, [json.dumps(dict(prompt="zz yy", chosen="xx ww", rejected="vv uu"))] * 4)
     rm = str(tmp_path / "rm")
-    hp.sft(hp.SFTConfig(data=other, out=rm, task="rm", steps=1, device="cpu"))
+    hp.sft(hp.SFTConfig(data=other, out=rm, task="rm", steps=1, batch_size=2, micro_batch_size=2, device="cpu"))
     cfg = ppo_config(ckpts, "dlora", rm=rm)
     with pytest.raises(hp.UserError, match="different tokenizers"):
         hp.check_ppo_config(cfg)
@@ -1362,9 +1431,18 @@ def test_real_model_hydra_sft_then_ppo(smollm2, smol_tok, tmp_path, chat):
 # ---- bad input: one line, exit status 2, and nothing a user made is lost (issue 13) -----------------------------
 
 def tree(root):
-    """{path: sha256} of every file under root: what a refused command must leave exactly as it was."""
+    """{path: sha256} of every file under root (a link: its target; a pipe: its kind): what a refused command must
+    leave exactly as it was."""
     import hashlib
-    return {os.path.relpath(os.path.join(d, f), root): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+    import stat
+
+    def what(path):
+        if os.path.islink(path):
+            return "-> " + os.readlink(path)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a file"
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return {os.path.relpath(os.path.join(d, f), root): what(os.path.join(d, f))
             for d, _, files in os.walk(root) for f in files}
 
 
@@ -1393,6 +1471,51 @@ def spoil(key, name, data=None, cut=None, edit=None):
             os.remove(path)
         else:
             open(path, "wb").write(new)
+    return apply
+
+
+def torch_bytes(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def heads_with(**entries):
+    """Edit of a heads file: its entries updated with `entries` (None: removed), keys given with __ for "."."""
+    def edit(raw):
+        import io
+        heads = torch.load(io.BytesIO(raw), weights_only=True)
+        for k, v in entries.items():
+            heads.pop(k.replace("__", "."))
+            if v is not None:
+                heads[k.replace("__", ".")] = v
+        return torch_bytes(heads)
+    return edit
+
+
+def json_with(**entries):
+    """Edit of a JSON file: its keys updated with `entries` (None: removed)."""
+    def edit(raw):
+        obj = json.loads(raw)
+        for k, v in entries.items():
+            obj.pop(k)
+            if v is not None:
+                obj[k] = v
+        return json.dumps(obj).encode()
+    return edit
+
+
+def make(name, data=None, fifo=False, link=None):
+    """A setup step for the table: a file tmp/name holding `data`, a FIFO, or a symbolic link to `link`."""
+    def apply(p):
+        path = os.path.join(p["tmp"], name)
+        if fifo:
+            os.mkfifo(path)
+        elif link:
+            os.symlink(link, path)
+        else:
+            open(path, "wb").write(data)
     return apply
 
 
@@ -1495,6 +1618,62 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     ("generate --run {run}", "{run}/run.json: damaged", spoil("run", "run.json", cut=20)),
     ("generate --run {run}", "{run}/policy.pt: damaged", spoil("run", "policy.pt", b"PK\x03\x04 not a zip")),
     ("export --run {run} --out {new}", "{run}: no policy.pt yet", spoil("run", "policy.pt")),
+    # issue 20: loaded state is checked for what it is, not only whether it parses
+    (P, "{sft}/heads.pt: no reward_head.weight, reward_head.bias, value_head.weight, value_head.bias",
+     spoil("sft", "heads.pt", torch_bytes({}))),
+    (P, "{sft}/heads.pt: holds a list, not the model's heads", spoil("sft", "heads.pt", torch_bytes([1, 2]))),
+    (P, "{sft}/heads.pt: reward_head.weight has shape (1, 7); this model needs (1, 64)",
+     spoil("sft", "heads.pt", edit=heads_with(reward_head__weight=torch.zeros(1, 7)))),
+    (P, "{sft}/heads.pt: no value_head.bias", spoil("sft", "heads.pt", edit=heads_with(value_head__bias=None))),
+    (P, "{sft}/heads.pt: value_head.bias is of type int, not a tensor",
+     spoil("sft", "heads.pt", edit=heads_with(value_head__bias=3))),
+    ("ppo --resume {run}", "{run}/run.json: no 'sft'", spoil("run", "run.json", edit=json_with(sft=None))),
+    ("generate --run {run}", "{run}/run.json: no 'mode'", spoil("run", "run.json", edit=json_with(mode=None))),
+    ("ppo --resume {run}", "{run}/run.json: 'steps' is \"3\", not of type int",
+     spoil("run", "run.json", edit=json_with(steps="3"))),
+    ("generate --run {run}", "{run}/policy.pt does not fit {run}/run.json",
+     spoil("run", "run.json", edit=json_with(lora_r=8))),
+    ("ppo --resume {run}", "{run}/metrics.jsonl:2: not a metrics line",
+     spoil("run", "metrics.jsonl", edit=lambda raw: raw.replace(b"\n", b"\n" + b"[" * 100000 + b"\n", 1))),
+    # issue 20: numbers no run can use, refused before any work
+    (S + " --lr inf", "--lr inf: must be <= 1 (a step that large", None),
+    (S + " --lr 5", "--lr 5.0: must be <= 1", None),
+    (S + " --epochs inf", "--epochs inf: must be a finite number", None),
+    (S + " --lm-coef inf", "--lm-coef inf: must be a finite number", None),
+    (S + " --lm-coef 0 --rm-coef 0", "--task hydra with --lm-coef 0 and --rm-coef 0: nothing to train", None),
+    (S + " --task rm --rm-coef 0", "--task rm with --lm-coef 1 and --rm-coef 0: nothing to train", None),
+    (S + " --seed 18446744073709551616", "--seed 18446744073709551616: must be < 9223372036854775808 (the range",
+     None),
+    (S + " --max-prompt-len 99999999999999999999", "--max-prompt-len 99999999999999999999: more than a 64-bit", None),
+    (S + " --batch-size 1000000000 --micro-batch-size 1000000000", "--batch-size 1000000000: more than the 1800 "
+                                                                    "training pairs", None),
+    (P + " --kl-coef inf", "--kl-coef inf: must be a finite number", None),
+    (P + " --temperature inf", "--temperature inf: must be a finite number", None),
+    (P + " --actor-lr 1e300", "--actor-lr 1e+300: must be <= 1", None),
+    (P + " --seed -9223372036854775809", "--seed -9223372036854775809: must be >= -9223372036854775808", None),
+    (P + " --batch-size 1000000000", "--batch-size 1000000000: more than the 1800 training prompts", None),
+    (P + " --eval-samples 1000000000", "--eval-samples 1000000000: must be <= 1024 (each prompt's k x k", None),
+    (P + " --max-response-len 1000", "--max-prompt-len + --max-response-len: 64 + 1000 tokens, more than the model's "
+                                     "512 positions", None),
+    (PIPE + " --eval-samples 1000000000", "--eval-samples 1000000000: must be <= 1024", None),
+    ("generate --run {run} --num-samples 1000000000", "--num-samples 1000000000: must be <= 1024", None),
+    ("generate --run {run} --max-new-tokens 100000", "64 + 100000 tokens, more than the model's 512 positions", None),
+    ("generate --run {run} --seed 99999999999999999999", "--seed 99999999999999999999: must be <", None),
+    # issue 20: text and paths
+    (S + " --data {tmp}/fifo", "{tmp}/fifo: not a regular file", make("fifo", fifo=True)),
+    (S + " --data /dev/null", "/dev/null: not a regular file", None),
+    (S + " --data {tmp}/deep.jsonl", "{tmp}/deep.jsonl:1: JSON nested too deeply",
+     make("deep.jsonl", b"[" * 100000 + b"\n")),
+    (S + " --data {tmp}/lone.jsonl", "{tmp}/lone.jsonl:2: a lone surrogate escape", make("lone.jsonl", (
+        b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a\\ud800", "chosen": "b", "rejected": "c"}\n'))),
+    ("generate --run {run} --prompt 'caf\udce9'", "--prompt 'caf\\udce9': not text", None),
+    (S.replace("{new}", "{new}\udcff"), "--out '", None),
+    (S.replace("{new}", "{tmp}/dangling"), "--out {tmp}/dangling: a broken symbolic link",
+     make("dangling", link="nowhere")),
+    (S.replace("{new}", "''"), "--out is empty", None),
+    (P.replace("{new}", "''"), "--out is empty", None),
+    (S.replace("{new}", "/dev/null"), "--out /dev/null: not a folder", None),
+    (P.replace("{new}", "{tmp}/fifo"), "--out {tmp}/fifo: not a folder", make("fifo", fifo=True)),
 ]
 
 
@@ -1645,6 +1824,22 @@ def test_overwrite_never_leaves_two_runs_mixed(work, monkeypatch, capsys):
     assert one_error_line(capsys.readouterr().err) == "error: step 1 failed"
     assert sorted(os.listdir(run)) == ["metrics.jsonl", "run.json"]
     assert json.load(open(os.path.join(run, "run.json")))["lora_r"] == 2  # the new run's configuration
+
+
+def test_bench_keeps_an_existing_json_file_unless_overwrite(tmp_path, capsys, monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "run_child", lambda args, config, batch, steps: dict(config=config, batch=batch,
+                                                                                  oom=True))
+    monkeypatch.setattr(bench, "table", lambda rows, args, device_name: "")  # no measurement runs here
+    old = tmp_path / "old.json"
+    old.write_text("mine\n")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--json", str(old), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and old.read_text() == "mine\n"
+    assert err == f"error: --json {old} already exists; choose another file, or --overwrite to replace it\n"
+    bench.main(["--json", str(old), "--steps", "1", "--configs", "hydra", "--overwrite"])
+    assert json.load(open(old))["rows"] == [dict(config="hydra", batch=8, oom=True)]
 
 
 @pytest.mark.parametrize("argv,names", [
