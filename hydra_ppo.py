@@ -21,8 +21,8 @@ Ctrl-C); the method they repeat is ppo_step and sft_loss.
 """
 import argparse
 import glob
-import inspect
 import gzip
+import inspect
 import io
 import json
 import math
@@ -1063,8 +1063,8 @@ def load_pairs(path):
             except RecursionError:
                 raise UserError(f"{where}: JSON nested too deeply to read") from None
             check(isinstance(row, dict), f"{where}: expected a JSON object, got {type(row).__name__}")
-            check(utf8(json.dumps(row, ensure_ascii=False)), f"{where}: a lone surrogate escape (such as \\ud800): "
-                                                            f"not text a tokenizer can read")
+            check("\\u" not in line or utf8(json.dumps(row, ensure_ascii=False)),  # only a \u escape can make one
+                  f"{where}: a lone surrogate escape (such as \\ud800): not text a tokenizer can read")
             if isinstance(row.get("chosen"), list):
                 pairs.append(from_conversation(row, where))
                 continue
