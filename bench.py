@@ -95,9 +95,9 @@ class LiveMemory(TorchDispatchMode):
     activations (and temporaries). peaks: {phase: (most bytes live at once, {category: bytes} then)}; the caller
     names the phase, opt.step() is the phase "optimizer"."""
 
-    def __init__(self, models, opt, vocab, phase="update"):
+    def __init__(self, models, opt, vocab):
         super().__init__()
-        self.vocab, self.phase = vocab, phase
+        self.vocab, self.phase = vocab, "update"
         self.bytes, self.live, self.total, self.peaks = {}, collections.Counter(), 0, {}
         for model in models:
             for name, p in model.named_parameters():
@@ -224,10 +224,10 @@ def child(args):
             for name, fn in own.items():
                 setattr(hp, name, fn)
     phase = max(live.peaks, key=lambda k: live.peaks[k][0])
-    total, predicted_phase, model = predicted(args, config, model_sizes(config), args.config, B)
+    total, predicted_phase, parts = predicted(args, config, model_sizes(config), args.config, B)
     return dict(config=args.config, batch=B, peak_memory_gb=peak_memory_gb(device),
                 predicted_gb=total / 2**30, predicted_phase=predicted_phase,
-                predicted_live_gb={k: v / 2**30 for k, v in model.items() if v},
+                predicted_live_gb={k: v / 2**30 for k, v in parts.items() if v},
                 live_peak_gb=live.peaks[phase][0] / 2**30, peak_phase=phase,
                 live_gb={k: v / 2**30 for k, v in live.peaks[phase][1].items()},
                 phases_gb={k: {c: n / 2**30 for c, n in v[1].items()} for k, v in live.peaks.items()},
@@ -262,21 +262,19 @@ LORA_ACT_BYTES = {4: 4, 2: 14}
 LOGIT_BYTES = 16  # per element of a (rows, 16 positions, V) logits chunk: the logits, their fp32 log-softmax, grads
 
 
-def model_sizes(config, targets=None):
+def model_sizes(config):
     """Parameter counts, on the meta device (no memory, no weights): N (all, tied ones once), the linear weights
     (what bf16 autocast copies for a trained fp32 model), the decoder's (the full-mode critic trains it, not the LM
-    head), and LoRA's parameters per unit of rank and adapter (r (in + out) on every linear map LoRA targets: as
-    lora.add_lora, those inside the decoder layers, narrowed by name with `targets`)."""
+    head), and LoRA's parameters per unit of rank and adapter (r (in + out) on every linear map LoRA targets by
+    default: as lora.add_lora, those inside the decoder layers)."""
     from transformers import AutoModelForCausalLM
     from lora import LINEAR_TYPES, decoder_layers
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config)
-    linears = {n: m for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)}
-    lora = [m for n, m in decoder_layers(lm).named_modules() if isinstance(m, LINEAR_TYPES)
-            and (not targets or any(n == t or n.endswith("." + t) for t in targets))]
+    lora = [m for m in decoder_layers(lm).modules() if isinstance(m, LINEAR_TYPES)]
     return types.SimpleNamespace(
         N=sum(p.numel() for p in lm.parameters()), decoder=sum(p.numel() for p in lm.base_model.parameters()),
-        linear=sum(p.numel() for p in {id(m.weight): m.weight for m in linears.values()}.values()),
+        linear=sum({id(m.weight): m.weight.numel() for m in lm.modules() if isinstance(m, LINEAR_TYPES)}.values()),
         largest=max(p.numel() for p in lm.parameters()), lora_weights=sum(m.weight.numel() for m in lora),
         lora_per_rank=sum(sum(m.weight.shape) for m in lora), lora_layers=len(lora))
 
@@ -321,7 +319,7 @@ def predict(config, sizes, name, B, P, R, r, micro=0, grad_checkpointing=False, 
     layer = b * T * per_token if grad_checkpointing else 0  # one layer recomputed
     phases["update"] = max(dict(held, activations=kept, logits=b * C * V * LOGIT_BYTES),
                            dict(held, activations=kept + layer,
-                                gradients=actor_grads if TABLE2[name][1] != 1 and name != "sft" else 0),
+                                gradients=actor_grads if sets != 1 and name != "sft" else 0),
                            key=lambda p: sum(p.values()))
     # 4. The optimizer step: every gradient, and AdamW's temporaries (CUDA's foreach: one per trained parameter).
     phases["optimizer"] = dict(held, gradients=4 * trained,
@@ -527,7 +525,7 @@ def main(argv=None):
         fail("--vs-trl compares against hydra at a fixed --batch: keep hydra in --configs, no --budget-gb")
     if args.scale and not args.predict:
         fail("--scale is a table of predictions: add --predict")
-    if args.predict and args.scale:
+    if args.scale:  # check_args: only with --predict
         print(scale_table(args, configs))
         return
     if args.predict:
