@@ -435,7 +435,8 @@ class Role(typing.NamedTuple):
 
 def add_adapter(lm, cfg, adapter="default"):
     """add_lora with the run's rank, alpha and --lora-targets; a one-line error when no layer matches."""
-    targets = tuple(t.strip() for t in cfg.lora_targets.split(",")) if cfg.lora_targets else DEFAULT_TARGETS
+    names = cfg.lora_targets.strip()  # "" or "all-linear" (peft's word for the default): every linear map
+    targets = tuple(t.strip() for t in names.split(",")) if names not in ("", DEFAULT_TARGETS) else DEFAULT_TARGETS
     try:
         return add_lora(lm, targets, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
     except ValueError as e:

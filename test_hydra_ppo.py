@@ -195,6 +195,14 @@ def test_lora_targets_narrow_the_default(batch):
                                  "adapters default: 3,584 parameters")  # 2 x (4 x (64 + 64) + 4 x (64 + 256))
 
 
+def test_lora_targets_all_linear_is_the_default():
+    counts = []
+    for names in ("", "all-linear"):  # peft's word for the default is accepted as the flag's value
+        lm, _ = tiny("tiny-opt")
+        counts.append(hp.add_adapter(lm, hp.PPOConfig(lora_targets=names, lora_r=4)))
+    assert counts == [12, 12]  # 6 linear maps in each of 2 layers
+
+
 def test_add_lora_rejects_unknown_targets():
     lm, _ = tiny()
     with pytest.raises(ValueError, match="no linear map named like"):
