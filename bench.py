@@ -155,13 +155,13 @@ class LiveMemory(TorchDispatchMode):
 def child(args):
     import hydra_ppo as hp
     from transformers import AutoModelForCausalLM
-    device, dtype, autocast = hp.setup_device(args.device, args.precision)
+    run = hp.setup_device(args.device, args.precision)
+    device, dtype, autocast = run.device, run.dtype, run.autocast
     config = hp.no_dropout(model_config(args))
     B, P, R = args.batch, args.prompt_len, args.response_len
 
-    def load(which, trained):  # build_roles' loader: a fresh random-init model, fp32 where it is fully trained
-        torch.manual_seed(0 if which == "sft" else 1)  # (and in full mode everywhere, as hp.checkpoint_loader)
-        fp32 = trained or args.config == "full"
+    def load(which, fp32):  # build_roles' loader: a fresh random-init model
+        torch.manual_seed(0 if which == "sft" else 1)
         with torch.device(device):  # initialise on the device: a 7b model on the CPU first would take minutes
             lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if fp32 else dtype)
         return hp.HydraModel(lm).requires_grad_(False)
@@ -171,7 +171,7 @@ def child(args):
     p_mask = torch.ones_like(p_ids)
     micro = args.micro_batch or B
     if args.config == "sft":  # one full fine-tuning step of the SFT model on prompt + response
-        model = load("sft", trained=True).requires_grad_(True)
+        model = load("sft", fp32=True).requires_grad_(True)
         if args.grad_checkpointing:
             hp.checkpointing_on(model.lm)
         model.train()
@@ -191,13 +191,12 @@ def child(args):
             return dict(time_generate=0.0, time_score=0.0, time_update=clock())
     else:
         cfg = ppo_config(args, B)
-        roles, opt, params = hp.setup_ppo(cfg, load)
-        models = hp.models_of(roles)
+        learner = hp.setup_ppo(cfg, load)
+        models, opt = hp.models_of(learner.roles), learner.opt
         tok = types.SimpleNamespace(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
 
         def step():
-            batch, stats = hp.ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, cfg.kl_coef,
-                                       torch.Generator().manual_seed(0), min_new_tokens=R)
+            batch, stats = hp.ppo_step(learner, tok, p_ids, p_mask, cfg, run, min_new_tokens=R)
             assert batch["ids"].shape[1] == P + R, "generation stopped before the full response length"
             return {k: stats[k] for k in ("time_generate", "time_score", "time_update")}
     times, stamps = [], []
@@ -250,7 +249,13 @@ def ppo_config(args, B):
 # terms: what a configuration holds all the time (weights, LoRA, AdamW's state: Table 2 times bytes per parameter)
 # and what one phase adds on top (the KV cache while sampling; activations and logits while scoring and updating).
 
-TABLE2 = dict(sft=(1, 0), full=(4, 0), lora=(4, 2), dlora=(2, 2), jhydra=(1, 1), hydra=(1, 2))  # trunks, LoRA sets
+def table2(name):
+    """-> (trunks, LoRA adapter sets) that configuration `name` holds: hydra_ppo.MODES counted (sft: one model)."""
+    import hydra_ppo as hp
+    if name == "sft":
+        return 1, 0
+    roles = hp.MODES[name][:4]
+    return len({trunk for trunk, _ in roles}), len({a for _, a in roles if a is not hp.LORA_OFF})
 
 # Bytes the backward keeps per token and decoder layer (no checkpointing): cH * H + cF * F, by family and bytes per
 # activation, from a census of saved tensors (torch.autograd.graph.saved_tensors_hooks on one layer, transformers 5,
@@ -290,7 +295,7 @@ def predict(config, sizes, name, B, P, R, r, micro=0, grad_checkpointing=False, 
     full = name in ("sft", "full")
     w = 4 if full or not bf16 else 2                    # bytes per weight of a trunk: trained weights stay fp32
     # Held all the time (paper, Table 2): the trunks, the LoRA sets, AdamW's two fp32 moments per trained parameter.
-    trunks, sets = TABLE2[name]
+    trunks, sets = table2(name)
     if name == "sft":
         trained, held = sizes.N, {"trained weights": 4 * sizes.N}
     elif name == "full":  # actor: the whole LM; critic: its decoder (it never reads the LM head); frozen copies fp32

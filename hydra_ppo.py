@@ -8,16 +8,15 @@ arXiv 2309.00754) in one file of plain PyTorch + transformers.
 
 Two parts, each read top to bottom; every name is defined before it is used.
 
-Part I, the method: one-line errors; configuration (SFTConfig, PPOConfig); device and precision; the token layout;
-    the two-head model (HydraModel); the Hydra-SFT loss; PPO maths (whitening, GAE, losses, KL controller); the five
-    configurations (build_roles, trainable_groups and its learning_rates: Part I's only branches on the mode);
-    sampling (generate); one PPO iteration, `ppo_step`: 1 sample, 2 score, 3 KL-shaped rewards, 4 GAE, 5 update.
+Part I, the method: one-line errors; configuration (SFTConfig, PPOConfig); device and precision (Run); the token
+    layout; the two-head model (HydraModel); the Hydra-SFT loss; PPO maths (whitening, GAE, losses, KL controller);
+    the five configurations in one table (MODES: which models each holds, which role uses which); sampling
+    (generate); one PPO iteration, `ppo_step`: 1 sample, 2 score, 3 KL-shaped rewards, 4 GAE, 5 update, 6 KL
+    coefficient.
 Part II, running it for real: flags; text to tokens; preference data and the demo task; models and checkpoints;
     data parallel (torchrun); the `sft` command (the Hydra-SFT loop); evaluation (win-rate); the `ppo` command (the
-    outer PPO loop: prompts, ppo_step, adaptive KL, logs, evaluation, resumable checkpoints); generate and export;
-    the pipeline (`python hydra_ppo.py`); the command line.
-The outer loops live in Part II because most of their lines are about running for real (sharding, logging, resume,
-Ctrl-C); the method they repeat is ppo_step and sft_loss.
+    outer PPO loop: prompts, ppo_step, logs, evaluation, resumable checkpoints); generate and export; the pipeline
+    (`python hydra_ppo.py`); the command line.
 """
 import argparse
 import glob
@@ -197,20 +196,33 @@ class PPOConfig(Common):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Device and precision (nanoGPT style): bf16 weights + autocast on CUDA, fp32 on CPU. Heads always compute in fp32.
-# --precision bf16 gives CUDA's set-up on any device (the CPU has a bf16 autocast too): frozen trunks load in `dtype`,
-# while what is trained (LoRA, heads, full fine-tuning's master weights) and AdamW's state stay fp32.
+# Device and precision, in one object as nanoGPT keeps them in one block. bf16 (auto on CUDA) is CUDA's set-up on any
+# device (the CPU has a bf16 autocast too): frozen trunks load in `dtype` and run under bf16 autocast, while what is
+# trained (LoRA, heads, full fine-tuning's master weights) and AdamW's state stay fp32. Heads always compute in fp32.
 
-def setup_device(name, precision="auto"):
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                          "cpu" if name == "auto" else name)
-    check(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: CUDA is not available here")
-    check(device.type != "cuda" or (device.index or 0) < torch.cuda.device_count(), f"--device {name}: no such CUDA "
-          f"device here ({torch.cuda.device_count()} visible; torchrun: no more ranks per node than devices)")
+class Run(typing.NamedTuple):
+    device: torch.device
+    dtype: torch.dtype           # of the frozen trunks
+    autocast: typing.Callable    # autocast(): the context every forward runs in
+    rank: int = 0                # data parallel (torchrun, Part II): this process, of `world`
+    world: int = 1
+
+
+def setup_device(name, precision="auto", rank=0, world=1):
+    """-> Run. name: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    try:
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                              "cpu" if name == "auto" else name)
+    except (RuntimeError, ValueError):
+        device = None
+    check(device is not None and device.type in ("cpu", "cuda"), f"--device {name}: not a device; use auto, cpu, "
+                                                                  f"cuda or cuda:N")
+    check(device.type != "cuda" or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()),
+          f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible; torchrun: no more ranks per "
+          f"node than devices)")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    return device, dtype, autocast
+    return Run(device, torch.bfloat16 if bf16 else torch.float32, autocast, rank, world)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,7 +333,8 @@ def check_positions(lm, prompt_len, response_len, where):
 
 
 def checkpointing_on(lm):
-    """Activation (gradient) checkpointing; transformers 5 renamed it. Non-reentrant: works with a frozen trunk."""
+    """Activation (gradient) checkpointing, by either of transformers' names for it. Non-reentrant: works with a
+    frozen trunk."""
     if hasattr(lm, "activation_checkpointing_enable"):
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -416,20 +429,36 @@ def update_kl_coef(beta, kl, target, n, horizon):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The five PPO configurations (paper, Table 2). Four roles: actor, critic, ref (the reference policy) and rm (the
-# reward model). A role is (trunk, adapter, head); adapter None means no adapter: LoRA off on a LoRA trunk, or in full
-# mode a whole model (trained for the actor and the critic, frozen for ref and rm).
-#
-#   mode     static models  LoRA sets  actor               critic                reference        reward model
-#   full     4              0          SFT copy, trained   RM copy, trained      frozen SFT copy  frozen RM copy
-#   lora     4              2          SFT + LoRA          RM + LoRA             frozen SFT copy  frozen RM copy
-#   dlora    2              2          SFT + LoRA          RM + LoRA             actor, LoRA off  critic, LoRA off
-#   jhydra   1              1          Hydra + shared, LM  same LoRA, value head LoRA off, LM     LoRA off, reward
-#   hydra    1              2          Hydra + actor, LM   Hydra + critic, value LoRA off, LM     LoRA off, reward
+# The five PPO configurations (paper, Table 2), in one table. Four roles: the actor, the critic, the reference policy
+# (ref) and the reward model (rm). Each role is a trunk with one adapter on, read through one head (HEADS). A trunk is
+# a model loaded from a checkpoint: "sft" from --sft (Hydra-SFT in hydra and jhydra, whose reward head is then the
+# reward model), "rm" from --rm, "... copy" a second, frozen one. LORA_OFF: the trunk itself, LoRA off; a trained role
+# with LORA_OFF (full) trains its whole trunk, in fp32, at the paper's full fine-tuning learning rates.
+
+LORA_OFF = None
+ROLES = ("actor", "critic", "ref", "rm")
+HEADS = dict(actor="lm", critic="value", ref="lm", rm="reward")
+#           actor                critic               reference              reward model           default lr: actor, critic
+MODES = dict(
+    full=  (("sft", LORA_OFF),   ("rm", LORA_OFF),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), (5e-7, 1e-6)),
+    lora=  (("sft", "actor"),    ("rm", "critic"),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), (5e-4, 5e-5)),
+    dlora= (("sft", "actor"),    ("rm", "critic"),    ("sft", LORA_OFF),      ("rm", LORA_OFF),      (5e-4, 5e-5)),
+    jhydra=(("sft", "shared"),   ("sft", "shared"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     (5e-4, 5e-5)),
+    hydra= (("sft", "actor"),    ("sft", "critic"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     (5e-4, 5e-5)),
+)
+# The learning rates where --actor-lr / --critic-lr are 0: LoRA trains a few new weights from zero (the paper's visible
+# config); full fine-tuning moves every weight of a trained model, at the paper's full fine-tuning scale (SFT, RM).
+
+
+def mode_table(mode):
+    """-> {role: (trunk, adapter)}, and whether the mode is full fine-tuning, from MODES."""
+    table = dict(zip(ROLES, MODES[mode]))
+    return table, table["actor"][1] is LORA_OFF
+
 
 class Role(typing.NamedTuple):
     model: HydraModel
-    adapter: typing.Optional[str]  # None: no adapter (LoRA off; in full mode the whole model, maybe trained)
+    adapter: typing.Optional[str]  # LORA_OFF: the trunk as it is (LoRA off; in full mode the whole model, maybe trained)
     head: str                      # "lm" | "value" | "reward" (the reward head)
 
 
@@ -444,53 +473,39 @@ def add_adapter(lm, cfg, adapter="default"):
 
 
 def build_roles(cfg, load):
-    """-> {actor, critic, ref, rm: Role}: exactly the models that cfg.mode holds. load(which, trained) returns a new,
-    frozen HydraModel of the "sft" or "rm" checkpoint (the benchmark passes a loader of random-init models instead)."""
-    def lora(model, adapter):
-        add_adapter(model.lm, cfg, adapter)
+    """-> {actor, critic, ref, rm: Role}: exactly the models MODES gives cfg.mode, each trunk loaded once.
+    load(checkpoint, fp32) returns a new, frozen HydraModel of "sft" or "rm" (the benchmark passes a loader of
+    random-init models). Full fine-tuning keeps every trunk in fp32: the trained ones as master weights, the frozen
+    copies so that they compute exactly as the actor does (a bf16 copy differs under autocast in norms and residuals,
+    and KL at step 1 must be exactly 0). The trained trunks and their adapters come first, then the frozen copies."""
+    table, full = mode_table(cfg.mode)
+    trunks = {}
 
-    sft_model = load("sft", trained=cfg.mode == "full")
-    if cfg.mode in ("hydra", "jhydra"):
-        model = sft_model  # one trunk: LoRA off is the reference and the reward model
-        a, c = ("actor", "critic") if cfg.mode == "hydra" else ("shared", "shared")
-        lora(model, a)
-        if c != a:
-            lora(model, c)
-        roles = dict(actor=Role(model, a, "lm"), critic=Role(model, c, "value"), ref=Role(model, None, "lm"),
-                     rm=Role(model, None, "reward"))
-    else:
-        rm_model = load("rm", trained=cfg.mode == "full")
-        if cfg.mode == "full":
-            roles = dict(actor=Role(sft_model, None, "lm"), critic=Role(rm_model, None, "value"),
-                         ref=Role(load("sft", False), None, "lm"), rm=Role(load("rm", False), None, "reward"))
-        else:
-            lora(sft_model, "actor")
-            lora(rm_model, "critic")
-            ref = sft_model if cfg.mode == "dlora" else load("sft", False)   # dynamic LoRA: LoRA off is the reference
-            rm = rm_model if cfg.mode == "dlora" else load("rm", False)     # ... and the reward model
-            roles = dict(actor=Role(sft_model, "actor", "lm"), critic=Role(rm_model, "critic", "value"),
-                         ref=Role(ref, None, "lm"), rm=Role(rm, None, "reward"))
+    def trunk(role):
+        name = table[role][0]
+        if name not in trunks:
+            trunks[name] = load(name.split()[0], fp32=full)
+        return trunks[name]
+    trained = {table[r][1]: trunk(r) for r in ("actor", "critic")}  # adapter -> its trunk (jhydra: one, "shared")
+    for adapter, model in trained.items():
+        if adapter is not LORA_OFF:
+            add_adapter(model.lm, cfg, adapter)
+    roles = {r: Role(trunk(r), table[r][1], HEADS[r]) for r in ROLES}
     critic = roles["critic"].model
     critic.value_head.load_state_dict(critic.reward_head.state_dict())  # the critic starts from the reward model
     return roles
 
 
-# PPO learning rates (actor, critic) where --actor-lr / --critic-lr are 0. LoRA trains a few new weights from zero:
-# the paper's visible config, 5e-4 / 5e-5. Full fine-tuning moves every weight of a trained model, and 5e-4 there
-# took the tiny model to KL 32 in 2 steps: the paper's full fine-tuning scale (5e-7 SFT, 1e-6 RM) instead.
-DEFAULT_LRS = dict(lora=(5e-4, 5e-5), full=(5e-7, 1e-6))
-
-
 def learning_rates(cfg):
-    """-> (actor_lr, critic_lr): the flags, or where one is 0, the default of the mode (DEFAULT_LRS)."""
-    actor_lr, critic_lr = DEFAULT_LRS["full" if cfg.mode == "full" else "lora"]
+    """-> (actor_lr, critic_lr): the flags, or where one is 0, the mode's default (MODES)."""
+    actor_lr, critic_lr = MODES[cfg.mode][-1]
     return cfg.actor_lr or actor_lr, cfg.critic_lr or critic_lr
 
 
 def trainable_groups(roles, cfg):
     """Optimizer parameter groups: actor (actor_lr) and critic (critic_lr). Everything else stays frozen."""
     actor, critic = roles["actor"], roles["critic"]
-    if cfg.mode == "full":
+    if actor.adapter is LORA_OFF:  # full: the whole models (the critic's LM head is not used)
         a, c = list(actor.model.lm.parameters()), list(critic.model.lm.base_model.parameters())
     else:
         a = lora_parameters(actor.model, actor.adapter)
@@ -502,20 +517,32 @@ def trainable_groups(roles, cfg):
     return [dict(params=a, lr=actor_lr), dict(params=c, lr=critic_lr)]
 
 
+@dataclass
+class Learner:
+    """What PPO trains and what changes as it does: the roles, AdamW over the trained parameters (trainable_groups'
+    order), the RNG that shuffles minibatches, and beta, the KL coefficient (adaptive with --target-kl)."""
+    roles: dict
+    opt: typing.Optional[torch.optim.Optimizer]
+    params: list
+    generator: typing.Optional[torch.Generator]
+    beta: float
+
+
 def setup_ppo(cfg, load):
-    """-> roles, optimizer, trained parameters. LoRA's A init draws from the seeded RNG."""
+    """-> Learner. LoRA's A init draws from the seeded RNG."""
     torch.manual_seed(cfg.seed)
     roles = build_roles(cfg, load)
     groups = trainable_groups(roles, cfg)
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     if cfg.grad_checkpointing:
         for r in (roles["actor"], roles["critic"]):
             checkpointing_on(r.model.lm)
-    return roles, opt, [p for g in groups for p in g["params"]]
+    return Learner(roles, torch.optim.AdamW(groups, weight_decay=0.0), [p for g in groups for p in g["params"]],
+                   torch.Generator().manual_seed(cfg.seed), cfg.kl_coef)
 
 
 def adapter_on(role):
-    return use_adapter(role.model, role.adapter) if role.adapter else lora_off(role.model)
+    """The role's adapter on; LORA_OFF: LoRA off, the trunk itself (the reference policy, the reward model)."""
+    return lora_off(role.model) if role.adapter is LORA_OFF else use_adapter(role.model, role.adapter)
 
 
 def passes(roles, names):
@@ -542,30 +569,30 @@ def models_of(roles):
 # Sampling
 
 @torch.no_grad()
-def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-             greedy=False, min_new_tokens=0, fold=False):
-    """Sample responses from `role` (its adapter on, or LoRA off; fold: the adapter folded into a copy of the
-    weights). -> ids (B, P+R), mask (B, P+R), has_eos (B,).
+def generate(role, prompt_ids, prompt_mask, tok, cfg, greedy=False, min_new_tokens=0):
+    """Sample up to cfg.max_response_len tokens from `role` (its adapter on, or LoRA off; cfg.fold_lora: the adapter
+    folded into a copy of the weights), at cfg.temperature, top_k, top_p. -> ids (B, P+R), mask (B, P+R), has_eos (B,).
     Responses are cut after their first EOS (kept: the policy learns to stop) and right-padded."""
     from transformers import GenerationConfig
-    # Every field that shapes the distribution is set here: a checkpoint's generation_config.json (e.g. a
-    # repetition_penalty) would otherwise fill in what is left unset, and the samples would not come from pi.
-    # Newer transformers (5.24) warn on every call when a field contradicts another, so none does: the minimum
-    # length is given once, as min_length (columns, prompt included), and greedy decoding gets no sampling fields.
+    # Every field that shapes the distribution is set, so that the samples come from pi: a checkpoint's
+    # generation_config.json (e.g. a repetition_penalty) would fill in any field left unset. No two fields
+    # contradict each other (transformers warns on every call if they do): the minimum length is given once, as
+    # min_length (columns, prompt included), and greedy decoding gets no sampling fields.
     P = prompt_ids.shape[1]
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
-                    eta_cutoff=0.0)
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=None, typical_p=1.0,
+                    epsilon_cutoff=0.0, eta_cutoff=0.0)
     gen = GenerationConfig(do_sample=not greedy, **({} if greedy else sampling), repetition_penalty=1.0,
                            no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
                            begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None,
-                           forced_eos_token_id=None, min_length=P + min_new_tokens, max_new_tokens=max_new_tokens,
+                           forced_eos_token_id=None, min_length=P + min_new_tokens, max_new_tokens=cfg.max_response_len,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     lm = role.model.lm
-    # transformers 4.5x also replaces a field we set to its global default (repetition_penalty=1.0) by the model's
-    # own value, so the model's generation_config is a blank one while sampling.
+    # A field set to its global default (repetition_penalty=1.0) can still be replaced by the model's own value, so
+    # the model's generation_config is a blank one while sampling.
     own, lm.generation_config = lm.generation_config, GenerationConfig()
     try:
-        with adapter_on(role), (folded(role.model, role.adapter) if fold and role.adapter else nullcontext()):
+        fold = cfg.fold_lora and role.adapter is not LORA_OFF
+        with adapter_on(role), (folded(role.model, role.adapter) if fold else nullcontext()):
             out = lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen)
     finally:
         lm.generation_config = own
@@ -580,11 +607,11 @@ def generate(role, prompt_ids, prompt_mask, tok, max_new_tokens, temperature=1.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One PPO iteration. ppo_step, at the end of this section, runs the five steps in order:
-#   1 sample (generate)  2 score (score_rollout)  3 KL-shaped rewards, 4 GAE (rewards_and_advantages)  5 update
-# (ppo_update -> optimizer_step -> actor_critic_loss). Tensors of the rollout: ids, mask (B, P+R) in the token
-# layout above; resp_mask (B, R) 1 on response tokens up to EOS; per-token logprobs, ref_logprobs, values (B, R);
-# score (B,), the reward model's.
+# One PPO iteration: ppo_step, at the end of this section, runs the steps in order, each at most two calls deep:
+#   1 sample (generate)  2 score (score_rollout)  3 KL-shaped rewards, 4 GAE (rewards_and_advantages)
+#   5 update (ppo_update -> actor_critic_loss)  6 the KL coefficient (update_kl_coef)
+# Tensors of the rollout: ids, mask (B, P+R) in the token layout above; resp_mask (B, R) 1 on response tokens up to
+# EOS; per-token logprobs, ref_logprobs, values (B, R); score (B,), the reward model's.
 
 class Clock:
     """Seconds since the last call (CUDA work is asynchronous: synchronize before reading the time)."""
@@ -599,17 +626,17 @@ class Clock:
 
 
 @torch.no_grad()
-def score_rollout(roles, ids, mask, P, chunk, autocast, temperature=1.0):
-    """Step 2: every role's head on the rollout, in chunks of `chunk` rows, one decoder pass per (trunk, adapter)
-    (see passes). -> {role name: (B, R) log-probs (actor, ref) or values (critic), (B,) score (rm)}."""
-    out = {n: [] for n in roles}
-    for i in range(0, ids.shape[0], chunk):
-        ids_c, mask_c = ids[i:i + chunk], mask[i:i + chunk]
-        for role, names in passes(roles, list(roles)):
-            with adapter_on(role), autocast():
+def score_rollout(roles, names, ids, mask, P, cfg, run):
+    """Step 2: the heads of the roles `names` on the rollout, in chunks of cfg.micro_batch_size rows, one decoder pass
+    per (trunk, adapter) (see passes). -> {name: (B, R) log-probs (actor, ref) or values (critic), (B,) score (rm)}."""
+    out = {n: [] for n in names}
+    for i in range(0, ids.shape[0], cfg.micro_batch_size):
+        ids_c, mask_c = ids[i:i + cfg.micro_batch_size], mask[i:i + cfg.micro_batch_size]
+        for role, group in passes(roles, names):
+            with adapter_on(role), run.autocast():
                 h = role.model(ids_c, mask_c)  # (b, P+R, H)
-                for n in names:
-                    out[n].append(read_head(roles[n], h, ids_c, mask_c, P, temperature).float())
+                for n in group:
+                    out[n].append(read_head(roles[n], h, ids_c, mask_c, P, cfg.temperature).float())
     return {n: torch.cat(v) for n, v in out.items()}
 
 
@@ -640,47 +667,33 @@ def one_pass(cfg, B=None):
     """The fast path of the paper's setting: 1 PPO epoch and one optimizer step from one forward pass over the whole
     rollout batch of B rows (minibatch = micro-batch = batch). That forward runs at theta_old, so its own outputs,
     detached, are the old log-probs (and, where the critic shares the actor's pass, the old values): step 2 skips
-    that pass and steps 3-4 run inside the update (old_from_this_pass). Exact, not an approximation: the ratio is 1
-    by construction. It saves one decoder pass per iteration."""
+    that pass and steps 3-4 run inside the update. Exact: the ratio is 1 by construction. One decoder pass fewer."""
     B = cfg.batch_size if B is None else B
     return cfg.ppo_epochs == 1 and B <= min(cfg.minibatch_size, cfg.micro_batch_size)
 
 
-def old_from_this_pass(batch, idx, logprobs, values, cfg):
-    """The one_pass fast path, at the update's first forward (theta_old): its detached outputs become the old
-    log-probs (and the old values where the critic shares the pass: jhydra), then steps 3-4 run. -> their stats."""
+def old_from_this_pass(batch, idx, logprobs, values):
+    """The one_pass fast path: the update's first forward (at theta_old), detached, gives the old log-probs of the
+    rows idx (all of them), and the old values where the critic shares the pass (jhydra; else values is None)."""
     assert len(idx) == batch["ids"].shape[0], "one_pass needs one forward over the whole batch"
     batch["logprobs"] = torch.empty_like(logprobs).index_copy(0, idx, logprobs.detach())
     if values is not None:
         batch["values"] = torch.empty_like(values).index_copy(0, idx, values.detach())
-    return rewards_and_advantages(batch, cfg)
 
 
-def actor_critic_loss(role, names, batch, idx, cfg, autocast):
-    """Step 5 on the rows `idx` for the roles in `names` that share `role`'s decoder pass (the actor, the critic, or
-    both in jhydra): one forward, then pg_loss (actor) + vf_coef * vf_loss (critic). -> (loss, stats)."""
-    ids, mask, P = batch["ids"][idx], batch["mask"][idx], batch["P"]
-    resp_mask = batch["resp_mask"][idx]  # (b, R)
-    loss, stats = 0.0, {}
-    with autocast():
-        h = role.model(ids, mask)  # (b, P+R, H)
-        if "actor" in names:
-            logprobs, entropy = role.model.logprobs(h, ids, P, entropy=True, temperature=cfg.temperature)
-            logprobs = logprobs.float()  # (b, R)
-        if "critic" in names:
-            vpred = role.model.values(h, P)  # (b, R)
-        if "advantages" not in batch:  # one_pass fast path: this forward is at theta_old (it saves a pass in step 2)
-            stats.update(old_from_this_pass(batch, idx, logprobs, vpred if "critic" in names else None, cfg))
-        if "actor" in names:
-            pg_loss, s = ppo_policy_loss(logprobs, batch["logprobs"][idx], batch["advantages"][idx], resp_mask,
-                                         cfg.cliprange)
-            stats.update(s, entropy=masked_mean(entropy, resp_mask).item())
-            loss = loss + pg_loss
-        if "critic" in names:
-            vf_loss, s = ppo_value_loss(vpred, batch["values"][idx], batch["returns"][idx], resp_mask,
-                                        cfg.cliprange_value)
-            stats.update(s)
-            loss = loss + cfg.vf_coef * vf_loss
+def actor_critic_loss(logprobs, entropy, vpred, batch, idx, cfg):
+    """Step 5's loss on the rows idx: pg_loss (when the actor's logprobs are given) + vf_coef * vf_loss (when the
+    critic's vpred is). -> (loss, stats)."""
+    resp_mask, loss, stats = batch["resp_mask"][idx], 0.0, {}  # (b, R)
+    if logprobs is not None:
+        pg_loss, s = ppo_policy_loss(logprobs, batch["logprobs"][idx], batch["advantages"][idx], resp_mask,
+                                     cfg.cliprange)
+        stats.update(s, entropy=masked_mean(entropy, resp_mask).item())
+        loss = loss + pg_loss
+    if vpred is not None:
+        vf_loss, s = ppo_value_loss(vpred, batch["values"][idx], batch["returns"][idx], resp_mask, cfg.cliprange_value)
+        stats.update(s)
+        loss = loss + cfg.vf_coef * vf_loss
     return loss, stats
 
 
@@ -698,75 +711,107 @@ def average_gradients(params):
         p.grad /= dist.get_world_size()
 
 
-def optimizer_step(roles, opt, params, batch, mb, cfg, autocast):
-    """One optimizer step on the minibatch `mb` (row indices), gradients accumulated over its micro-batches."""
-    stats = {}
-    for idx in mb.split(cfg.micro_batch_size):
-        weight = len(idx) / len(mb)
-        for role, names in passes(roles, ("actor", "critic")):  # 2 passes (1 in jhydra)
-            with adapter_on(role):  # backward() inside: gradient checkpointing recomputes with this adapter on
-                loss, s = actor_critic_loss(role, names, batch, idx, cfg, autocast)
-                (loss * weight).backward()
-            for k, v in s.items():
-                stats[k] = stats.get(k, 0.0) + v * weight
+def mean_over_ranks(stats):
+    """Data parallel: every stat averaged over the ranks. No-op in one process."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return stats
+    t = torch.tensor(list(stats.values()), dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return dict(zip(stats, (t / dist.get_world_size()).tolist()))
+
+
+def optimizer_step(opt, params, max_grad_norm):
+    """The gradients averaged over ranks and clipped, then one step, never with a non-finite gradient (the
+    parameters stay good), gradients zeroed. -> the gradient norm before clipping."""
     average_gradients(params)  # data parallel (no-op in one process)
-    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-    stats["skipped"] = float(not math.isfinite(stats["grad_norm"]))  # NaN/inf loss or gradient
-    if not stats["skipped"]:
-        opt.step()  # never step with a non-finite gradient: the parameters stay good
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    if math.isfinite(grad_norm):
+        opt.step()
     opt.zero_grad(set_to_none=True)
-    return stats
+    return grad_norm
 
 
-def ppo_update(roles, opt, params, batch, cfg, autocast, generator):
-    """Step 5: ppo_epochs over shuffled minibatches, one optimizer step each. -> list of stats dicts, one per
-    minibatch, in order. On the one_pass fast path the batch comes without old log-probs: the first forward supplies
-    them, then steps 3-4 run (their stats are returned too)."""
+def ppo_update(learner, batch, cfg, run):
+    """Step 5: ppo_epochs over shuffled minibatches, one optimizer step each, its gradients accumulated over
+    micro-batches; per micro-batch one forward per (trunk, adapter) of the actor and the critic (one in jhydra).
+    -> list of stats dicts, one per minibatch, in order."""
+    roles, P = learner.roles, batch["P"]
     for model in models_of(roles):
         model.train()  # dropout is off everywhere; in transformers, train() is what turns checkpointing on
     all_stats = []
     for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(batch["ids"].shape[0], generator=generator).to(batch["ids"].device)
+        perm = torch.randperm(batch["ids"].shape[0], generator=learner.generator).to(batch["ids"].device)
         for mb in perm.split(cfg.minibatch_size):
-            all_stats.append(optimizer_step(roles, opt, params, batch, mb, cfg, autocast))
+            stats = {}
+            for idx in mb.split(cfg.micro_batch_size):
+                weight, ids, mask = len(idx) / len(mb), batch["ids"][idx], batch["mask"][idx]
+                for role, names in passes(roles, ("actor", "critic")):
+                    s, logprobs, entropy, vpred = {}, None, None, None
+                    with adapter_on(role):  # backward() inside: gradient checkpointing recomputes with it on
+                        with run.autocast():
+                            h = role.model(ids, mask)  # (b, P+R, H)
+                            if "actor" in names:
+                                logprobs, entropy = role.model.logprobs(h, ids, P, entropy=True,
+                                                                        temperature=cfg.temperature)
+                                logprobs = logprobs.float()  # (b, R)
+                            if "critic" in names:
+                                vpred = role.model.values(h, P)  # (b, R)
+                            if "advantages" not in batch:  # the one_pass fast path: this forward ran at theta_old
+                                old_from_this_pass(batch, idx, logprobs, vpred)
+                                s.update(rewards_and_advantages(batch, cfg))  # steps 3-4, now that they can run
+                            loss, losses = actor_critic_loss(logprobs, entropy, vpred, batch, idx, cfg)
+                        (loss * weight).backward()
+                    for k, v in {**s, **losses}.items():
+                        stats[k] = stats.get(k, 0.0) + v * weight
+            stats["grad_norm"] = optimizer_step(learner.opt, learner.params, cfg.max_grad_norm)
+            stats["skipped"] = float(not math.isfinite(stats["grad_norm"]))  # NaN/inf loss or gradient
+            all_stats.append(stats)
     return all_stats
 
 
-def ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, generator, min_new_tokens=0):
-    """One PPO iteration on a batch of left-padded prompts (B, P): the five steps, in order. -> batch (the rollout's
-    tensors), stats (the update's averaged over its minibatches, and the time of each phase). With opt None it
-    stops after step 4 (rollout_batch)."""
-    clock = Clock(p_ids.device)
+def ppo_step(learner, tok, p_ids, p_mask, cfg, run, min_new_tokens=0):
+    """One PPO iteration on a batch of left-padded prompts (B, P): the steps, in order. -> batch (the rollout's
+    tensors), stats (the update's averaged over its minibatches and the ranks, and the time of each phase). With
+    learner.opt None it stops after step 4 (rollout_batch)."""
+    roles, clock = learner.roles, Clock(p_ids.device)
     for model in models_of(roles):
         model.eval()
     # 1. Sample responses from the actor (its adapter on; --fold-lora: folded into a copy of the weights).
-    with autocast():
-        ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
-                                      cfg.top_k, cfg.top_p, min_new_tokens=min_new_tokens, fold=cfg.fold_lora)
+    with run.autocast():
+        ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg, min_new_tokens=min_new_tokens)
     P = p_ids.shape[1]
     stats = dict(time_generate=clock())
-    # 2. Score: old log-probs (actor) and values (critic), each with its adapter; the reference log-probs and the
-    #    reward-model score with LoRA off: one shared pass in hydra, jhydra (dlora: two; lora, full: frozen copies).
-    #    one_pass fast path: the update's own first forward gives the actor's outputs, so that pass is skipped here.
+    # 2. Score. The reference policy and the reward model are LORA_OFF in every mode: the trunk with LoRA off (one
+    #    pass for both heads in hydra and jhydra, two in dlora; lora and full hold frozen copies).
+    frozen = score_rollout(roles, ("ref", "rm"), ids, mask, P, cfg, run)
+    #    The old log-probs (actor) and values (critic), each with its adapter on. On the one_pass fast path the
+    #    update's first forward gives the actor's pass (in jhydra also the critic's), so it is not run here.
     fast = one_pass(cfg, ids.shape[0])
-    from_update = passes(roles, ("actor", "critic"))[0][1] if fast else []  # ["actor"], or ["actor", "critic"]
-    scored = score_rollout({n: r for n, r in roles.items() if n not in from_update}, ids, mask, P,
-                           cfg.micro_batch_size, autocast, cfg.temperature)
-    batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=beta,
+    later = passes(roles, ("actor", "critic"))[0][1] if fast else []
+    trained = score_rollout(roles, [n for n in ("actor", "critic") if n not in later], ids, mask, P, cfg, run)
+    batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=learner.beta,
                  resp_mask=mask[:, P:].float(),  # (B, R) 1 on response tokens up to EOS
-                 ref_logprobs=scored["ref"], score=scored["rm"], logprobs=scored.get("actor"),
-                 values=scored.get("critic"))
+                 ref_logprobs=frozen["ref"], score=frozen["rm"], logprobs=trained.get("actor"),
+                 values=trained.get("critic"))
     stats["time_score"] = clock()
     # 3. KL-shaped rewards, 4. GAE advantages (one_pass fast path: inside step 5, after its first forward).
     if not fast:
         stats.update(rewards_and_advantages(batch, cfg))
-    if opt is None:  # rollout_batch: steps 1-4 only
+    if learner.opt is None:  # rollout_batch: steps 1-4 only
         return batch, stats
     # 5. Update: ppo_epochs over minibatches, clipped policy and value losses.
     clock()  # (steps 3-4 are not timed)
-    mb_stats = ppo_update(roles, opt, params, batch, cfg, autocast, generator)
+    mb_stats = ppo_update(learner, batch, cfg, run)
     stats["time_update"] = clock()
-    stats.update({k: sum(s[k] for s in mb_stats if k in s) / len(mb_stats) for k in mb_stats[0]})
+    stats = mean_over_ranks({**stats, **{k: sum(s[k] for s in mb_stats if k in s) / len(mb_stats)
+                                         for k in mb_stats[0]}})
+    # 6. The adaptive KL controller (--target-kl): beta for the next iteration, from the KL this one measured in step 3
+    #    (over every rank's rollouts); not after a step whose updates all were skipped.
+    if cfg.target_kl and stats["skipped"] < 1:
+        learner.beta = update_kl_coef(learner.beta, stats["kl"], cfg.target_kl, cfg.batch_size * run.world,
+                                      cfg.kl_horizon)
     return batch, stats
 
 
@@ -840,15 +885,8 @@ def validate(cfg):
             whole = getattr(cfg, f.metadata["divides"])
             check(whole % value == 0, f"--{f.metadata['divides'].replace('_', '-')} {whole} must be a multiple of "
                                       f"{flag} {value}")
-    if getattr(cfg, "device", "auto") != "auto":
-        try:
-            device = torch.device(cfg.device)
-        except (RuntimeError, ValueError):
-            device = None
-        check(device is not None and device.type in ("cpu", "cuda"),
-              f"--device {cfg.device}: not a device; use auto, cpu, cuda or cuda:N")
-        check(device.type == "cpu" or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()),
-              f"--device {cfg.device}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    if hasattr(cfg, "device"):
+        setup_device(cfg.device)  # a device that is not one, or not here
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -946,9 +984,8 @@ def encode_prompt(tok, prompt, max_len, chat=False):
 def encode_response(tok, text, max_len, chat=False):
     """-> at most max_len ids: the response and its EOS, or, when that does not fit, its first max_len tokens and no
     EOS (an EOS after a cut would teach the model to stop mid-sentence). With a chat template the text loses its
-    leading space: HH's "Assistant: text" has one, but after the template's assistant header the chat model writes
-    "text" (SmolLM2 on the real-model test's HH file: mean log-prob of the first response token -14.5 with the
-    space, -5.4 without)."""
+    leading space: HH's "Assistant: text" has one, but after the template's assistant header a chat model writes
+    "text", and a response that starts with a space is one it finds unlikely."""
     ids = tok(text.lstrip() if chat else text, add_special_tokens=False)["input_ids"]
     return ids + [tok.eos_token_id] if len(ids) < max_len else ids[:max_len]
 
@@ -1314,6 +1351,14 @@ def claim_out(path, overwrite, stale=()):
                                                                  f"a writable folder)")
 
 
+def make_out(path, overwrite, claim=True):
+    """Create the output folder, then (claim) claim_out again now that it exists: locked, and still empty unless
+    --overwrite."""
+    os.makedirs(path, exist_ok=True)
+    if claim:
+        claim_out(path, overwrite)
+
+
 @contextmanager
 def on_interrupt(where):
     """Ctrl-C inside the block: one line, `interrupted <where()>` (the step, and what still holds), no traceback."""
@@ -1400,16 +1445,6 @@ def init_distributed(device):
     return dist.get_rank(), world, device
 
 
-def mean_over_ranks(stats):
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return stats
-    t = torch.tensor(list(stats.values()), dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return dict(zip(stats, (t / dist.get_world_size()).tolist()))
-
-
 def ranks_in_sync(params):
     """True when every rank holds the same trained weights (compares a fingerprint of them across ranks)."""
     import torch.distributed as dist
@@ -1444,16 +1479,16 @@ def sft_batch(tok, pairs, cfg, with_rejected):
 
 
 @torch.no_grad()
-def evaluate_sft(model, tok, pairs, cfg, device, autocast):
+def evaluate_sft(model, tok, pairs, cfg, run):
     """Held-out LM loss (token-weighted) on chosen responses and reward-model pairwise accuracy; only what cfg.task
     trained (an untrained reward head's accuracy is noise around 0.5, not a result)."""
     model.eval()
     lm_sum = lm_tokens = correct = 0.0
     for i in range(0, len(pairs), cfg.eval_batch_size):
         chunk = pairs[i:i + cfg.eval_batch_size]
-        ids, mask, P = (t.to(device) if torch.is_tensor(t) else t for t in sft_batch(tok, chunk, cfg, True))
+        ids, mask, P = (t.to(run.device) if torch.is_tensor(t) else t for t in sft_batch(tok, chunk, cfg, True))
         n = len(chunk)
-        with autocast():
+        with run.autocast():
             h = model(ids, mask)
             lp = model.logprobs(h[:n], ids[:n], P)
             r = model.score(h, mask)
@@ -1472,20 +1507,31 @@ def next_shard(items, order, rng, n, rank, world):
     return [items[i] for i in order[:n]][rank::world], order[n:]
 
 
+def check_batch(cfg, run, items, what, why):
+    """--batch-size (times the ranks) must not be more than the training items: `why` says what would go wrong."""
+    check(cfg.batch_size * run.world <= len(items), f"--batch-size {cfg.batch_size}"
+          f"{f' x {run.world} ranks' * (run.world > 1)}: more than the {len(items)} {what} in {cfg.data} ({why})")
+
+
 def start_run(cfg):
-    """Data parallel (when started by torchrun), then device and precision. -> rank, world, device, dtype, autocast."""
+    """Data parallel (when started by torchrun), then device and precision. -> Run."""
     rank, world, device_name = init_distributed(cfg.device)
-    return (rank, world) + setup_device(device_name, cfg.precision)
+    return setup_device(device_name, cfg.precision, rank, world)
 
 
-def build_sft_model(cfg, pairs, device, dtype):
-    """-> (HydraModel with only what cfg.task trains unfrozen, tokenizer, lm_coef, rm_coef, truncation counts)."""
+def loss_weights(cfg):
+    """-> (lm_coef, rm_coef): the weights of the losses --task trains (sft: the LM loss only, rm: the reward loss)."""
+    return 0.0 if cfg.task == "rm" else cfg.lm_coef, 0.0 if cfg.task == "sft" else cfg.rm_coef
+
+
+def build_sft_model(cfg, pairs, run):
+    """-> (HydraModel with only what cfg.task trains unfrozen, tokenizer, truncation counts)."""
     if cfg.model in ("tiny", "tiny-opt"):
         texts = [p[k] if isinstance(p[k], str) else hh_text(p[k])  # a conversational prompt: messages
                  for p in pairs for k in ("prompt", "chosen", "rejected")]
-        lm, tok = build_tiny(cfg.model, texts, cfg.seed, device)
+        lm, tok = build_tiny(cfg.model, texts, cfg.seed, run.device)
     else:  # full fine-tuning keeps fp32 master weights (bf16 autocast does the math); LoRA trains on a bf16 trunk
-        lm, tok = load_lm(cfg.model, device, dtype if cfg.lora_r else torch.float32)
+        lm, tok = load_lm(cfg.model, run.device, run.dtype if cfg.lora_r else torch.float32)
     if cfg.chat_template:
         eos = tok.eos_token_id
         end_turns_as_the_template(tok)
@@ -1497,57 +1543,54 @@ def build_sft_model(cfg, pairs, device, dtype):
           f"tokens), {cut[1]} of {2 * len(pairs)} responses (to --max-response-len {cfg.max_response_len} "
           f"tokens, no EOS)")
     model = HydraModel(lm)
-    lm_coef = 0.0 if cfg.task == "rm" else cfg.lm_coef
-    rm_coef = 0.0 if cfg.task == "sft" else cfg.rm_coef
     if cfg.lora_r:
         add_adapter(model.lm, cfg)  # freezes everything else in the LM
         print(describe_lora(model.lm))
-    if not rm_coef:
+    if not loss_weights(cfg)[1]:
         model.reward_head.requires_grad_(False)
     model.value_head.requires_grad_(False)  # PPO's head; SFT leaves it alone
     if cfg.grad_checkpointing:
         checkpointing_on(model.lm)
-    return model, tok, lm_coef, rm_coef, cut
+    return model, tok, cut
 
 
-def sft_step(model, tok, opt, params, train, order, rng, cfg, coefs, autocast, device, rank, world):
-    """One Hydra-SFT optimizer step, gradients accumulated over micro-batches. -> stats, grad_norm, order left."""
-    stats, (lm_coef, rm_coef) = {}, coefs
+def sft_step(model, tok, opt, params, draw, cfg, run):
+    """One Hydra-SFT optimizer step, gradients accumulated over micro-batches; draw() gives the next micro-batch's
+    pairs (this rank's). -> (stats averaged over the ranks, gradient norm)."""
+    stats, (lm_coef, rm_coef) = {}, loss_weights(cfg)
     for _ in range(cfg.batch_size // cfg.micro_batch_size):  # gradient accumulation
-        chunk, order = next_shard(train, order, rng, cfg.micro_batch_size * world, rank, world)
+        chunk = draw()
         ids, mask, P = sft_batch(tok, chunk, cfg, with_rejected=bool(rm_coef))
-        with autocast():
-            loss, s = sft_loss(model, ids.to(device), mask.to(device), P, len(chunk), lm_coef, rm_coef)
+        with run.autocast():
+            loss, s = sft_loss(model, ids.to(run.device), mask.to(run.device), P, len(chunk), lm_coef, rm_coef)
         (loss * cfg.micro_batch_size / cfg.batch_size).backward()
         for k, v in s.items():
             stats[k] = stats.get(k, 0.0) + v * cfg.micro_batch_size / cfg.batch_size
-    average_gradients(params)  # data parallel (no-op in one process)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return mean_over_ranks(stats), grad_norm, order
+    return mean_over_ranks(stats), optimizer_step(opt, params, cfg.max_grad_norm)
 
 
-def save_sft_checkpoint(out, model, tok, meta, rank, step):
+def save_sft_checkpoint(cfg, run, model, tok, meta, step):
     """Rank 0 writes the checkpoint; Ctrl-C waits until it is whole. -> step."""
     with uninterrupted():
-        if rank == 0:
-            save_checkpoint(out, model, tok, meta)
+        if run.rank == 0:
+            save_checkpoint(cfg.out, model, tok, meta)
     return step
 
 
-def finish_sft(cfg, model, tok, meta, held_out, n_train, steps, cut, device, autocast, rank, world, t0):
-    """Merge LoRA (if any), save the checkpoint, evaluate exactly what is saved, write summary.json."""
+def finish_sft(cfg, run, model, tok, meta, held_out, summary):
+    """Merge LoRA (if any), save the checkpoint, evaluate exactly what is saved, write summary.json (`summary`: what
+    the loop knows). -> summary."""
     if cfg.lora_r:  # the checkpoint is a plain transformers model again (rounded to the trunk's dtype: bf16 on CUDA)
         merge_lora(model.lm, "default")
-    save_sft_checkpoint(cfg.out, model, tok, meta, rank, steps)  # before evaluating: a failure there loses no training
-    metrics = evaluate_sft(model, tok, held_out, cfg, device, autocast)  # of exactly the model that is saved
+    save_sft_checkpoint(cfg, run, model, tok, meta, summary["steps"])  # before evaluating: a failure there loses
+    metrics = evaluate_sft(model, tok, held_out, cfg, run)  # no training. Evaluated: exactly the model that is saved
     print(f"held-out ({len(held_out)} pairs): " + ", ".join(
         f"LM loss {v:.3f}" if k == "lm_loss" else f"reward-model pairwise accuracy {v:.3f}" for k, v in metrics.items()))
-    summary = dict(stage="sft", task=cfg.task, steps=steps, train_pairs=n_train, held_out_pairs=len(held_out),
-                   **{"held_out_" + k: v for k, v in metrics.items()}, truncated_prompts=cut[0],
-                   truncated_responses=cut[1], world_size=world, time_s=time.time() - t0, config=asdict(cfg))
-    if rank == 0:
+    summary = dict(stage="sft", task=cfg.task, steps=summary["steps"], train_pairs=summary["train_pairs"],
+                   held_out_pairs=len(held_out), **{"held_out_" + k: v for k, v in metrics.items()},
+                   truncated_prompts=summary["cut"][0], truncated_responses=summary["cut"][1], world_size=run.world,
+                   time_s=time.time() - summary["t0"], config=asdict(cfg))
+    if run.rank == 0:
         write_json(os.path.join(cfg.out, "summary.json"), summary)
     barrier()  # the other ranks may load this checkpoint next (the pipeline's PPO stage)
     print(f"saved checkpoint to {cfg.out}")
@@ -1558,46 +1601,44 @@ def sft(cfg: SFTConfig):
     """The sft command: the Hydra-SFT loop (sft_step), a checkpoint every --save-every steps and at the end, then the
     held-out evaluation."""
     validate(cfg)
-    rank, world, device, dtype, autocast = start_run(cfg)
+    run = start_run(cfg)
     check(cfg.max_response_len > 1, "--max-response-len must be > 1 for sft (a response token and its EOS)")
     check(not (cfg.save_every and cfg.lora_r), "--save-every saves full fine-tuning checkpoints; with --lora-r the "
                                                "adapter is merged into the model only at the end")
-    used = {"hydra": cfg.lm_coef + cfg.rm_coef, "sft": cfg.lm_coef, "rm": cfg.rm_coef}[cfg.task]  # the losses' weight
-    check(used > 0, f"--task {cfg.task} with --lm-coef {cfg.lm_coef:g} and --rm-coef {cfg.rm_coef:g}: nothing to "
-                    f"train (every loss it uses is weighted 0)")
-    if rank == 0:
+    check(sum(loss_weights(cfg)) > 0, f"--task {cfg.task} with --lm-coef {cfg.lm_coef:g} and --rm-coef "
+                                      f"{cfg.rm_coef:g}: nothing to train (every loss it uses is weighted 0)")
+    if run.rank == 0:
         claim_out(cfg.out, cfg.overwrite)
     pairs = load_pairs(cfg.data)
     train, held_out = split_pairs(pairs, cfg.eval_frac, cfg.seed)
-    check(cfg.batch_size * world <= len(train), f"--batch-size {cfg.batch_size}{f' x {world} ranks' * (world > 1)}: "
-          f"more than the {len(train)} training pairs in {cfg.data} (a step would see a pair twice)")
+    check_batch(cfg, run, train, "training pairs", "a step would see a pair twice")
     torch.manual_seed(cfg.seed)
-    model, tok, lm_coef, rm_coef, cut = build_sft_model(cfg, pairs, device, dtype)
+    model, tok, cut = build_sft_model(cfg, pairs, run)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = cfg.lr or (1e-3 if cfg.model in ("tiny", "tiny-opt") else 1e-5)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * world)))  # global batch
-    os.makedirs(cfg.out, exist_ok=True)
-    if rank == 0:  # again, now that the folder exists: locked, and still empty unless --overwrite
-        claim_out(cfg.out, cfg.overwrite)
+    steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * run.world)))  # global batch
+    make_out(cfg.out, cfg.overwrite, claim=run.rank == 0)
     # The prompt format goes with the checkpoint: ppo refuses to use it with another one.
     meta = dict(task=cfg.task, base_model=cfg.model, chat_template=cfg.chat_template, max_prompt_len=cfg.max_prompt_len,
                 max_response_len=cfg.max_response_len)
 
-    rng = random.Random(cfg.seed)
-    order, step, saved = [], 0, 0
-    t0 = time.time()
-    model.train()
+    rng, order, step, saved, t0 = random.Random(cfg.seed), [], 0, 0, time.time()
+
+    def draw():  # this rank's pairs of the next micro-batch, from an endless shuffled stream
+        nonlocal order
+        chunk, order = next_shard(train, order, rng, cfg.micro_batch_size * run.world, run.rank, run.world)
+        return chunk
 
     def stopped():  # Ctrl-C: where the run was, and what it kept
         return f"at step {step} of {steps}; " + (f"{cfg.out} holds the checkpoint of step {saved}" if saved else
                                                  "nothing saved yet (--save-every N saves a long run every N steps)")
+    model.train()
     with on_interrupt(stopped), \
-            open(os.path.join(cfg.out, "metrics.jsonl") if rank == 0 else os.devnull, "w") as log, \
-            tqdm(range(1, steps + 1), desc=f"sft ({cfg.task})", dynamic_ncols=True, disable=rank > 0) as bar:
+            open(os.path.join(cfg.out, "metrics.jsonl") if run.rank == 0 else os.devnull, "w") as log, \
+            tqdm(range(1, steps + 1), desc=f"sft ({cfg.task})", dynamic_ncols=True, disable=run.rank > 0) as bar:
         for step in bar:
-            stats, grad_norm, order = sft_step(model, tok, opt, params, train, order, rng, cfg, (lm_coef, rm_coef),
-                                               autocast, device, rank, world)
+            stats, grad_norm = sft_step(model, tok, opt, params, draw, cfg, run)
             check(math.isfinite(grad_norm), f"sft stopped at step {step}: a non-finite loss or gradient (a lower "
                                             f"--lr or loss weight may help); nothing of it saved" +
                                             (f" ({cfg.out} holds the checkpoint of step {saved})" if saved else ""))
@@ -1605,10 +1646,8 @@ def sft(cfg: SFTConfig):
             if step % cfg.log_every == 0 or step == steps:
                 log_line(log, dict(step=step, **stats, grad_norm=grad_norm, lr=lr, time=time.time() - t0))
             if cfg.save_every and step % cfg.save_every == 0 and step < steps:
-                saved = save_sft_checkpoint(cfg.out, model, tok, meta, rank, step)
-    return finish_sft(cfg, model, tok, meta, held_out, len(train), steps, cut, device, autocast, rank, world, t0)
-
-
+                saved = save_sft_checkpoint(cfg, run, model, tok, meta, step)
+    return finish_sft(cfg, run, model, tok, meta, held_out, dict(steps=steps, train_pairs=len(train), cut=cut, t0=t0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1633,7 +1672,7 @@ def verdict(interval):
 
 
 @torch.no_grad()
-def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None, rank=0):
+def evaluate_ppo(roles, tok, prompts, cfg, run, judge=None):
     for model in models_of(roles):
         model.eval()  # after an update the models are in train(): with checkpointing on, generate would drop the KV cache
     k = cfg.eval_samples
@@ -1643,15 +1682,13 @@ def evaluate_ppo(roles, tok, prompts, cfg, device, autocast, judge=None, rank=0)
         role = roles["actor" if who == "policy" else "ref"]
         rows = []
         for i in tqdm(range(0, len(repeated), cfg.eval_batch_size), desc=f"evaluate ({who})", dynamic_ncols=True,
-                      leave=False, disable=rank > 0):
+                      leave=False, disable=run.rank > 0):
             chunk = repeated[i:i + cfg.eval_batch_size]
-            p_ids, p_mask = prompt_batch(tok, chunk, cfg, device)
-            with autocast():
-                ids, mask, _ = generate(role, p_ids, p_mask, tok, cfg.max_response_len, cfg.temperature,
-                                        cfg.top_k, cfg.top_p, fold=cfg.fold_lora)
+            p_ids, p_mask = prompt_batch(tok, chunk, cfg, run.device)
+            with run.autocast():
+                ids, mask, _ = generate(role, p_ids, p_mask, tok, cfg)
             P = p_ids.shape[1]
-            scored = score_rollout({n: roles[n] for n in ("actor", "ref", "rm")}, ids, mask, P,
-                                   cfg.micro_batch_size, autocast, cfg.temperature)
+            scored = score_rollout(roles, ("actor", "ref", "rm"), ids, mask, P, cfg, run)
             resp_mask = mask[:, P:].float()
             texts = decode_responses(tok, ids, mask, P)
             rows += [dict(response=t, score=sc, kl=kl, length=n) for t, sc, kl, n in
@@ -1695,13 +1732,10 @@ def print_eval(metrics, samples, n=3):
 # The ppo command: the outer PPO loop, with resumable checkpoints.
 
 def checkpoint_loader(cfg, device, dtype):
-    """build_roles' loader for real runs: full fine-tuning keeps fp32 master weights; frozen trunks use `dtype`,
-    except in full mode, where the frozen reference and reward model are fp32 copies too: a bf16 copy computes
-    differently from the fp32 actor under autocast (norms, residuals), and KL at step 1 must be exactly 0."""
-    def load(which, trained):
-        path = cfg.sft if which == "sft" else cfg.rm
-        fp32 = trained or cfg.mode == "full"
-        model = load_checkpoint(path, device, torch.float32 if fp32 else dtype, dropout=False)[0]
+    """build_roles' loader for real runs: a frozen HydraModel of --sft or --rm, in fp32 or the run's `dtype`."""
+    def load(which, fp32):
+        model = load_checkpoint(cfg.sft if which == "sft" else cfg.rm, device, torch.float32 if fp32 else dtype,
+                                dropout=False)[0]
         return model.requires_grad_(False)
     return load
 
@@ -1715,7 +1749,7 @@ def checkpoint_task(path, flag, chat_template):
                                      f"make one with `python hydra_ppo.py sft`")
     meta = read_file(meta_file, read_json)
     check(isinstance(meta, dict) and "task" in meta, f"{meta_file}: no 'task' field (damaged?)")
-    chat = meta.get("chat_template")  # None: a checkpoint from before it was recorded
+    chat = meta.get("chat_template")  # None: not recorded (a checkpoint written by hand): not checked
     check(chat is None or chat == chat_template,
           f"{flag} {path} was trained {'with' if chat else 'without'} --chat-template: run ppo "
           f"{'with' if chat else 'without'} it too (prompts must be formatted as in training)")
@@ -1726,7 +1760,7 @@ def check_ppo_config(cfg):
     """What validate() cannot see from the flags alone: the checkpoints and whether they fit the mode."""
     validate(cfg)  # ranges and divisibility, declared beside each field
     sft_task = checkpoint_task(cfg.sft, "--sft", cfg.chat_template)
-    if cfg.mode in ("hydra", "jhydra"):
+    if all(trunk == "sft" for trunk, _ in mode_table(cfg.mode)[0].values()):  # one model: Hydra-SFT's reward head
         check(sft_task == "hydra", f"--mode {cfg.mode} needs a Hydra-SFT checkpoint (sft --task hydra); "
                                    f"--sft {cfg.sft} was trained with --task {sft_task}")
         check(not cfg.rm, f"--mode {cfg.mode} uses the Hydra-SFT model's own reward head; drop --rm")
@@ -1751,15 +1785,15 @@ def absolute_paths(cfg):
 
 # ---- checkpoints that a killed run resumes from ----
 
-def save_state(out, step, params, opt, beta, rng, order, generator, mode):
-    """Everything a resumed run needs to continue exactly: the trained parameters (in trainable_groups' order),
-    the optimizer, adaptive-KL beta, the prompt order and every RNG (and the mode: lora and dlora train tensors of
-    the same shapes). Written to a temporary file and renamed, so a kill at any moment leaves the previous
-    checkpoint whole."""
-    state = dict(step=step, params=[p.detach().cpu() for p in params], opt=opt.state_dict(), beta=beta, order=order,
-                 python_rng=rng.getstate(), torch_rng=torch.get_rng_state(), generator=generator.get_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], mode=mode)
-    path = os.path.join(out, STATE_FILE)
+def save_state(cfg, step, learner, rng, order):
+    """Everything a resumed run needs to continue exactly: the learner's trained parameters, optimizer, beta and
+    minibatch RNG, the prompt order and every other RNG (and the mode: lora and dlora train tensors of the same
+    shapes). Written to a temporary file and renamed, so a kill at any moment leaves the previous checkpoint whole."""
+    state = dict(step=step, params=[p.detach().cpu() for p in learner.params], opt=learner.opt.state_dict(),
+                 beta=learner.beta, order=order, python_rng=rng.getstate(), torch_rng=torch.get_rng_state(),
+                 generator=learner.generator.get_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], mode=cfg.mode)
+    path = os.path.join(cfg.out, STATE_FILE)
     with open(path + ".tmp", "wb") as fh:
         torch.save(state, fh)
         fh.flush()
@@ -1767,22 +1801,24 @@ def save_state(out, step, params, opt, beta, rng, order, generator, mode):
     os.replace(path + ".tmp", path)  # atomic on POSIX and Windows
 
 
-def load_state(out, params, opt, rng, generator, mode):
-    path = os.path.join(out, STATE_FILE)
+def load_state(cfg, learner, rng):
+    """save_state's checkpoint in cfg.out back into the learner and rng. -> the saved state."""
+    path, params, mode = os.path.join(cfg.out, STATE_FILE), learner.params, cfg.mode
     state = read_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
     keys = ("step", "params", "opt", "beta", "order", "python_rng", "torch_rng", "generator", "cuda_rng")
     check(isinstance(state, dict) and all(k in state for k in keys), f"{path}: not a resumable checkpoint (damaged?)")
     check(state.get("mode", mode) == mode, f"{path} was written by a --mode {state.get('mode')} run; this run's "
                                            f"{RUN_FILE} says --mode {mode}")
     check(len(state["params"]) == len(params) and all(a.shape == b.shape for a, b in zip(state["params"], params)),
-          f"{out}/{STATE_FILE} does not match this run's trained parameters")
+          f"{path} does not match this run's trained parameters")
     with torch.no_grad():
         for p, saved in zip(params, state["params"]):
             p.copy_(saved)
-    opt.load_state_dict(state["opt"])
+    learner.opt.load_state_dict(state["opt"])
+    learner.beta = state["beta"]
     rng.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
     torch.set_rng_state(state["torch_rng"])
-    generator.set_state(state["generator"])
+    learner.generator.set_state(state["generator"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
@@ -1849,7 +1885,7 @@ def save_policy(cfg, roles, tok):
     """LoRA modes: the trained adapters and the value head (the frozen checkpoints stay where they are).
     full: the whole actor as a checkpoint folder."""
     actor, critic = roles["actor"], roles["critic"]
-    if cfg.mode == "full":
+    if actor.adapter is LORA_OFF:  # full
         save_checkpoint(os.path.join(cfg.out, "actor"), actor.model, tok, dict(task="sft", base_model=cfg.sft,
                                                                                 chat_template=cfg.chat_template))
     else:
@@ -1860,25 +1896,25 @@ def save_policy(cfg, roles, tok):
 
 # ---- the loop ----
 
-def rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, beta, min_new_tokens=0):
-    """Steps 1-4 of ppo_step without its update (tests look at a rollout before they update on it). -> batch, stats.
-    On the one_pass fast path steps 3-4 wait for ppo_update, whose forward gives the old log-probs."""
-    return ppo_step(roles, None, None, tok, p_ids, p_mask, cfg, autocast, beta, None, min_new_tokens)
+def rollout_batch(roles, tok, p_ids, p_mask, cfg, run):
+    """Steps 1-4 of ppo_step without its update (tests look at a rollout before they update on it), at beta
+    cfg.kl_coef. -> batch, stats. On the one_pass fast path steps 3-4 wait for ppo_update's first forward."""
+    return ppo_step(Learner(roles, None, [], None, cfg.kl_coef), tok, p_ids, p_mask, cfg, run)
 
 
-def resume_run(cfg, params, opt, rng, generator, rank, log_path):
-    """--resume: the checkpoint's weights, optimizer and RNGs back in place; the log cut to its step.
-    -> (first step, beta, prompt order, last saved step)."""
-    state = load_state(cfg.out, params, opt, rng, generator, cfg.mode)
-    for group, lr in zip(opt.param_groups, learning_rates(cfg)):  # the saved lr, or a new one given with --resume
+def resume_run(cfg, run, learner, rng, log_path):
+    """--resume: the checkpoint's weights, optimizer, beta and RNGs back in place; the log cut to its step.
+    -> (first step, prompt order, last saved step)."""
+    state = load_state(cfg, learner, rng)
+    for group, lr in zip(learner.opt.param_groups, learning_rates(cfg)):  # the saved lr, or a new one given with --resume
         group["lr"] = lr
     check(state["step"] <= cfg.steps,
           f"--steps {cfg.steps}: the run in {cfg.out} is already at step {state['step']}")
     barrier()
-    if rank == 0:
+    if run.rank == 0:
         keep_log_until(log_path, state["step"])  # the steps after the checkpoint are done again
     print(f"resuming {cfg.out} after step {state['step']}")
-    return state["step"] + 1, state["beta"], state["order"], state["step"]
+    return state["step"] + 1, state["order"], state["step"]
 
 
 def stop_if_bad(cfg, step, bad, saved):
@@ -1891,17 +1927,18 @@ def stop_if_bad(cfg, step, bad, saved):
               if saved else f"in a new run (no checkpoint was saved yet; --overwrite to reuse {cfg.out})"))
 
 
-def finish_ppo(cfg, roles, tok, params, eval_prompts, device, autocast, judge, beta, rank, world, t0):
+def finish_ppo(cfg, run, learner, tok, eval_prompts, judge, t0):
     """Save the policy, check the ranks agree, evaluate PPO against SFT, write summary.json. -> summary."""
-    if rank == 0:
-        save_policy(cfg, roles, tok)
-    in_sync = ranks_in_sync(params)
+    if run.rank == 0:
+        save_policy(cfg, learner.roles, tok)
+    in_sync = ranks_in_sync(learner.params)
     check(in_sync, f"data parallel: the ranks ended with different trained weights (rank 0's are saved in {cfg.out})")
-    metrics, samples = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge, rank)  # on every rank
+    metrics, samples = evaluate_ppo(learner.roles, tok, eval_prompts, cfg, run, judge)  # on every rank
     print_eval(metrics, samples)
-    summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=beta, world_size=world,
-                   ranks_in_sync=in_sync, time_s=time.time() - t0, samples=samples[:5], config=asdict(cfg))
-    if rank == 0:
+    summary = dict(stage="ppo", mode=cfg.mode, steps=cfg.steps, **metrics, final_beta=learner.beta,
+                   world_size=run.world, ranks_in_sync=in_sync, time_s=time.time() - t0, samples=samples[:5],
+                   config=asdict(cfg))
+    if run.rank == 0:
         write_json(os.path.join(cfg.out, "summary.json"), summary)
     barrier()
     print(f"\nsaved the policy to {cfg.out}; sample from it with: python hydra_ppo.py generate --run {cfg.out}")
@@ -1909,23 +1946,23 @@ def finish_ppo(cfg, roles, tok, params, eval_prompts, device, autocast, judge, b
 
 
 def ppo(cfg: PPOConfig, judge=None):
-    """The ppo command, the outer PPO loop: per step, this rank's shard of the next prompts, ppo_step, the adaptive
-    KL coefficient, a metrics line, an evaluation every --eval-every steps, a resumable checkpoint every
-    --save-every steps; at the end the policy, the evaluation and summary.json."""
+    """The ppo command, the outer PPO loop: per step, this rank's shard of the next prompts, ppo_step, a metrics line,
+    an evaluation every --eval-every steps, a resumable checkpoint every --save-every steps; at the end the policy,
+    the evaluation and summary.json."""
     validate(cfg)
     if cfg.resume:  # the run's own configuration, saved when it started
         cfg = resume_config(cfg)
     check_ppo_config(cfg)
-    rank, world, device, dtype, autocast = start_run(cfg)
-    if rank == 0 and not cfg.resume:
+    run = start_run(cfg)
+    if run.rank == 0 and not cfg.resume:
         claim_out(cfg.out, cfg.overwrite, stale=(STATE_FILE, POLICY_FILE, "summary.json"))
-    elif rank == 0:
+    elif run.rank == 0:
         own_folder(cfg.out, "--resume")
     train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
-    check(cfg.batch_size * world <= len(train), f"--batch-size {cfg.batch_size}{f' x {world} ranks' * (world > 1)}: "
-          f"more than the {len(train)} training prompts in {cfg.data} (a rollout would repeat prompts)")
+    check_batch(cfg, run, train, "training prompts", "a rollout would repeat prompts")
     train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
-    roles, opt, params = setup_ppo(cfg, checkpoint_loader(cfg, device, dtype))
+    learner = setup_ppo(cfg, checkpoint_loader(cfg, run.device, run.dtype))
+    roles, opt = learner.roles, learner.opt
     check_positions(roles["actor"].model.lm, cfg.max_prompt_len, cfg.max_response_len,
                     "--max-prompt-len + --max-response-len")
     for trunk in dict.fromkeys(r.model for r in roles.values() if r.adapter):  # one line per trunk with adapters
@@ -1933,38 +1970,32 @@ def ppo(cfg: PPOConfig, judge=None):
     print(f"learning rates: actor {opt.param_groups[0]['lr']:g}, critic {opt.param_groups[1]['lr']:g}"
           + ("" if cfg.actor_lr and cfg.critic_lr else f" (--mode {cfg.mode} defaults where a flag is 0)"))
     tok = load_tokenizer(cfg.sft)
-    generator = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    if rank == 0 and not cfg.resume:  # again, now that the folder exists: locked, and still empty unless --overwrite
-        claim_out(cfg.out, cfg.overwrite)
+    make_out(cfg.out, cfg.overwrite, claim=run.rank == 0 and not cfg.resume)
     log_path = os.path.join(cfg.out, "metrics.jsonl")
-    first, beta, order, bad, saved, t0 = 1, cfg.kl_coef, [], 0, 0, time.time()
+    first, order, bad, saved, t0 = 1, [], 0, 0, time.time()
     if cfg.resume:
-        first, beta, order, saved = resume_run(cfg, params, opt, rng, generator, rank, log_path)
-    if rank == 0:  # resumed with a longer --steps or a new lr: from now on that is the run's; paths absolute
+        first, order, saved = resume_run(cfg, run, learner, rng, log_path)
+    if run.rank == 0:  # resumed with a longer --steps or a new lr: from now on that is the run's; paths absolute
         write_json(os.path.join(cfg.out, RUN_FILE), asdict(absolute_paths(replace(cfg, resume=""))))
-    if world > 1:
-        torch.manual_seed(cfg.seed + 1000 * rank + first)  # data parallel: every rank samples its own responses
+    if run.world > 1:
+        torch.manual_seed(cfg.seed + 1000 * run.rank + first)  # data parallel: every rank samples its own responses
     step = first
 
     def stopped():  # Ctrl-C: where the run was, and how to go on
         return f"at step {step}; " + (f"resume with: python hydra_ppo.py ppo --resume {cfg.out}"
                                       if os.path.isfile(os.path.join(cfg.out, STATE_FILE)) else
                                       f"no checkpoint yet (the first comes after step {cfg.save_every or cfg.steps})")
-    with on_interrupt(stopped), open(log_path if rank == 0 else os.devnull, "a" if cfg.resume else "w") as log, \
+    with on_interrupt(stopped), open(log_path if run.rank == 0 else os.devnull, "a" if cfg.resume else "w") as log, \
             tqdm(range(first, cfg.steps + 1), desc=f"ppo ({cfg.mode})", dynamic_ncols=True,
-                 initial=first - 1, total=cfg.steps, disable=rank > 0) as bar:
+                 initial=first - 1, total=cfg.steps, disable=run.rank > 0) as bar:
         for step in bar:
-            prompts, order = next_shard(train_prompts, order, rng, cfg.batch_size * world, rank, world)
-            p_ids, p_mask = prompt_batch(tok, prompts, cfg, device)
-            stats = mean_over_ranks(ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, autocast, beta, generator)[1])
+            prompts, order = next_shard(train_prompts, order, rng, cfg.batch_size * run.world, run.rank, run.world)
+            stats = ppo_step(learner, tok, *prompt_batch(tok, prompts, cfg, run.device), cfg, run)[1]
             bad = bad + 1 if stats["skipped"] == 1.0 else 0
-            if cfg.target_kl and not bad:
-                beta = update_kl_coef(beta, stats["kl"], cfg.target_kl, cfg.batch_size * world, cfg.kl_horizon)
             record = dict(step=step, **stats, time=time.time() - t0)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                metrics, _ = evaluate_ppo(roles, tok, eval_prompts, cfg, device, autocast, judge, rank)
+                metrics, _ = evaluate_ppo(roles, tok, eval_prompts, cfg, run, judge)
                 record.update({"eval_" + k: v for k, v in metrics.items()})
             if step % cfg.log_every == 0 or step == cfg.steps or "eval_win_rate" in record or bad:
                 log_line(log, record)
@@ -1972,10 +2003,10 @@ def ppo(cfg: PPOConfig, judge=None):
             if bad:
                 stop_if_bad(cfg, step, bad, saved)
             elif (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                if rank == 0:
-                    save_state(cfg.out, step, params, opt, beta, rng, order, generator, cfg.mode)
+                if run.rank == 0:
+                    save_state(cfg, step, learner, rng, order)
                 saved = step
-    return finish_ppo(cfg, roles, tok, params, eval_prompts, device, autocast, judge, beta, rank, world, t0)
+    return finish_ppo(cfg, run, learner, tok, eval_prompts, judge, t0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2008,13 +2039,13 @@ class ExportConfig:
 def load_policy(run_dir, device, dtype):
     """-> (actor Role, tokenizer, PPOConfig of the run) from a PPO output folder."""
     cfg = load_run_config(run_dir, "--run")
-    if cfg.mode == "full":
+    adapter = mode_table(cfg.mode)[0]["actor"][1]
+    if adapter is LORA_OFF:  # full: the whole actor was saved
         model, tok, _ = load_checkpoint(os.path.join(run_dir, "actor"), device, dtype, dropout=False)
-        return Role(model, None, "lm"), tok, cfg
+        return Role(model, LORA_OFF, "lm"), tok, cfg
     check(os.path.isfile(os.path.join(run_dir, POLICY_FILE)), f"{run_dir}: no {POLICY_FILE} yet (the run has not "
                                                               f"finished; `ppo --resume {run_dir}` continues it)")
     model, tok, _ = load_checkpoint(cfg.sft, device, dtype, dropout=False)
-    adapter = "shared" if cfg.mode == "jhydra" else "actor"
     add_adapter(model.lm, cfg, adapter)
     path = os.path.join(run_dir, POLICY_FILE)
     state = read_file(path, lambda p: torch.load(p, map_location=device, weights_only=True))
@@ -2029,16 +2060,18 @@ def load_policy(run_dir, device, dtype):
 
 def generate_cmd(cfg: GenerateConfig):
     validate(cfg)
-    device, dtype, autocast = setup_device(cfg.device)
-    actor, tok, run = load_policy(cfg.run, device, dtype)
-    check_positions(actor.model.lm, run.max_prompt_len, cfg.max_new_tokens or run.max_response_len,
+    run = setup_device(cfg.device)
+    actor, tok, ppo_cfg = load_policy(cfg.run, run.device, run.dtype)
+    # the run's prompt format; this command's length and temperature; no top-k, top-p or folding
+    sampling = replace(ppo_cfg, max_response_len=cfg.max_new_tokens or ppo_cfg.max_response_len,
+                       temperature=cfg.temperature, top_k=0, top_p=1.0, fold_lora=False)
+    check_positions(actor.model.lm, sampling.max_prompt_len, sampling.max_response_len,
                     "the run's --max-prompt-len + --max-new-tokens")
     actor.model.eval()
     torch.manual_seed(cfg.seed)
-    p_ids, p_mask = prompt_batch(tok, [cfg.prompt] * cfg.num_samples, run, device)
-    with autocast():
-        ids, mask, _ = generate(actor, p_ids, p_mask, tok, cfg.max_new_tokens or run.max_response_len,
-                                cfg.temperature, greedy=cfg.greedy)
+    p_ids, p_mask = prompt_batch(tok, [cfg.prompt] * cfg.num_samples, sampling, run.device)
+    with run.autocast():
+        ids, mask, _ = generate(actor, p_ids, p_mask, tok, sampling, greedy=cfg.greedy)
     print(f"prompt: {cfg.prompt!r}")  # repr: an HH prompt's newlines stay visible
     for i, text in enumerate(decode_responses(tok, ids, mask, p_ids.shape[1]), 1):
         print(f"response {i}: {text}")
@@ -2055,8 +2088,7 @@ def export(cfg: ExportConfig):
     lm = actor.model.lm
     check(cfg.format == "merged" or actor.adapter, "--format peft needs a LoRA run; a --mode full run has no adapter "
                                                    "(use --format merged)")
-    os.makedirs(out, exist_ok=True)
-    claim_out(out, cfg.overwrite)  # again, now that the folder exists: locked, and still empty unless --overwrite
+    make_out(out, cfg.overwrite)
     if cfg.format == "merged":
         if actor.adapter:
             merge_lora(lm, actor.adapter)  # W0 + (alpha/r) B A, then plain nn.Linear again
@@ -2114,10 +2146,9 @@ class PipelineConfig(Common):
 
 
 # The pipeline's "auto" settings (its flags that default to 0), in one table; the row goes by the model's size.
-# tiny: the demo's in-memory model, on which the demo's measured numbers (README) were made. real: a pretrained
-# model under 1B parameters; for a ~135M model, LoRA r 16, alpha 32 and PPO lr 1e-4 are what the README's
-# SmolLM2-135M run used (gold win-rate 0.96): a pretrained model needs far smaller steps than a random one, a wider
-# adapter, and room for a sentence. billion: the paper's OPT-1.3b / Llama-7b settings (PAPER.md): 400 + 400 tokens,
+# tiny: the demo's in-memory model (the README's demo table). real: a pretrained model under 1B parameters, which
+# needs far smaller steps than a random one, a wider adapter, and room for a sentence (the README's SmolLM2-135M
+# rows use this row). billion: the paper's OPT-1.3b / Llama-7b settings (PAPER.md): 400 + 400 tokens,
 # LoRA r 128, actor lr 5e-4, critic lr 5e-5; Hydra-SFT full fine-tuning at the paper's reward-model rate 1e-6 (its
 # SFT used 5e-7; one Hydra-SFT rate must also train the new reward head) for one epoch (sft_steps 0: the paper
 # publishes no step count); alpha = r (not published; DeepSpeed-Chat's scaling 1). Several evaluation samples per

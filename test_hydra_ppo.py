@@ -65,7 +65,7 @@ def test_lora_linear_layout():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_new_adapter_changes_nothing_and_lora_off_is_bit_exact(family, batch, precision):
     """Also with --precision bf16 (CUDA's set-up, on the CPU): a bf16 trunk, fp32 LoRA, bf16 autocast."""
-    _, dtype, autocast = hp.setup_device("cpu", precision)
+    _, dtype, autocast, *_ = hp.setup_device("cpu", precision)
     lm, _ = tiny(family)
     lm.to(dtype)
     with autocast():
@@ -464,7 +464,7 @@ def test_hydra_sft_learns_and_saves(tmp_path):
     assert meta["task"] == "hydra"
     cfg = hp.SFTConfig(**summary["config"])
     held_out = hp.split_pairs(hp.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
-    again = hp.evaluate_sft(model, tok, held_out, cfg, torch.device("cpu"), hp.nullcontext)
+    again = hp.evaluate_sft(model, tok, held_out, cfg, CPU_RUN)
     assert again["rm_acc"] == summary["held_out_rm_acc"]
     assert again["lm_loss"] == pytest.approx(summary["held_out_lm_loss"], abs=1e-5)
 
@@ -479,7 +479,7 @@ def test_sft_with_lora_merges_into_a_plain_checkpoint(tmp_path):
     # (unmerged, the saved weights would be `base.weight` + `lora_A/B` and the trunk would load re-initialised).
     model, tok, _ = hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
     held_out = hp.split_pairs(hp.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
-    again = hp.evaluate_sft(model, tok, held_out, cfg, torch.device("cpu"), hp.nullcontext)
+    again = hp.evaluate_sft(model, tok, held_out, cfg, CPU_RUN)
     assert again["lm_loss"] == pytest.approx(summary["held_out_lm_loss"], abs=1e-5)
 
 
@@ -533,6 +533,7 @@ def test_sft_reports_what_it_truncated(tmp_path, capsys):
 
 MODES = ["hydra", "jhydra", "dlora", "lora", "full"]
 CPU = torch.device("cpu")
+CPU_RUN = hp.setup_device("cpu")  # fp32, one process
 
 
 @pytest.fixture(scope="module")
@@ -561,12 +562,12 @@ def demo_prompts(cfg, seed=0):
     return (tok, *hp.pad(prompts, tok.pad_token_id, "left"))
 
 
-def one_iteration(cfg, roles, opt, params, seed=0):
+def one_iteration(cfg, learner, seed=0):
     tok, p_ids, p_mask = demo_prompts(cfg, seed)
     torch.manual_seed(seed)
-    batch, _ = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, hp.nullcontext, cfg.kl_coef)
-    stats = hp.ppo_update(roles, opt, params, batch, cfg, hp.nullcontext, torch.Generator().manual_seed(seed))
-    return batch, stats
+    batch, _ = hp.rollout_batch(learner.roles, tok, p_ids, p_mask, cfg, CPU_RUN)
+    learner.generator = torch.Generator().manual_seed(seed)
+    return batch, hp.ppo_update(learner, batch, cfg, CPU_RUN)
 
 
 def base_storages(model):
@@ -586,7 +587,7 @@ def test_each_mode_holds_exactly_the_papers_models(ckpts, mode, static_models, l
     assert len(adapters) == lora_sets
     if mode in ("hydra", "jhydra"):  # reference and reward model are the actor's trunk with LoRA off
         assert roles["ref"].model is roles["rm"].model is roles["actor"].model
-        assert roles["ref"].adapter is None and roles["rm"].adapter is None
+    assert roles["ref"].adapter is hp.LORA_OFF and roles["rm"].adapter is hp.LORA_OFF  # in every mode
     crit = roles["critic"].model
     assert torch.equal(crit.value_head.weight, crit.reward_head.weight)  # the critic starts from the reward model
     assert crit.value_head.weight.data_ptr() != crit.reward_head.weight.data_ptr()  # ... as its own parameters
@@ -605,11 +606,12 @@ def test_one_pass_per_trunk_and_adapter(ckpts):
 @pytest.mark.parametrize("mode", MODES)
 def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
     cfg = ppo_config(ckpts, mode)
-    roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    roles, opt = learner.roles, learner.opt
     models = hp.models_of(roles)
     before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
-    trained = {id(p) for p in params}
-    batch, stats = one_iteration(cfg, roles, opt, params)
+    trained = {id(p) for p in learner.params}
+    batch, stats = one_iteration(cfg, learner)
     assert len(stats) == cfg.batch_size // cfg.minibatch_size
     # first minibatch of the first epoch: the policy has not moved yet
     assert stats[0]["ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -635,19 +637,19 @@ def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
 @pytest.mark.parametrize("mode", ["hydra", "jhydra"])
 def test_reference_is_the_sft_model_exactly(ckpts, mode):
     cfg = ppo_config(ckpts, mode)
-    roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    roles, two = learner.roles, hp.replace(cfg, micro_batch_size=2)
     sft_model = hp.load_checkpoint(cfg.sft, CPU, torch.float32, dropout=False)[0].eval()
-    plain = dict(ref=hp.Role(sft_model, None, "lm"), rm=hp.Role(sft_model, None, "reward"))
+    plain = dict(ref=hp.Role(sft_model, hp.LORA_OFF, "lm"), rm=hp.Role(sft_model, hp.LORA_OFF, "reward"))
     for it in range(3):  # before and after PPO updates
-        batch, _ = one_iteration(cfg, roles, opt, params, seed=it)
+        batch, _ = one_iteration(cfg, learner, seed=it)
         ids, mask, P = batch["ids"], batch["mask"], batch["P"]
         for m in hp.models_of(roles):
             m.eval()
-        ours = hp.score_rollout({k: roles[k] for k in ("ref", "rm")}, ids, mask, P, 2, hp.nullcontext)
-        want = hp.score_rollout(plain, ids, mask, P, 2, hp.nullcontext)
+        ours = hp.score_rollout(roles, ("ref", "rm"), ids, mask, P, two, CPU_RUN)
+        want = hp.score_rollout(plain, ("ref", "rm"), ids, mask, P, two, CPU_RUN)
         assert torch.equal(ours["ref"], want["ref"]) and torch.equal(ours["rm"], want["rm"])
-    with hp.adapter_on(roles["actor"]):  # while the actor itself has moved away from the SFT model
-        actor_lp = hp.score_rollout({"actor": roles["actor"]}, ids, mask, P, 2, hp.nullcontext)["actor"]
+    actor_lp = hp.score_rollout(roles, ("actor",), ids, mask, P, two, CPU_RUN)["actor"]  # its adapter on
     assert not torch.equal(actor_lp, want["ref"])
 
 
@@ -768,10 +770,10 @@ def test_gradient_checkpointing_gives_the_same_update(ckpts, mode):
     results = []
     for gc in (False, True):
         cfg = ppo_config(ckpts, mode, grad_checkpointing=gc)
-        roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
-        one_iteration(cfg, roles, opt, params)
-        one_iteration(cfg, roles, opt, params, seed=1)
-        results.append([p.detach().clone() for p in params])
+        learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+        one_iteration(cfg, learner)
+        one_iteration(cfg, learner, seed=1)
+        results.append([p.detach().clone() for p in learner.params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
@@ -785,15 +787,14 @@ def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mod
     results = {}
     for fused in (True, False):
         monkeypatch.setattr(hp, "one_pass", lambda cfg, B=None, fused=fused: fused)
-        roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+        learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
         forwards = []
-        for m in hp.models_of(roles):
+        for m in hp.models_of(learner.roles):
             m.register_forward_hook(lambda *_: forwards.append(1))
         tok, p_ids, p_mask = demo_prompts(cfg)
         torch.manual_seed(0)
-        batch, stats = hp.ppo_step(roles, opt, params, tok, p_ids, p_mask, cfg, hp.nullcontext, cfg.kl_coef,
-                                   torch.Generator().manual_seed(0))
-        results[fused] = stats, [p.detach().clone() for p in params], batch, len(forwards)
+        batch, stats = hp.ppo_step(learner, tok, p_ids, p_mask, cfg, CPU_RUN)
+        results[fused] = stats, [p.detach().clone() for p in learner.params], batch, len(forwards)
     (s1, p1, b1, n1), (s2, p2, b2, n2) = results[True], results[False]
     assert torch.equal(b1["ids"], b2["ids"])
     shared = mode == "jhydra"  # actor and critic in one pass
@@ -815,10 +816,10 @@ def test_fold_lora_samples_what_the_adapter_samples(ckpts, monkeypatch):
     monkeypatch.setattr(hp, "folded", lambda *a: entered.append(a[1]) or real(*a))
     for fold in (False, True):
         cfg = ppo_config(ckpts, "hydra", fold_lora=fold, max_response_len=12)
-        roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
-        randomize_lora(roles["actor"].model.lm, "actor")  # a trained-looking actor, so folding has work to do
-        batch, _ = one_iteration(cfg, roles, opt, params)
-        results.append((batch["ids"], [p.detach().clone() for p in params]))
+        learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+        randomize_lora(learner.roles["actor"].model.lm, "actor")  # a trained-looking actor, so folding has work to do
+        batch, _ = one_iteration(cfg, learner)
+        results.append((batch["ids"], [p.detach().clone() for p in learner.params]))
     (ids0, p0), (ids1, p1) = results
     assert entered == ["actor"]  # sampling folded the actor once, and only with --fold-lora
     assert torch.equal(ids0, ids1)
@@ -1197,8 +1198,9 @@ def test_evaluation_after_a_checkpointed_update_matches_eval_mode(ckpts, monkeyp
     """ppo_update leaves the models in train(); with checkpointing on, transformers would then generate without
     its KV cache. evaluate_ppo must put them in eval() itself."""
     cfg = ppo_config(ckpts, "hydra", grad_checkpointing=True, eval_prompts=8)
-    roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
-    one_iteration(cfg, roles, opt, params)
+    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    roles = learner.roles
+    one_iteration(cfg, learner)
     assert all(m.training for m in hp.models_of(roles))
     modes, generate = [], hp.generate
     def watch(role, *a, **kw):  # on CPU fp32 with and without the KV cache sample the same: check eval() directly
@@ -1208,11 +1210,11 @@ def test_evaluation_after_a_checkpointed_update_matches_eval_mode(ckpts, monkeyp
     tok = hp.load_tokenizer(cfg.sft)
     prompts = [p["prompt"] for p in hp.make_demo_pairs(8, seed=5)]
     torch.manual_seed(0)
-    after_update = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU, hp.nullcontext)
+    after_update = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN)
     for m in hp.models_of(roles):
         m.eval()
     torch.manual_seed(0)
-    assert hp.evaluate_ppo(roles, tok, prompts, cfg, CPU, hp.nullcontext) == after_update
+    assert hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN) == after_update
     assert modes and not any(modes)  # every sample was drawn in eval()
 
 
@@ -1230,13 +1232,13 @@ def test_generation_ignores_the_checkpoints_sampling_settings():
     role = hp.Role(hp.HydraModel(lm), None, "lm")
     p_ids, p_mask = hp.pad([hp.encode_prompt(tok, "review of the film :", 16)] * 4, tok.pad_token_id, "left")
     torch.manual_seed(0)
-    clean = hp.generate(role, p_ids, p_mask, tok, 8)[0]
+    clean = hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=8))[0]
     lm.generation_config.repetition_penalty = 5.0  # what a checkpoint's generation_config.json may carry
     lm.generation_config.no_repeat_ngram_size = 1
     lm.generation_config.top_k = 3
     lm.generation_config.min_p = 0.5  # transformers 5.x lets this one through unless generation_config is blank
     torch.manual_seed(0)
-    assert torch.equal(hp.generate(role, p_ids, p_mask, tok, 8)[0], clean)
+    assert torch.equal(hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=8))[0], clean)
     assert lm.generation_config.min_p == 0.5  # the model's own is back afterwards
 
 
@@ -1854,7 +1856,7 @@ def test_bench_keeps_an_existing_json_file_unless_overwrite(tmp_path, capsys, mo
     ("--batch 0", "--batch 0: must be >= 1"),
     ("--steps 0", "--steps 0: must be >= 1"),
     ("--device foo", "--device foo: not a device"),
-    pytest.param("--device cuda", "--device cuda: CUDA is not available here", marks=NO_CUDA),
+    pytest.param("--device cuda", "--device cuda: no such CUDA device here", marks=NO_CUDA),
     ("--json {tmp}/no/such/folder/b.json", "--json {tmp}/no/such/folder/b.json: cannot write there"),
     ("--json {tmp}", "--json {tmp}: cannot write there"),
     ("--configs hydra,nope", "--configs hydra,nope: choose from"),
@@ -1943,8 +1945,9 @@ def test_generate_prints_no_warnings(greedy):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for kw in (dict(), dict(temperature=0.7, top_k=5, top_p=0.9), dict(min_new_tokens=3)):
-                ids, mask, _ = hp.generate(role, p_ids, p_mask, tok, 6, greedy=greedy, **kw)
+            for kw, least in ((dict(), 0), (dict(temperature=0.7, top_k=5, top_p=0.9), 0), (dict(), 3)):
+                ids, mask, _ = hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=6, **kw),
+                                           greedy=greedy, min_new_tokens=least)
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
@@ -1956,7 +1959,7 @@ def test_full_fine_tuning_gets_its_own_learning_rates(ckpts):
     """LoRA's 5e-4 on every weight of the model gave a KL of 32 after 2 steps: full fine-tuning defaults to the
     paper's full fine-tuning scale (5e-7 actor, 1e-6 critic); an explicit rate always wins."""
     def lrs(cfg):
-        return [g["lr"] for g in hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))[1].param_groups]
+        return [g["lr"] for g in hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32)).opt.param_groups]
     assert hp.PPOConfig().actor_lr == hp.PPOConfig().critic_lr == 0.0  # 0: by mode
     assert lrs(ppo_config(ckpts, "full")) == [5e-7, 1e-6]
     assert lrs(ppo_config(ckpts, "hydra")) == [5e-4, 5e-5]
@@ -1971,11 +1974,11 @@ def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
     """On CUDA frozen trunks load in bf16 and the trained copies in fp32 (master weights, autocast). In full mode the
     reference and reward model must still equal the initial actor and critic exactly: KL 0 at step 1."""
     cfg = ppo_config(ckpts, "full")
-    roles, opt, params = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.bfloat16))
+    roles = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.bfloat16)).roles
     autocast = bf16_autocast
     tok, p_ids, p_mask = demo_prompts(cfg)
     torch.manual_seed(0)
-    batch, stats = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, autocast, cfg.kl_coef)
+    batch, stats = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, hp.setup_device("cpu", "bf16"))
     assert torch.equal(batch["logprobs"], batch["ref_logprobs"]) and stats["kl"] == 0.0
     with torch.no_grad(), autocast():
         h_critic = roles["critic"].model(batch["ids"], batch["mask"])
@@ -2109,7 +2112,7 @@ def test_verdict_wording():
 
 def test_evaluation_with_several_samples_per_prompt(ckpts):
     cfg = ppo_config(ckpts, "hydra", eval_samples=3)
-    roles, _, _ = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    roles = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32)).roles
     tok = hp.load_tokenizer(cfg.sft)
     prompts = [p["prompt"] for p in hp.make_demo_pairs(5, seed=5)]
     judged = []
@@ -2118,7 +2121,7 @@ def test_evaluation_with_several_samples_per_prompt(ckpts):
         judged.append(len(rs))
         return [hp.gold_score(r) for r in rs]
     torch.manual_seed(0)
-    metrics, samples = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU, hp.nullcontext, judge)
+    metrics, samples = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN, judge)
     assert judged == [15, 15]  # policy and SFT: 3 responses to each of the 5 prompts
     assert len(samples) == 5 and metrics["eval_samples"] == 3 and metrics["eval_prompts"] == 5
     lo, hi = metrics["win_rate_ci"]
