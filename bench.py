@@ -284,8 +284,11 @@ def model_sizes(config):
         lora_per_rank=sum(sum(m.weight.shape) for m in lora), lora_layers=len(lora))
 
 
-def predict(config, sizes, name, B, P, R, r, micro=0, grad_checkpointing=False, bf16=False, cuda=False, fold=False):
-    """-> {phase: {category: bytes}} at each phase's peak; the step's peak is the phase with the largest sum."""
+def predict(config, sizes, name, B, args):
+    """-> {phase: {category: bytes}} at each phase's peak for batch B and the flags `args` (lengths, LoRA rank,
+    micro-batch, checkpointing, --fold-lora, device and precision); the step's peak is the phase with the largest sum."""
+    P, R, r, micro, fold = args.prompt_len, args.response_len, args.lora_r, args.micro_batch, args.fold_lora
+    cuda, bf16 = resolved(args)
     L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
     F = getattr(config, "ffn_dim", None) or config.intermediate_size
     heads = config.num_attention_heads
@@ -319,9 +322,9 @@ def predict(config, sizes, name, B, P, R, r, micro=0, grad_checkpointing=False, 
     #    bf16 autocast keeps bf16 copies of trained fp32 weights (full fine-tuning) while a pass runs.
     cH, cF = ACT_BYTES["opt" if config.model_type == "opt" else "llama", a]
     per_token = cH * H + cF * F + (0 if full else r * sizes.lora_layers / L * LORA_ACT_BYTES[a])
-    kept = (L * b * T * H * w if grad_checkpointing else L * b * T * per_token) + 4 * b * T * H * a
+    kept = (L * b * T * H * w if args.grad_checkpointing else L * b * T * per_token) + 4 * b * T * H * a
     kept += 2 * sizes.linear if full and bf16 else 0
-    layer = b * T * per_token if grad_checkpointing else 0  # one layer recomputed
+    layer = b * T * per_token if args.grad_checkpointing else 0  # one layer recomputed
     phases["update"] = max(dict(held, activations=kept, logits=b * C * V * LOGIT_BYTES),
                            dict(held, activations=kept + layer,
                                 gradients=actor_grads if sets != 1 and name != "sft" else 0),
@@ -379,9 +382,7 @@ def resolved(args):
 
 def predicted(args, config, sizes, name, batch):
     """-> (peak bytes, its phase, {category: bytes} then) by the memory model, for these flags."""
-    cuda, bf16 = resolved(args)
-    phases = predict(config, sizes, name, batch, args.prompt_len, args.response_len, args.lora_r, args.micro_batch,
-                     args.grad_checkpointing, bf16, cuda, args.fold_lora)
+    phases = predict(config, sizes, name, batch, args)
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     return sum(phases[phase].values()), phase, phases[phase]
 
