@@ -175,9 +175,8 @@ class PPOConfig(Common):
     temperature: float = arg(1.0, "sampling temperature of rollouts", gt=0)
     top_k: int = arg(0, "top-k sampling (0: off)", ge=0)
     top_p: float = arg(1.0, "nucleus sampling (1.0: off)", gt=0, le=1)
-    fold_lora: bool = arg(False, "sample with the actor adapter folded into a copy of the weights: one matmul per "
-                                 "layer and token instead of three, for the price of that copy while sampling (on "
-                                 "Llama-7b in bf16, 13 GB). Old log-probs still come from the adapter itself")
+    fold_lora: bool = arg(False, "sample with the actor adapter folded into a copy of the targeted weights: one "
+                                 "matmul per layer and token instead of three, for the memory of that copy")
     missing_eos_penalty: float = arg(0.0, "subtracted from the score of responses that never emit EOS (0: off)",
                                      ge=0)
     score_clip: float = arg(0.0, "clip reward-model scores to [-c, c] (0: off)", ge=0)
@@ -218,8 +217,8 @@ def setup_device(name, precision="auto", rank=0, world=1):
     check(device is not None and device.type in ("cpu", "cuda"), f"--device {name}: not a device; use auto, cpu, "
                                                                   f"cuda or cuda:N")
     check(device.type != "cuda" or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()),
-          f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible; torchrun: no more ranks per "
-          f"node than devices)")
+          f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible; torchrun: no more ranks "
+          f"per node than devices)")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     return Run(device, torch.bfloat16 if bf16 else torch.float32, autocast, rank, world)
@@ -436,9 +435,9 @@ def update_kl_coef(beta, kl, target, n, horizon):
 # with LORA_OFF (full) trains its whole trunk, in fp32, at the paper's full fine-tuning learning rates.
 
 LORA_OFF = None
-ROLES = ("actor", "critic", "ref", "rm")
 HEADS = dict(actor="lm", critic="value", ref="lm", rm="reward")
-#           actor                critic               reference              reward model           default lr: actor, critic
+ROLES = tuple(HEADS)
+#           actor                critic               reference              reward model           lr: actor, critic
 MODES = dict(
     full=  (("sft", LORA_OFF),   ("rm", LORA_OFF),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), (5e-7, 1e-6)),
     lora=  (("sft", "actor"),    ("rm", "critic"),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), (5e-4, 5e-5)),
@@ -451,14 +450,13 @@ MODES = dict(
 
 
 def mode_table(mode):
-    """-> {role: (trunk, adapter)}, and whether the mode is full fine-tuning, from MODES."""
-    table = dict(zip(ROLES, MODES[mode]))
-    return table, table["actor"][1] is LORA_OFF
+    """-> {role: (trunk, adapter)} from MODES."""
+    return dict(zip(ROLES, MODES[mode]))
 
 
 class Role(typing.NamedTuple):
     model: HydraModel
-    adapter: typing.Optional[str]  # LORA_OFF: the trunk as it is (LoRA off; in full mode the whole model, maybe trained)
+    adapter: typing.Optional[str]  # LORA_OFF: the trunk itself (LoRA off; in full mode the whole model)
     head: str                      # "lm" | "value" | "reward" (the reward head)
 
 
@@ -478,8 +476,8 @@ def build_roles(cfg, load):
     random-init models). Full fine-tuning keeps every trunk in fp32: the trained ones as master weights, the frozen
     copies so that they compute exactly as the actor does (a bf16 copy differs under autocast in norms and residuals,
     and KL at step 1 must be exactly 0). The trained trunks and their adapters come first, then the frozen copies."""
-    table, full = mode_table(cfg.mode)
-    trunks = {}
+    table, trunks = mode_table(cfg.mode), {}
+    full = table["actor"][1] is LORA_OFF
 
     def trunk(role):
         name = table[role][0]
@@ -553,12 +551,6 @@ def passes(roles, names):
         r = roles[n]
         groups.setdefault((id(r.model), r.adapter), (r, []))[1].append(n)
     return list(groups.values())
-
-
-def read_head(role, h, ids, mask, P, temperature):
-    if role.head == "lm":
-        return role.model.logprobs(h, ids, P, temperature=temperature)  # (B, R)
-    return role.model.values(h, P) if role.head == "value" else role.model.score(h, mask)  # (B, R) / (B,)
 
 
 def models_of(roles):
@@ -635,8 +627,10 @@ def score_rollout(roles, names, ids, mask, P, cfg, run):
         for role, group in passes(roles, names):
             with adapter_on(role), run.autocast():
                 h = role.model(ids_c, mask_c)  # (b, P+R, H)
-                for n in group:
-                    out[n].append(read_head(roles[n], h, ids_c, mask_c, P, cfg.temperature).float())
+                for n in group:  # the role's head: (b, R) log-probs or values, (b,) score
+                    m, head = roles[n].model, roles[n].head
+                    out[n].append((m.logprobs(h, ids_c, P, temperature=cfg.temperature) if head == "lm" else
+                                   m.values(h, P) if head == "value" else m.score(h, mask_c)).float())
     return {n: torch.cat(v) for n, v in out.items()}
 
 
@@ -1138,14 +1132,8 @@ def split_pairs(pairs, eval_frac, seed):
 # higher-gold one marked chosen. The models never see the rule, only the pairs; SFT on the chosen reviews learns
 # "somewhat positive", so PPO against the learned reward model has room to do better.
 POSITIVE = "good great fine nice lovely superb happy wonderful".split()
-
-
 NEGATIVE = "bad awful poor boring ugly terrible sad dull".split()
-
-
 NEUTRAL = "the it was is and very quite so a rather".split()
-
-
 TOPICS = "film book song meal game hotel phone show album play".split()
 
 
@@ -1247,13 +1235,7 @@ def build_tiny(name, texts, seed, device):
 
 # ---- files a user keeps: read with a one-line error, write only where asked ----
 
-HEADS_FILE, META_FILE = "heads.pt", "hydra.json"
-
-
-POLICY_FILE, RUN_FILE = "policy.pt", "run.json"
-
-
-STATE_FILE = "state.pt"
+HEADS_FILE, META_FILE, POLICY_FILE, RUN_FILE, STATE_FILE = "heads.pt", "hydra.json", "policy.pt", "run.json", "state.pt"
 
 
 def read_file(path, load):
@@ -1394,12 +1376,18 @@ def save_checkpoint(path, model, tok, meta):
     write_json(os.path.join(path, META_FILE), meta)
 
 
+def read_meta(path, flag=""):
+    """A checkpoint's META_FILE (what trained it), or one line saying that `path` is not a checkpoint."""
+    where, meta_file = f"{flag} {path}".strip(), os.path.join(path, META_FILE)
+    check(os.path.exists(path), f"{where}: not found")
+    check(os.path.isfile(meta_file), f"{where}: not a hydra-ppo checkpoint (no {META_FILE}); make one with "
+                                     f"`python hydra_ppo.py sft`")
+    return read_file(meta_file, read_json)
+
+
 def load_checkpoint(path, device, dtype, dropout=True):
     """-> (HydraModel, tokenizer, meta) from a folder written by save_checkpoint."""
-    check(os.path.exists(path), f"{path}: not found")
-    check(os.path.isfile(os.path.join(path, META_FILE)), f"{path}: not a hydra-ppo checkpoint (no {META_FILE}); "
-                                                         f"make one with `python hydra_ppo.py sft`")
-    meta = read_file(os.path.join(path, META_FILE), read_json)
+    meta = read_meta(path)
     heads = read_file(os.path.join(path, HEADS_FILE), lambda p: torch.load(p, map_location=device, weights_only=True))
     lm, tok = load_lm(path, device, dtype, dropout)
     model = HydraModel(lm)
@@ -1743,12 +1731,8 @@ def checkpoint_loader(cfg, device, dtype):
 def checkpoint_task(path, flag, chat_template):
     """The --task a checkpoint was trained with, from its hydra.json (read once). Its prompt format must be this
     run's: a model trained on chat-formatted prompts sees other prompts wrongly, and the other way round."""
-    meta_file = os.path.join(path, META_FILE)
-    check(os.path.exists(path), f"{flag} {path}: not found")
-    check(os.path.isfile(meta_file), f"{flag} {path}: not a hydra-ppo checkpoint (no {META_FILE}); "
-                                     f"make one with `python hydra_ppo.py sft`")
-    meta = read_file(meta_file, read_json)
-    check(isinstance(meta, dict) and "task" in meta, f"{meta_file}: no 'task' field (damaged?)")
+    meta = read_meta(path, flag)
+    check(isinstance(meta, dict) and "task" in meta, f"{os.path.join(path, META_FILE)}: no 'task' field (damaged?)")
     chat = meta.get("chat_template")  # None: not recorded (a checkpoint written by hand): not checked
     check(chat is None or chat == chat_template,
           f"{flag} {path} was trained {'with' if chat else 'without'} --chat-template: run ppo "
@@ -1760,7 +1744,7 @@ def check_ppo_config(cfg):
     """What validate() cannot see from the flags alone: the checkpoints and whether they fit the mode."""
     validate(cfg)  # ranges and divisibility, declared beside each field
     sft_task = checkpoint_task(cfg.sft, "--sft", cfg.chat_template)
-    if all(trunk == "sft" for trunk, _ in mode_table(cfg.mode)[0].values()):  # one model: Hydra-SFT's reward head
+    if all(trunk == "sft" for trunk, _ in mode_table(cfg.mode).values()):  # one model: Hydra-SFT's reward head
         check(sft_task == "hydra", f"--mode {cfg.mode} needs a Hydra-SFT checkpoint (sft --task hydra); "
                                    f"--sft {cfg.sft} was trained with --task {sft_task}")
         check(not cfg.rm, f"--mode {cfg.mode} uses the Hydra-SFT model's own reward head; drop --rm")
@@ -2039,7 +2023,7 @@ class ExportConfig:
 def load_policy(run_dir, device, dtype):
     """-> (actor Role, tokenizer, PPOConfig of the run) from a PPO output folder."""
     cfg = load_run_config(run_dir, "--run")
-    adapter = mode_table(cfg.mode)[0]["actor"][1]
+    adapter = mode_table(cfg.mode)["actor"][1]
     if adapter is LORA_OFF:  # full: the whole actor was saved
         model, tok, _ = load_checkpoint(os.path.join(run_dir, "actor"), device, dtype, dropout=False)
         return Role(model, LORA_OFF, "lm"), tok, cfg
@@ -2084,7 +2068,7 @@ def export(cfg: ExportConfig):
     out = cfg.out or os.path.join(cfg.run, f"export-{cfg.format}")
     load_run_config(cfg.run, "--run")  # a run folder, before anything is written beside it
     claim_out(out, cfg.overwrite)
-    actor, tok, run = load_policy(cfg.run, torch.device("cpu"), "auto")  # keep the checkpoint's own dtype
+    actor, tok, ppo_cfg = load_policy(cfg.run, torch.device("cpu"), "auto")  # keep the checkpoint's own dtype
     lm = actor.model.lm
     check(cfg.format == "merged" or actor.adapter, "--format peft needs a LoRA run; a --mode full run has no adapter "
                                                    "(use --format merged)")
@@ -2102,10 +2086,10 @@ def export(cfg: ExportConfig):
         layers = {n.rsplit(".", 1)[-1]: m for n, m in lm.named_modules() if isinstance(m, LoRALinear)}
         save_file(weights, os.path.join(out, "adapter_model.safetensors"))
         write_json(os.path.join(out, "adapter_config.json"), dict(
-            peft_type="LORA", task_type="CAUSAL_LM", r=run.lora_r, lora_alpha=run.lora_alpha, lora_dropout=0.0,
+            peft_type="LORA", task_type="CAUSAL_LM", r=ppo_cfg.lora_r, lora_alpha=ppo_cfg.lora_alpha, lora_dropout=0.0,
             target_modules=sorted(layers), bias="none", inference_mode=True, use_rslora=False,
             fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()),  # GPT-2's Conv1D: weights (in, out)
-            use_dora=False, init_lora_weights=True, modules_to_save=None, base_model_name_or_path=os.path.abspath(run.sft)))
+            use_dora=False, init_lora_weights=True, modules_to_save=None, base_model_name_or_path=os.path.abspath(ppo_cfg.sft)))
     print(f"exported the policy of {cfg.run} ({cfg.format}) to {out}")
     return out
 
@@ -2261,15 +2245,13 @@ def pipeline(cfg: PipelineConfig):
     with open(os.path.join(ppo_cfg.out, "metrics.jsonl")) as fh:
         scores = [json.loads(line)["score"] for line in fh]
     print(f"\nreward-model score over training: {scores[0]:.2f} {sparkline(scores)} {scores[-1]:.2f}")
+    got = lambda *keys: {k: ppo_summary[k] for k in keys}
     summary = dict(stage="pipeline", rm_accuracy=sft_summary["held_out_rm_acc"],
                    sft_lm_loss=sft_summary["held_out_lm_loss"], judge="gold" if demo else "reward_model",
-                   win_rate=ppo_summary["win_rate"], win_rate_ci=ppo_summary["win_rate_ci"],
-                   verdict=ppo_summary["verdict"], eval_prompts=ppo_summary["eval_prompts"],
-                   eval_samples=ppo_summary["eval_samples"], sft_score=ppo_summary["sft_score"],
-                   policy_score=ppo_summary["policy_score"], sft_gold=ppo_summary["sft_judge"] if demo else None,
+                   **got("win_rate", "win_rate_ci", "verdict", "eval_prompts", "eval_samples", "sft_score",
+                         "policy_score"), sft_gold=ppo_summary["sft_judge"] if demo else None,
                    policy_gold=ppo_summary["policy_judge"] if demo else None, kl=ppo_summary["policy_kl"],
-                   sft_len=ppo_summary["sft_len"], policy_len=ppo_summary["policy_len"],
-                   time_s=time.time() - t0, config=asdict(cfg))
+                   **got("sft_len", "policy_len"), time_s=time.time() - t0, config=asdict(cfg))
     if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 writes
         write_json(os.path.join(cfg.out, "summary.json"), summary)
         plot_scores(scores, os.path.join(cfg.out, "reward.png"))
@@ -2288,13 +2270,6 @@ SUBCOMMANDS = {"sft": (SFTConfig, sft), "ppo": (PPOConfig, ppo), "generate": (Ge
                "export": (ExportConfig, export)}
 
 
-def oom_context(cfg):
-    get = lambda k: getattr(cfg, k, "?")
-    return (f"mode {get('mode')}, batch {get('batch_size')} (micro-batch {get('micro_batch_size')}), "
-            f"{get('max_prompt_len')} prompt + {get('max_response_len')} response tokens, "
-            f"model {get('model') if hasattr(cfg, 'model') else get('sft')}")
-
-
 def commands_help():
     """The top-level --help's list of commands: the first sentence of each one's configuration docstring."""
     first = lambda cls: inspect.cleandoc(cls.__doc__).replace("\n", " ").split(". ")[0].rstrip(".") + "."
@@ -2307,7 +2282,7 @@ def main(argv=None):
     """`python hydra_ppo.py [sft|ppo|generate|export] [--flags]`; without a subcommand: the whole pipeline."""
     argv = sys.argv[1:] if argv is None else argv
     name = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    cls, run = SUBCOMMANDS[name] if name else (PipelineConfig, pipeline)
+    cls, command = SUBCOMMANDS[name] if name else (PipelineConfig, pipeline)
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging
     logging.disable_progress_bar()  # our own bars are enough
@@ -2316,7 +2291,7 @@ def main(argv=None):
     try:
         cfg = parse_config(cls, argv[1:] if name else argv, prog="hydra_ppo.py" + (f" {name}" if name else ""),
                            commands="" if name else commands_help())
-        run(cfg)
+        command(cfg)
         import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -2327,7 +2302,10 @@ def main(argv=None):
         print(f"error: interrupted (`{name or 'pipeline'}`)", file=sys.stderr)
         return 2
     except torch.cuda.OutOfMemoryError:
-        print(f"error: CUDA ran out of memory in `{name or 'pipeline'}`: {oom_context(cfg)}. What helps: a smaller "
+        get = lambda k: getattr(cfg, k, "?")
+        print(f"error: CUDA ran out of memory in `{name or 'pipeline'}`: mode {get('mode')}, batch {get('batch_size')} "
+              f"(micro-batch {get('micro_batch_size')}), {get('max_prompt_len')} prompt + {get('max_response_len')} "
+              f"response tokens, model {get('model') if hasattr(cfg, 'model') else get('sft')}. What helps: a smaller "
               f"--micro-batch-size (then --batch-size), --grad-checkpointing, shorter --max-prompt-len / "
               f"--max-response-len, and --mode hydra (one model in memory instead of two or four).", file=sys.stderr)
         return 3

