@@ -254,7 +254,7 @@ def table2(name):
     import hydra_ppo as hp
     if name == "sft":
         return 1, 0
-    roles = hp.MODES[name][:4]
+    roles = [hp.MODES[name][r] for r in hp.ROLES]  # (trunk, adapter)
     return len({trunk for trunk, _ in roles}), len({a for _, a in roles if a is not hp.LORA_OFF})
 
 # Bytes the backward keeps per token and decoder layer (no checkpointing): cH * H + cF * F, by family and bytes per

@@ -155,10 +155,10 @@ class PPOConfig(Common):
     micro_batch_size: int = arg(8, "rollouts per forward pass; minibatch / micro = gradient accumulation",
                                 ge=1, divides="minibatch_size")
     ppo_epochs: int = arg(1, "passes over each rollout batch (paper: 1)", ge=1)
-    actor_lr: float = arg(0.0, "actor learning rate; 0: by mode (LoRA: 5e-4, the paper's visible config; full: 5e-7)",
+    actor_lr: float = arg(0.0, "actor learning rate; 0: the mode's default (MODES: LoRA 5e-4, full 5e-7)",
                           ge=0, le=1, why=LR_WHY)
-    critic_lr: float = arg(0.0, "critic (and value head) learning rate; 0: by mode (LoRA: 5e-5, paper; full: 1e-6)",
-                           ge=0, le=1, why=LR_WHY)
+    critic_lr: float = arg(0.0, "critic (and value head) learning rate; 0: the mode's default (MODES: LoRA 5e-5, "
+                                "full 1e-6)", ge=0, le=1, why=LR_WHY)
     lora_r: int = arg(128, "LoRA rank of the actor and critic adapters (paper: 128)", ge=1)
     lora_alpha: float = arg(128.0, "LoRA alpha; scaling = alpha / r = 1 as DeepSpeed-Chat's default (not published)",
                             gt=0)
@@ -432,26 +432,21 @@ def update_kl_coef(beta, kl, target, n, horizon):
 # (ref) and the reward model (rm). Each role is a trunk with one adapter on, read through one head (HEADS). A trunk is
 # a model loaded from a checkpoint: "sft" from --sft (Hydra-SFT in hydra and jhydra, whose reward head is then the
 # reward model), "rm" from --rm, "... copy" a second, frozen one. LORA_OFF: the trunk itself, LoRA off; a trained role
-# with LORA_OFF (full) trains its whole trunk, in fp32, at the paper's full fine-tuning learning rates.
+# with LORA_OFF (full) trains its whole trunk, in fp32. The learning rates where --actor-lr / --critic-lr are 0: LoRA
+# trains a few new weights from zero (the paper's visible config); full fine-tuning moves every weight of a trained
+# model, at the paper's full fine-tuning scale (its SFT and RM rates).
 
 LORA_OFF = None
 HEADS = dict(actor="lm", critic="value", ref="lm", rm="reward")
 ROLES = tuple(HEADS)
 #           actor                critic               reference              reward model           lr: actor, critic
-MODES = dict(
+MODES = {mode: dict(zip(ROLES + ("lr",), row)) for mode, row in dict(
     full=  (("sft", LORA_OFF),   ("rm", LORA_OFF),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), (5e-7, 1e-6)),
     lora=  (("sft", "actor"),    ("rm", "critic"),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), (5e-4, 5e-5)),
     dlora= (("sft", "actor"),    ("rm", "critic"),    ("sft", LORA_OFF),      ("rm", LORA_OFF),      (5e-4, 5e-5)),
     jhydra=(("sft", "shared"),   ("sft", "shared"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     (5e-4, 5e-5)),
     hydra= (("sft", "actor"),    ("sft", "critic"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     (5e-4, 5e-5)),
-)
-# The learning rates where --actor-lr / --critic-lr are 0: LoRA trains a few new weights from zero (the paper's visible
-# config); full fine-tuning moves every weight of a trained model, at the paper's full fine-tuning scale (SFT, RM).
-
-
-def mode_table(mode):
-    """-> {role: (trunk, adapter)} from MODES."""
-    return dict(zip(ROLES, MODES[mode]))
+).items()}  # MODES["hydra"]["ref"] == ("sft", LORA_OFF)
 
 
 class Role(typing.NamedTuple):
@@ -471,12 +466,11 @@ def add_adapter(lm, cfg, adapter="default"):
 
 
 def build_roles(cfg, load):
-    """-> {actor, critic, ref, rm: Role}: exactly the models MODES gives cfg.mode, each trunk loaded once.
-    load(checkpoint, fp32) returns a new, frozen HydraModel of "sft" or "rm" (the benchmark passes a loader of
-    random-init models). Full fine-tuning keeps every trunk in fp32: the trained ones as master weights, the frozen
-    copies so that they compute exactly as the actor does (a bf16 copy differs under autocast in norms and residuals,
-    and KL at step 1 must be exactly 0). The trained trunks and their adapters come first, then the frozen copies."""
-    table, trunks = mode_table(cfg.mode), {}
+    """-> {actor, critic, ref, rm: Role}: exactly the models MODES gives cfg.mode, each trunk loaded once, by
+    load(checkpoint, fp32): a new, frozen HydraModel of "sft" or "rm". Full fine-tuning keeps every trunk in fp32: the
+    trained ones as master weights, the frozen copies so that they compute exactly as the actor does (KL 0 at step
+    1)."""
+    table, trunks = MODES[cfg.mode], {}
     full = table["actor"][1] is LORA_OFF
 
     def trunk(role):
@@ -484,7 +478,7 @@ def build_roles(cfg, load):
         if name not in trunks:
             trunks[name] = load(name.split()[0], fp32=full)
         return trunks[name]
-    trained = {table[r][1]: trunk(r) for r in ("actor", "critic")}  # adapter -> its trunk (jhydra: one, "shared")
+    trained = {table[r][1]: trunk(r) for r in ("actor", "critic")}  # adapter -> its trunk (jhydra: one; full: none)
     for adapter, model in trained.items():
         if adapter is not LORA_OFF:
             add_adapter(model.lm, cfg, adapter)
@@ -496,7 +490,7 @@ def build_roles(cfg, load):
 
 def learning_rates(cfg):
     """-> (actor_lr, critic_lr): the flags, or where one is 0, the mode's default (MODES)."""
-    actor_lr, critic_lr = MODES[cfg.mode][-1]
+    actor_lr, critic_lr = MODES[cfg.mode]["lr"]
     return cfg.actor_lr or actor_lr, cfg.critic_lr or critic_lr
 
 
@@ -508,7 +502,9 @@ def trainable_groups(roles, cfg):
     else:
         a = lora_parameters(actor.model, actor.adapter)
         c = [] if critic.adapter == actor.adapter else lora_parameters(critic.model, critic.adapter)
-    c += list(critic.model.value_head.parameters())  # the value head is new: it trains in every mode
+    # The value head is new: it trains in every mode (in jhydra it is the critic's whole group; the shared adapter
+    # is in the actor's, at actor_lr, trained by both losses).
+    c += list(critic.model.value_head.parameters())
     for p in a + c:
         p.requires_grad_(True)
     actor_lr, critic_lr = learning_rates(cfg)
@@ -599,7 +595,7 @@ def generate(role, prompt_ids, prompt_mask, tok, cfg, greedy=False, min_new_toke
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One PPO iteration: ppo_step, at the end of this section, runs the steps in order, each at most two calls deep:
+# One PPO iteration: ppo_step, at the end of this section, runs the steps in order, each at most three calls deep:
 #   1 sample (generate)  2 score (score_rollout)  3 KL-shaped rewards, 4 GAE (rewards_and_advantages)
 #   5 update (ppo_update -> actor_critic_loss)  6 the KL coefficient (update_kl_coef)
 # Tensors of the rollout: ids, mask (B, P+R) in the token layout above; resp_mask (B, R) 1 on response tokens up to
@@ -658,10 +654,9 @@ def rewards_and_advantages(batch, cfg):
 
 
 def one_pass(cfg, B=None):
-    """The fast path of the paper's setting: 1 PPO epoch and one optimizer step from one forward pass over the whole
-    rollout batch of B rows (minibatch = micro-batch = batch). That forward runs at theta_old, so its own outputs,
-    detached, are the old log-probs (and, where the critic shares the actor's pass, the old values): step 2 skips
-    that pass and steps 3-4 run inside the update. Exact: the ratio is 1 by construction. One decoder pass fewer."""
+    """The fast path of the paper's setting: 1 PPO epoch, one optimizer step, one forward over the whole batch of B
+    rows. That forward runs at theta_old, so its detached outputs are the old log-probs (and values, where the critic
+    shares the pass): step 2 skips that pass, steps 3-4 run inside the update. Exact (the ratio is 1); a pass fewer."""
     B = cfg.batch_size if B is None else B
     return cfg.ppo_epochs == 1 and B <= min(cfg.minibatch_size, cfg.micro_batch_size)
 
@@ -728,9 +723,8 @@ def optimizer_step(opt, params, max_grad_norm):
 
 
 def ppo_update(learner, batch, cfg, run):
-    """Step 5: ppo_epochs over shuffled minibatches, one optimizer step each, its gradients accumulated over
-    micro-batches; per micro-batch one forward per (trunk, adapter) of the actor and the critic (one in jhydra).
-    -> list of stats dicts, one per minibatch, in order."""
+    """Step 5: ppo_epochs over shuffled minibatches, one optimizer step each, gradients accumulated over micro-batches
+    of one forward per (trunk, adapter) of the actor and the critic (one in jhydra). -> a stats dict per minibatch."""
     roles, P = learner.roles, batch["P"]
     for model in models_of(roles):
         model.train()  # dropout is off everywhere; in transformers, train() is what turns checkpointing on
@@ -752,7 +746,8 @@ def ppo_update(learner, batch, cfg, run):
                                 logprobs = logprobs.float()  # (b, R)
                             if "critic" in names:
                                 vpred = role.model.values(h, P)  # (b, R)
-                            if "advantages" not in batch:  # the one_pass fast path: this forward ran at theta_old
+                            if "advantages" not in batch:  # the one_pass fast path (ppo_step left steps 3-4 to
+                                # this, the update's first forward, which ran at theta_old)
                                 old_from_this_pass(batch, idx, logprobs, vpred)
                                 s.update(rewards_and_advantages(batch, cfg))  # steps 3-4, now that they can run
                             loss, losses = actor_critic_loss(logprobs, entropy, vpred, batch, idx, cfg)
@@ -766,9 +761,8 @@ def ppo_update(learner, batch, cfg, run):
 
 
 def ppo_step(learner, tok, p_ids, p_mask, cfg, run, min_new_tokens=0):
-    """One PPO iteration on a batch of left-padded prompts (B, P): the steps, in order. -> batch (the rollout's
-    tensors), stats (the update's averaged over its minibatches and the ranks, and the time of each phase). With
-    learner.opt None it stops after step 4 (rollout_batch)."""
+    """One PPO iteration on left-padded prompts (B, P), its steps in order. -> batch (the rollout's tensors), stats
+    (averaged over minibatches and ranks; the time of each phase). With learner.opt None: steps 1-4 (rollout_batch)."""
     roles, clock = learner.roles, Clock(p_ids.device)
     for model in models_of(roles):
         model.eval()
@@ -777,18 +771,18 @@ def ppo_step(learner, tok, p_ids, p_mask, cfg, run, min_new_tokens=0):
         ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg, min_new_tokens=min_new_tokens)
     P = p_ids.shape[1]
     stats = dict(time_generate=clock())
-    # 2. Score. The reference policy and the reward model are LORA_OFF in every mode: the trunk with LoRA off (one
-    #    pass for both heads in hydra and jhydra, two in dlora; lora and full hold frozen copies).
-    frozen = score_rollout(roles, ("ref", "rm"), ids, mask, P, cfg, run)
+    # 2. Score. The reference policy and the reward model: their adapter is LORA_OFF in every mode (one pass for
+    #    both heads in hydra and jhydra, two in dlora; lora and full hold frozen copies without LoRA).
+    with_lora_off = score_rollout(roles, ("ref", "rm"), ids, mask, P, cfg, run)
     #    The old log-probs (actor) and values (critic), each with its adapter on. On the one_pass fast path the
     #    update's first forward gives the actor's pass (in jhydra also the critic's), so it is not run here.
-    fast = one_pass(cfg, ids.shape[0])
-    later = passes(roles, ("actor", "critic"))[0][1] if fast else []
-    trained = score_rollout(roles, [n for n in ("actor", "critic") if n not in later], ids, mask, P, cfg, run)
+    fast = learner.opt is not None and one_pass(cfg, ids.shape[0])
+    in_update = passes(roles, ("actor", "critic"))[0][1] if fast else []
+    adapters_on = score_rollout(roles, [n for n in ("actor", "critic") if n not in in_update], ids, mask, P, cfg, run)
     batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=learner.beta,
                  resp_mask=mask[:, P:].float(),  # (B, R) 1 on response tokens up to EOS
-                 ref_logprobs=frozen["ref"], score=frozen["rm"], logprobs=trained.get("actor"),
-                 values=trained.get("critic"))
+                 ref_logprobs=with_lora_off["ref"], score=with_lora_off["rm"], logprobs=adapters_on.get("actor"),
+                 values=adapters_on.get("critic"))
     stats["time_score"] = clock()
     # 3. KL-shaped rewards, 4. GAE advantages (one_pass fast path: inside step 5, after its first forward).
     if not fast:
@@ -796,7 +790,7 @@ def ppo_step(learner, tok, p_ids, p_mask, cfg, run, min_new_tokens=0):
     if learner.opt is None:  # rollout_batch: steps 1-4 only
         return batch, stats
     # 5. Update: ppo_epochs over minibatches, clipped policy and value losses.
-    clock()  # (steps 3-4 are not timed)
+    clock()  # (steps 3-4 are timed here only on the fast path, inside the update)
     mb_stats = ppo_update(learner, batch, cfg, run)
     stats["time_update"] = clock()
     stats = mean_over_ranks({**stats, **{k: sum(s[k] for s in mb_stats if k in s) / len(mb_stats)
@@ -1280,10 +1274,9 @@ def lock_holder(st):
 
 
 def own_folder(path, flag="--out"):
-    """An exclusive lock on the folder until the command ends (release_folders) or the process dies, so that two
-    runs never write into one folder: flock on the folder itself (no lock file to leave behind; the kernel drops it
-    when the process dies, kill -9 included, so a killed run never blocks the next). Taking it again in the same
-    process does nothing."""
+    """An exclusive lock on the folder until the command ends (release_folders), so that two runs never write into
+    one folder: flock on the folder itself (no lock file to leave behind; the kernel drops it when the process dies,
+    kill -9 included). Taking it again in the same process does nothing."""
     st = os.stat(path)
     if (st.st_dev, st.st_ino) in OWNED or fcntl is None:  # Windows: no flock; runs there are not guarded
         return
@@ -1299,8 +1292,8 @@ def own_folder(path, flag="--out"):
 
 
 def release_folders():
-    """Drop every folder lock this process holds: at the end of a command (main), so that a long-lived process
-    (a notebook, the tests) does not keep a finished or refused run's folder locked."""
+    """Drop every folder lock this process holds, at the end of a command (main): a long-lived process (a notebook,
+    the tests) must not keep a finished run's folder locked."""
     for fd in OWNED.values():
         os.close(fd)
     OWNED.clear()
@@ -1309,8 +1302,7 @@ def release_folders():
 def claim_out(path, overwrite, stale=()):
     """Checks an output folder before any work; creates nothing. It must be a folder we can write, and hold no
     other run's files unless --overwrite, which first deletes `stale` (files that would pass two runs off as one).
-    A folder that exists is locked first (own_folder), so that no other run can start in it between this check and
-    the end of this run; a run that creates its folder later calls claim_out again, right after creating it."""
+    A folder that exists is locked first (own_folder); a run that creates its folder later calls make_out."""
     check(path, "--out is empty: name an output folder")
     if os.path.islink(path) and not os.path.exists(path):
         raise UserError(f"--out {path}: a broken symbolic link (to {os.readlink(path)}); remove it or name a folder")
@@ -1566,8 +1558,7 @@ def save_sft_checkpoint(cfg, run, model, tok, meta, step):
 
 
 def finish_sft(cfg, run, model, tok, meta, held_out, summary):
-    """Merge LoRA (if any), save the checkpoint, evaluate exactly what is saved, write summary.json (`summary`: what
-    the loop knows). -> summary."""
+    """Merge LoRA (if any), save, evaluate exactly what is saved, write summary.json (from what the loop knows)."""
     if cfg.lora_r:  # the checkpoint is a plain transformers model again (rounded to the trunk's dtype: bf16 on CUDA)
         merge_lora(model.lm, "default")
     save_sft_checkpoint(cfg, run, model, tok, meta, summary["steps"])  # before evaluating: a failure there loses
@@ -1610,7 +1601,6 @@ def sft(cfg: SFTConfig):
     # The prompt format goes with the checkpoint: ppo refuses to use it with another one.
     meta = dict(task=cfg.task, base_model=cfg.model, chat_template=cfg.chat_template, max_prompt_len=cfg.max_prompt_len,
                 max_response_len=cfg.max_response_len)
-
     rng, order, step, saved, t0 = random.Random(cfg.seed), [], 0, 0, time.time()
 
     def draw():  # this rank's pairs of the next micro-batch, from an endless shuffled stream
@@ -1744,7 +1734,7 @@ def check_ppo_config(cfg):
     """What validate() cannot see from the flags alone: the checkpoints and whether they fit the mode."""
     validate(cfg)  # ranges and divisibility, declared beside each field
     sft_task = checkpoint_task(cfg.sft, "--sft", cfg.chat_template)
-    if all(trunk == "sft" for trunk, _ in mode_table(cfg.mode).values()):  # one model: Hydra-SFT's reward head
+    if all(MODES[cfg.mode][r][0] == "sft" for r in ROLES):  # one model: Hydra-SFT's reward head
         check(sft_task == "hydra", f"--mode {cfg.mode} needs a Hydra-SFT checkpoint (sft --task hydra); "
                                    f"--sft {cfg.sft} was trained with --task {sft_task}")
         check(not cfg.rm, f"--mode {cfg.mode} uses the Hydra-SFT model's own reward head; drop --rm")
@@ -1882,7 +1872,7 @@ def save_policy(cfg, roles, tok):
 
 def rollout_batch(roles, tok, p_ids, p_mask, cfg, run):
     """Steps 1-4 of ppo_step without its update (tests look at a rollout before they update on it), at beta
-    cfg.kl_coef. -> batch, stats. On the one_pass fast path steps 3-4 wait for ppo_update's first forward."""
+    cfg.kl_coef. -> batch, stats."""
     return ppo_step(Learner(roles, None, [], None, cfg.kl_coef), tok, p_ids, p_mask, cfg, run)
 
 
@@ -2023,7 +2013,7 @@ class ExportConfig:
 def load_policy(run_dir, device, dtype):
     """-> (actor Role, tokenizer, PPOConfig of the run) from a PPO output folder."""
     cfg = load_run_config(run_dir, "--run")
-    adapter = mode_table(cfg.mode)["actor"][1]
+    adapter = MODES[cfg.mode]["actor"][1]
     if adapter is LORA_OFF:  # full: the whole actor was saved
         model, tok, _ = load_checkpoint(os.path.join(run_dir, "actor"), device, dtype, dropout=False)
         return Role(model, LORA_OFF, "lm"), tok, cfg
@@ -2089,7 +2079,8 @@ def export(cfg: ExportConfig):
             peft_type="LORA", task_type="CAUSAL_LM", r=ppo_cfg.lora_r, lora_alpha=ppo_cfg.lora_alpha, lora_dropout=0.0,
             target_modules=sorted(layers), bias="none", inference_mode=True, use_rslora=False,
             fan_in_fan_out=any(m.fan_in_fan_out for m in layers.values()),  # GPT-2's Conv1D: weights (in, out)
-            use_dora=False, init_lora_weights=True, modules_to_save=None, base_model_name_or_path=os.path.abspath(ppo_cfg.sft)))
+            use_dora=False, init_lora_weights=True, modules_to_save=None,
+            base_model_name_or_path=os.path.abspath(ppo_cfg.sft)))
     print(f"exported the policy of {cfg.run} ({cfg.format}) to {out}")
     return out
 

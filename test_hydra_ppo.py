@@ -2207,7 +2207,7 @@ def test_bench_keeps_an_existing_json_file_unless_overwrite(tmp_path, capsys, mo
     ("--batch 0", "--batch 0: must be >= 1"),
     ("--steps 0", "--steps 0: must be >= 1"),
     ("--device foo", "--device foo: not a device"),
-    pytest.param("--device cuda", "--device cuda: no such CUDA device here", marks=NO_CUDA),
+    pytest.param("--device cuda", "--device cuda: CUDA is not available here", marks=NO_CUDA),
     ("--json {tmp}/no/such/folder/b.json", "--json {tmp}/no/such/folder/b.json: cannot write there"),
     ("--json {tmp}", "--json {tmp}: cannot write there"),
     ("--configs hydra,nope", "--configs hydra,nope: choose from"),
