@@ -2153,13 +2153,14 @@ def model_size(n):
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
-def pipeline_settings(cfg):
+def pipeline_settings(cfg, only=None):
     """-> cfg with every 0 ("auto") field filled in from the row of PIPELINE_SETTINGS for this model's size, and one
-    printed line that names the row and says what it uses. Flags set on the command line always win."""
+    printed line that names the row and says what it uses. Flags set on the command line always win. only: the
+    row's fields to use (compare.py leaves the PPO learning rates to each mode's own default)."""
     tiny = cfg.model in ("tiny", "tiny-opt")
     n = 0 if tiny else count_parameters(cfg.model)
     row = "tiny" if tiny else "billion" if n >= 1e9 else "real"
-    table = PIPELINE_SETTINGS[row]
+    table = {k: v for k, v in PIPELINE_SETTINGS[row].items() if only is None or k in only}
     chosen = {k: getattr(cfg, k) or v for k, v in table.items()}
     given = [k for k in table if getattr(cfg, k)]
     if int(os.environ.get("RANK", "0")) == 0:  # data parallel: rank 0 prints

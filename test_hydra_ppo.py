@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import compare
 import hydra_ppo as hp
 from lora import (LoRALinear, add_lora, describe_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
                   lora_state_dict, merge_lora, use_adapter)
@@ -1353,6 +1354,54 @@ def test_billion_parameter_models_get_the_papers_settings(tmp_path, capsys):
     line = capsys.readouterr().out
     assert line.startswith("settings for a 1.1B model, PIPELINE_SETTINGS['billion']: --max-prompt-len 400,")
     assert "--sft-steps 0 (one epoch)," in line and line.rstrip().endswith("(given: sft_lr)")
+
+
+# ---- the comparison (compare.py) -------------------------------------------------------------------------------------
+# Every configuration runs from the same SFT stages under one budget, holds Table 2's models, and gets a finite row.
+
+def test_compare_runs_every_configuration_under_one_budget(tmp_path, monkeypatch, capsys):
+    held, build = {}, hp.build_roles
+
+    def recording(cfg, load):  # per run: (distinct trunks, LoRA sets on them, --rm)
+        roles = build(cfg, load)
+        trunks = hp.models_of(roles)
+        sets = sum(len(next((m.lora_A for m in t.modules() if isinstance(m, LoRALinear)), {})) for t in trunks)
+        held[os.path.basename(cfg.out)] = (len(trunks), sets, cfg.rm)
+        return roles
+    monkeypatch.setattr(hp, "build_roles", recording)
+    out = tmp_path / "cmp"
+    assert compare.main(["--out", str(out), "--device", "cpu", "--seed", "2", "--eval-frac", "0.02", "--sft-steps",
+                         "10", "--sft-batch-size", "8", "--ppo-steps", "2", "--batch-size", "4", "--minibatch-size",
+                         "4", "--micro-batch-size", "4", "--max-response-len", "8", "--eval-prompts", "4",
+                         "--eval-samples", "2"]) == 0
+    printed = capsys.readouterr().out
+    # Table 2: (static models, LoRA sets); the ablation is LoRA-PPO with Hydra-SFT as its reward model.
+    assert {k: v[:2] for k, v in held.items()} == {"ppo-hydra": (1, 2), "ppo-jhydra": (1, 1), "ppo-dlora": (2, 2),
+                                                    "ppo-lora": (4, 2), "ppo-lora-hydra-rm": (4, 2), "ppo-full": (4, 0)}
+    assert held["ppo-lora-hydra-rm"][2] == str(out / "hydra-sft") and held["ppo-lora"][2] == str(out / "rm")
+    result = json.loads((out / "compare.json").read_text())
+    assert [r["name"] for r in result["rows"]] == [row[1] for row in compare.ROWS]
+    for name in (row[1] for row in compare.ROWS):
+        assert sum(line.startswith(f"| {name} |") for line in printed.splitlines()) == 1, name
+    for r in result["rows"]:
+        for k in ("win_rate", "vs_sft", "kl", "length", "s_per_step"):
+            assert math.isfinite(r[k]), (r["name"], k)
+        for k in ("win_rate", "vs_sft"):
+            assert r[k + "_ci"][0] <= r[k] <= r[k + "_ci"][1]
+    assert all(0 <= a <= 1 for a in result["rm_accuracy"].values()) and result["judge"] == "gold"
+    # One budget: the runs differ only in mode and checkpoints; 0 learning rates: each mode's own default (MODES).
+    configs = [json.loads((out / f"ppo-{row[0]}" / "run.json").read_text()) for row in compare.ROWS]
+    rest = [{k: v for k, v in c.items() if k not in ("mode", "sft", "rm", "out")} for c in configs]
+    assert all(r == rest[0] for r in rest) and rest[0]["actor_lr"] == rest[0]["critic_lr"] == 0
+    sfts = [json.loads((out / f / "summary.json").read_text())["config"] for f in compare.SFT_TASKS]
+    assert len({(c["steps"], c["lr"], c["batch_size"], c["seed"]) for c in sfts}) == 1
+
+
+def test_compare_bad_input_is_one_error_line(tmp_path, capsys):
+    for argv in (["--bogus"], ["--ppo-steps", "0"], ["--minibatch-size", "3"], ["--actor-lr", "2"]):
+        assert compare.main([*argv, "--out", str(tmp_path / "x")]) == 2, argv
+        one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
 
 
 # ---- model families --------------------------------------------------------------------------------------------------

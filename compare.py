@@ -1,0 +1,178 @@
+"""The paper's five PPO configurations side by side, under one budget, plus the ablation of its open question 1.
+
+    python compare.py --model M --data D --out DIR --seed S [--ppo-steps N ...]
+
+From one data split and seed: Hydra-SFT, and separately SFT and a reward model (same steps and learning rate); then
+PPO in each configuration of Table 2 with the same prompts, steps, batch, learning-rate rule (hydra_ppo.MODES), LoRA
+rank, seed and evaluation prompts; and LoRA-PPO once more with Hydra-SFT's reward head as its reward model (the
+paper's open question 1: is it the better reward model or the shared model?). Every policy is judged against its own
+SFT policy and against one common baseline, the plain SFT model. Prints a markdown table, writes DIR/compare.json.
+"""
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+import hydra_ppo as hp
+from hydra_ppo import EVAL_SAMPLES_WHY, LR_WHY, MAX_SAMPLES, arg
+
+# One row per configuration: key (its folder DIR/ppo-KEY), name, --mode, the --sft and --rm it starts from (DIR/hydra-sft,
+# DIR/sft, DIR/rm), and the paper's average GPT-4 win-rate in % on Llama-7b (PAPER.md; None: not published).
+ROWS = [("hydra", "Hydra-PPO", "hydra", "hydra-sft", "", 55.52),
+        ("jhydra", "J-Hydra-PPO", "jhydra", "hydra-sft", "", 46.50),
+        ("dlora", "LoRA-PPO, dynamic LoRA", "dlora", "sft", "rm", None),
+        ("lora", "LoRA-PPO", "lora", "sft", "rm", 50.68),
+        ("lora-hydra-rm", "LoRA-PPO + Hydra-SFT's RM", "lora", "sft", "hydra-sft", None),
+        ("full", "PPO (full fine-tuning)", "full", "sft", "rm", None)]
+PAPER_BASELINES = "SFT 48.55, Hydra-SFT 48.50"
+SFT_TASKS = {"hydra-sft": "hydra", "sft": "sft", "rm": "rm"}  # folder -> sft --task
+AUTO = ("max_prompt_len", "max_response_len", "sft_steps", "sft_lr", "lora_r", "lora_alpha", "eval_samples")
+
+
+@dataclass
+class CompareConfig(hp.Common):
+    """All five PPO configurations of the paper (Table 2) and the open question 1 ablation, under one budget. Flags
+    whose default is 0 ("auto") take their value from hydra_ppo.PIPELINE_SETTINGS by model size, except the PPO
+    learning rates: 0 there is each mode's own default (hydra_ppo.MODES), the paper's rule."""
+    model: str = arg("tiny", "as in `sft --model`: hub name, local folder, or tiny / tiny-opt")
+    out: str = arg("out/compare", "output folder: DIR/hydra-sft, DIR/sft, DIR/rm, DIR/ppo-MODE, compare.json")
+    max_prompt_len: int = arg(0, "prompt tokens kept (truncated from the left) (0: auto)", ge=0)
+    max_response_len: int = arg(0, "response tokens kept (SFT) / generated (PPO), EOS included (0: auto)", ge=0)
+    sft_steps: int = arg(0, "optimizer steps of each SFT stage (Hydra-SFT, SFT, RM) (0: auto)", ge=0)
+    sft_batch_size: int = arg(32, "preference pairs per SFT step", ge=1)
+    sft_lr: float = arg(0.0, "learning rate of each SFT stage (0: auto)", ge=0, le=1, why=LR_WHY)
+    ppo_steps: int = arg(60, "PPO iterations of every configuration", ge=1)
+    batch_size: int = arg(32, "PPO prompts per rollout", ge=1)
+    minibatch_size: int = arg(16, "PPO rollouts per optimizer step", ge=1, divides="batch_size")
+    micro_batch_size: int = arg(16, "rollouts (and SFT pairs) per forward pass", ge=1, divides="minibatch_size")
+    lora_r: int = arg(0, "LoRA rank of the PPO adapters (0: auto)", ge=0)
+    lora_alpha: float = arg(0.0, "LoRA alpha (0: auto)", ge=0)
+    actor_lr: float = arg(0.0, "PPO actor learning rate for every mode (0: each mode's default, MODES)", ge=0, le=1,
+                          why=LR_WHY)
+    critic_lr: float = arg(0.0, "PPO critic learning rate for every mode (0: each mode's default, MODES)", ge=0, le=1,
+                           why=LR_WHY)
+    kl_coef: float = arg(0.02, "beta of the KL penalty (paper: 0.02)", ge=0)
+    eval_prompts: int = arg(128, "held-out prompts of every evaluation", ge=1)
+    eval_samples: int = arg(0, "responses per held-out prompt from each policy (0: auto)", ge=0, le=MAX_SAMPLES,
+                            why=EVAL_SAMPLES_WHY)
+    judge: str = arg("auto", "gold (the review task's rule) or rm (the separate reward model); auto: gold on "
+                             "data/demo.jsonl only", choices=("auto", "gold", "rm"))
+
+
+def stage_configs(cfg):
+    """-> ({folder: SFTConfig}, {row key: PPOConfig}): everything but the task, the mode and the checkpoints shared."""
+    common = {f.name: getattr(cfg, f.name) for f in fields(hp.Common)}
+    path = lambda folder: os.path.join(cfg.out, folder)
+    sfts = {folder: hp.SFTConfig(**{**common, "out": path(folder)}, model=cfg.model, task=task, steps=cfg.sft_steps,
+                                 batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
+                                 micro_batch_size=min(cfg.sft_batch_size, cfg.micro_batch_size))
+            for folder, task in SFT_TASKS.items()}
+    ppos = {key: hp.PPOConfig(**{**common, "out": path("ppo-" + key)}, mode=mode, sft=path(sft),
+                              rm=path(rm) if rm else "", steps=cfg.ppo_steps, batch_size=cfg.batch_size,
+                              minibatch_size=cfg.minibatch_size, micro_batch_size=cfg.micro_batch_size,
+                              lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, actor_lr=cfg.actor_lr,
+                              critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef, eval_prompts=cfg.eval_prompts,
+                              eval_samples=cfg.eval_samples)
+            for key, _, mode, sft, rm, _ in ROWS}
+    return sfts, ppos
+
+
+def seconds_per_step(run_dir):
+    """Mean time of one PPO step (generate + score + update) from the run's metrics.jsonl; evaluation left out."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        lines = [json.loads(line) for line in fh]
+    return sum(r["time_generate"] + r["time_score"] + r["time_update"] for r in lines) / len(lines)
+
+
+def against_baseline(c, prompts, baseline, rm, judge, run, seed):
+    """The policy of run c against the plain SFT model on the same held-out prompts, k x k per prompt, by the
+    judge or else the separate reward model: evaluate_ppo with the baseline as the reference. The baseline is
+    resampled for each row (evaluate_ppo samples both sides); the interval over prompts covers that noise."""
+    actor, tok, _ = hp.load_policy(c.out, run.device, run.dtype)
+    roles = dict(actor=actor, ref=hp.Role(baseline, hp.LORA_OFF, "lm"), rm=hp.Role(rm, hp.LORA_OFF, "reward"))
+    torch.manual_seed(seed)
+    return hp.evaluate_ppo(roles, tok, prompts, c, run, judge)[0]
+
+
+def table(result):
+    """The markdown table: one row per configuration."""
+    ci = lambda r, k: f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}]"
+    dash = lambda x, f: "–" if x is None else format(x, f)
+    lines = ["| configuration | win-rate vs own SFT [95%] | win-rate vs SFT [95%] | KL | length | s / step | "
+             "peak GPU GB | paper: GPT-4 win-rate % |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {ci(r, 'win_rate')} | {ci(r, 'vs_sft')} | {r['kl']:.2f} | {r['length']:.1f} | "
+              f"{r['s_per_step']:.2f} | {dash(r['peak_gb'], '.1f')} | {dash(r['paper'], '.2f')} |"
+              for r in result["rows"]]
+    return "\n".join(lines)
+
+
+def compare(cfg: CompareConfig):
+    """The three SFT stages, the six PPO runs, the evaluation against the common baseline, the table."""
+    hp.validate(cfg)
+    cfg = hp.pipeline_settings(cfg, only=AUTO)
+    sfts, ppos = stage_configs(cfg)
+    for c in (*sfts.values(), *ppos.values()):  # every stage's flags before the first one runs
+        hp.validate(c)
+    hp.claim_out(cfg.out, cfg.overwrite, stale=("compare.json",))
+    judge = hp.pick_judge(cfg)  # None: the separate reward model judges
+    run = hp.setup_device(cfg.device, cfg.precision)
+    cuda = run.device.type == "cuda"
+    sft = {}
+    for folder, c in sfts.items():
+        print(f"\n== SFT --task {c.task}: {c.out}")
+        sft[folder] = hp.sft(c)
+    ppo = {}
+    for key, name, *_ in ROWS:
+        c = ppos[key]
+        print(f"\n== {name}: --mode {c.mode} --sft {c.sft}" + (f" --rm {c.rm}" if c.rm else ""))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(run.device)
+        ppo[key] = hp.ppo(c, judge=judge)
+        # CPU: no per-run peak in one process (max RSS only grows); bench.py measures memory per configuration.
+        ppo[key]["peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None
+    print("\n== every policy against the plain SFT model (the common baseline)")
+    baseline = hp.load_checkpoint(sfts["sft"].out, run.device, run.dtype, dropout=False)[0]
+    rm = hp.load_checkpoint(sfts["rm"].out, run.device, run.dtype, dropout=False)[0]
+    held_out = hp.split_pairs(hp.load_pairs(cfg.data), cfg.eval_frac, cfg.seed)[1]
+    prompts = [p["prompt"] for p in held_out][:cfg.eval_prompts]  # the prompts every `ppo` evaluated on
+    rows = []
+    for key, name, mode, *_, paper in ROWS:
+        s, c = ppo[key], ppos[key]
+        base = against_baseline(c, prompts, baseline, rm, judge, run, cfg.seed)
+        rows.append(dict(key=key, name=name, mode=mode, sft=c.sft, rm=c.rm, win_rate=s["win_rate"],
+                         win_rate_ci=s["win_rate_ci"], vs_sft=base["win_rate"], vs_sft_ci=base["win_rate_ci"],
+                         kl=s["policy_kl"], length=s["policy_len"], s_per_step=seconds_per_step(c.out),
+                         peak_gb=s["peak_gb"], paper=paper))
+    result = dict(judge="gold" if judge else "reward_model", eval_prompts=len(prompts), eval_samples=cfg.eval_samples,
+                  rm_accuracy=dict(hydra_sft=sft["hydra-sft"]["held_out_rm_acc"], rm=sft["rm"]["held_out_rm_acc"]),
+                  rows=rows, paper_baselines=PAPER_BASELINES, config=asdict(cfg))
+    hp.write_json(os.path.join(cfg.out, "compare.json"), result)
+    acc = result["rm_accuracy"]
+    print(f"\nheld-out reward-model accuracy ({sft['rm']['held_out_pairs']} pairs): Hydra-SFT's reward head "
+          f"{acc['hydra_sft']:.3f}, the separate RM {acc['rm']:.3f}\n\n{table(result)}\n")
+    print(f"{len(prompts)} held-out prompts x {cfg.eval_samples} responses, bootstrap intervals over prompts; judge: "
+          + ("the gold rule" if judge else "each run's own RM (vs own SFT), the separate RM (vs SFT)") + f". The "
+          f"paper's column: Llama-7b judged by GPT-4, a different judge and model ({PAPER_BASELINES}). In {cfg.out}/")
+    return result
+
+
+def main(argv=None):
+    """`python compare.py [--flags]`: a bad flag or input is one error line and exit 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        compare(hp.parse_config(CompareConfig, argv, prog="compare.py"))
+    except hp.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (compare.py)", file=sys.stderr)
+        return 2
+    finally:
+        hp.release_folders()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
