@@ -1369,6 +1369,9 @@ def test_compare_runs_every_configuration_under_one_budget(tmp_path, monkeypatch
         held[os.path.basename(cfg.out)] = (len(trunks), sets, cfg.rm)
         return roles
     monkeypatch.setattr(hp, "build_roles", recording)
+    refs, evaluate = [], hp.evaluate_ppo  # the reference of every evaluation: each run's own, then the baseline's
+    monkeypatch.setattr(hp, "evaluate_ppo",
+                        lambda roles, *a, **kw: refs.append(roles["ref"]) or evaluate(roles, *a, **kw))
     out = tmp_path / "cmp"
     assert compare.main(["--out", str(out), "--device", "cpu", "--seed", "2", "--eval-frac", "0.02", "--sft-steps",
                          "10", "--sft-batch-size", "8", "--ppo-steps", "2", "--batch-size", "4", "--minibatch-size",
@@ -1379,6 +1382,11 @@ def test_compare_runs_every_configuration_under_one_budget(tmp_path, monkeypatch
     assert {k: v[:2] for k, v in held.items()} == {"ppo-hydra": (1, 2), "ppo-jhydra": (1, 1), "ppo-dlora": (2, 2),
                                                     "ppo-lora": (4, 2), "ppo-lora-hydra-rm": (4, 2), "ppo-full": (4, 0)}
     assert held["ppo-lora-hydra-rm"][2] == str(out / "hydra-sft") and held["ppo-lora"][2] == str(out / "rm")
+    baseline = refs[len(compare.ROWS):]  # one common baseline for every row: the plain SFT model, LoRA off
+    assert len(baseline) == len(compare.ROWS) and all(r.model is baseline[0].model for r in baseline)
+    sft = hp.load_checkpoint(str(out / "sft"), CPU, torch.float32)[0].state_dict()
+    assert baseline[0].adapter is hp.LORA_OFF
+    assert all(torch.equal(v, sft[k]) for k, v in baseline[0].model.state_dict().items())
     result = json.loads((out / "compare.json").read_text())
     assert [r["name"] for r in result["rows"]] == [row[1] for row in compare.ROWS]
     for name in (row[1] for row in compare.ROWS):
