@@ -563,9 +563,9 @@ def generate(role, prompt_ids, prompt_mask, tok, cfg, greedy=False, min_new_toke
     Responses are cut after their first EOS (kept: the policy learns to stop) and right-padded."""
     from transformers import GenerationConfig
     # Every field that shapes the distribution is set, so that the samples come from pi: a checkpoint's
-    # generation_config.json (e.g. a repetition_penalty) would fill in any field left unset. No two fields
-    # contradict each other (transformers warns on every call if they do): the minimum length is given once, as
-    # min_length (columns, prompt included), and greedy decoding gets no sampling fields.
+    # generation_config.json (e.g. a repetition_penalty) would fill in any field left unset, or even one set to its
+    # global default, so the model's own is blank while sampling. No two fields contradict each other (transformers
+    # warns on every call if they do): min_length (columns, prompt included) only, no sampling fields when greedy.
     P = prompt_ids.shape[1]
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=None, typical_p=1.0,
                     epsilon_cutoff=0.0, eta_cutoff=0.0)
@@ -575,8 +575,6 @@ def generate(role, prompt_ids, prompt_mask, tok, cfg, greedy=False, min_new_toke
                            forced_eos_token_id=None, min_length=P + min_new_tokens, max_new_tokens=cfg.max_response_len,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     lm = role.model.lm
-    # A field set to its global default (repetition_penalty=1.0) can still be replaced by the model's own value, so
-    # the model's generation_config is a blank one while sampling.
     own, lm.generation_config = lm.generation_config, GenerationConfig()
     try:
         fold = cfg.fold_lora and role.adapter is not LORA_OFF
@@ -2154,9 +2152,8 @@ def model_size(n):
 
 
 def pipeline_settings(cfg, only=None):
-    """-> cfg with every 0 ("auto") field filled in from the row of PIPELINE_SETTINGS for this model's size, and one
-    printed line that names the row and says what it uses. Flags set on the command line always win. only: the
-    row's fields to use (compare.py leaves the PPO learning rates to each mode's own default)."""
+    """-> cfg with its 0 ("auto") fields (those named in `only`, or all) from PIPELINE_SETTINGS' row for this model's
+    size; one printed line names the row and the values. Flags given always win (compare.py: only=, see there)."""
     tiny = cfg.model in ("tiny", "tiny-opt")
     n = 0 if tiny else count_parameters(cfg.model)
     row = "tiny" if tiny else "billion" if n >= 1e9 else "real"
