@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 import hydra_ppo as hp
-from hydra_ppo import EVAL_SAMPLES_WHY, LR_WHY, MAX_SAMPLES, arg
+from hydra_ppo import LR_WHY, arg
 
 # One row per configuration: key (its folder DIR/ppo-KEY), name, --mode, the --sft and --rm it starts from (DIR/hydra-sft,
 # DIR/sft, DIR/rm), and the paper's average GPT-4 win-rate in % on Llama-7b (PAPER.md; None: not published).
@@ -32,33 +32,15 @@ AUTO = ("max_prompt_len", "max_response_len", "sft_steps", "sft_lr", "lora_r", "
 
 
 @dataclass
-class CompareConfig(hp.Common):
+class CompareConfig(hp.Budget):
     """All five PPO configurations of the paper (Table 2) and the open question 1 ablation, under one budget. Flags
     whose default is 0 ("auto") take their value from hydra_ppo.PIPELINE_SETTINGS by model size, except the PPO
     learning rates: 0 there is each mode's own default (hydra_ppo.MODES), the paper's rule."""
-    model: str = arg("tiny", "as in `sft --model`: hub name, local folder, or tiny / tiny-opt")
     out: str = arg("out/compare", "output folder: DIR/hydra-sft, DIR/sft, DIR/rm, DIR/ppo-MODE, compare.json")
-    max_prompt_len: int = arg(0, "prompt tokens kept (truncated from the left) (0: auto)", ge=0)
-    max_response_len: int = arg(0, "response tokens kept (SFT) / generated (PPO), EOS included (0: auto)", ge=0)
-    sft_steps: int = arg(0, "optimizer steps of each SFT stage (Hydra-SFT, SFT, RM) (0: auto)", ge=0)
-    sft_batch_size: int = arg(32, "preference pairs per SFT step", ge=1)
-    sft_lr: float = arg(0.0, "learning rate of each SFT stage (0: auto)", ge=0, le=1, why=LR_WHY)
-    ppo_steps: int = arg(60, "PPO iterations of every configuration", ge=1)
-    batch_size: int = arg(32, "PPO prompts per rollout", ge=1)
-    minibatch_size: int = arg(16, "PPO rollouts per optimizer step", ge=1, divides="batch_size")
-    micro_batch_size: int = arg(16, "rollouts (and SFT pairs) per forward pass", ge=1, divides="minibatch_size")
-    lora_r: int = arg(0, "LoRA rank of the PPO adapters (0: auto)", ge=0)
-    lora_alpha: float = arg(0.0, "LoRA alpha (0: auto)", ge=0)
     actor_lr: float = arg(0.0, "PPO actor learning rate for every mode (0: each mode's default, MODES)", ge=0, le=1,
                           why=LR_WHY)
     critic_lr: float = arg(0.0, "PPO critic learning rate for every mode (0: each mode's default, MODES)", ge=0, le=1,
                            why=LR_WHY)
-    kl_coef: float = arg(0.02, "beta of the KL penalty (paper: 0.02)", ge=0)
-    eval_prompts: int = arg(128, "held-out prompts of every evaluation", ge=1)
-    eval_samples: int = arg(0, "responses per held-out prompt from each policy (0: auto)", ge=0, le=MAX_SAMPLES,
-                            why=EVAL_SAMPLES_WHY)
-    judge: str = arg("auto", "gold (the review task's rule) or rm (the separate reward model); auto: gold on "
-                             "data/demo.jsonl only", choices=("auto", "gold", "rm"))
 
 
 def stage_configs(cfg):

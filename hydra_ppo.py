@@ -1120,13 +1120,17 @@ def split_pairs(pairs, eval_frac, seed):
 
 
 # The built-in task (data/demo.jsonl): short reviews. The "gold" rule stands in for the human labeller (the paper
-# used GPT-4 as judge): gold(review) = #positive words - #negative words. Pairs are two random reviews, the
-# higher-gold one marked chosen. The models never see the rule, only the pairs; SFT on the chosen reviews learns
-# "somewhat positive", so PPO against the learned reward model has room to do better.
+# used GPT-4 as judge); it scores what a person reading the review would: each distinct positive word +1 (at most
+# GOLD_MAX_POSITIVE of them: a longer list stops paying), each distinct negative word -1, and -1 for every repeat of a
+# sentiment word ("great great"), every glued word ("finefine", "verygood") and every non-word ("g00d"). Pairs are
+# two random reviews, the higher-gold one marked chosen. The models never see the rule, only the pairs; SFT on the
+# chosen reviews learns "somewhat positive", so PPO against the learned reward model has room to do better.
 POSITIVE = "good great fine nice lovely superb happy wonderful".split()
 NEGATIVE = "bad awful poor boring ugly terrible sad dull".split()
 NEUTRAL = "the it was is and very quite so a rather".split()
 TOPICS = "film book song meal game hotel phone show album play".split()
+GOLD_MAX_POSITIVE = 4
+GLUED = re.compile("(?:%s){2,}" % "|".join(POSITIVE + NEGATIVE + NEUTRAL))  # two or more task words run together
 
 
 HH_REQUESTS = ["\n\nHuman: Write a short review of the {}.\n\nAssistant:",
@@ -1136,8 +1140,15 @@ HH_REQUESTS = ["\n\nHuman: Write a short review of the {}.\n\nAssistant:",
 
 
 def gold_score(text):
-    words = text.split()
-    return sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words)
+    """The gold rule on one review: words are runs of letters and digits, case ignored ("Great!" is "great")."""
+    seen, penalty = set(), 0
+    for w in re.findall(r"[a-z0-9]+", text.lower()):
+        if w in POSITIVE or w in NEGATIVE:
+            penalty += w in seen
+            seen.add(w)
+        else:
+            penalty += not w.isalpha() or (w not in NEUTRAL and GLUED.fullmatch(w) is not None)
+    return min(len(seen & set(POSITIVE)), GOLD_MAX_POSITIVE) - len(seen & set(NEGATIVE)) - penalty
 
 
 def make_demo_pairs(n, seed=0, hh=False):
@@ -2087,19 +2098,14 @@ def export(cfg: ExportConfig):
 # The whole method in one command: `python hydra_ppo.py` (no arguments) runs it offline on the built-in task.
 
 @dataclass
-class PipelineConfig(Common):
-    """The whole method: Hydra-SFT, then Hydra-PPO, then SFT vs PPO on held-out prompts. With no flags: a tiny model
-    on the built-in review task (data/demo.jsonl), judged by its gold rule. Name --model and --data to run it for
-    real. Flags whose default is 0 ("auto") take their value from the row of PIPELINE_SETTINGS for the model's size
-    (tiny, up to 1B parameters, from 1B); the run prints the row and the values."""
+class Budget(Common):
+    """The flags the pipeline and compare.py share: the model, one SFT and PPO budget, the evaluation and its judge."""
     model: str = arg("tiny", "as in `sft --model`: hub name, local folder, or tiny / tiny-opt")
-    out: str = arg("out/demo", "output folder; the stages write to OUT/sft and OUT/ppo")
-    mode: str = arg("hydra", "PPO configuration that needs only the Hydra-SFT model", choices=("hydra", "jhydra"))
     max_prompt_len: int = arg(0, "prompt tokens kept (truncated from the left) (0: auto)", ge=0)
     max_response_len: int = arg(0, "response tokens kept (SFT) / generated (PPO), EOS included (0: auto)", ge=0)
-    sft_steps: int = arg(0, "Hydra-SFT optimizer steps (0: auto)", ge=0)
-    sft_batch_size: int = arg(32, "Hydra-SFT preference pairs per step", ge=1)
-    sft_lr: float = arg(0.0, "Hydra-SFT learning rate (0: auto)", ge=0, le=1, why=LR_WHY)
+    sft_steps: int = arg(0, "SFT optimizer steps (0: auto)", ge=0)
+    sft_batch_size: int = arg(32, "SFT preference pairs per step", ge=1)
+    sft_lr: float = arg(0.0, "SFT learning rate (0: auto)", ge=0, le=1, why=LR_WHY)
     ppo_steps: int = arg(60, "PPO iterations", ge=1)
     batch_size: int = arg(32, "PPO prompts per rollout", ge=1)
     minibatch_size: int = arg(16, "PPO rollouts per optimizer step", ge=1, divides="batch_size")
@@ -2116,6 +2122,16 @@ class PipelineConfig(Common):
     judge: str = arg("auto", "who judges PPO against SFT: gold (the review task's rule, for data/demo.jsonl and "
                              "data/hh_reviews.jsonl), rm (the reward model); auto: gold on data/demo.jsonl only",
                      choices=("auto", "gold", "rm"))
+
+
+@dataclass
+class PipelineConfig(Budget):
+    """The whole method: Hydra-SFT, then Hydra-PPO, then SFT vs PPO on held-out prompts. With no flags: a tiny model
+    on the built-in review task (data/demo.jsonl), judged by its gold rule. Name --model and --data to run it for
+    real. Flags whose default is 0 ("auto") take their value from the row of PIPELINE_SETTINGS for the model's size
+    (tiny, up to 1B parameters, from 1B); the run prints the row and the values."""
+    out: str = arg("out/demo", "output folder; the stages write to OUT/sft and OUT/ppo")
+    mode: str = arg("hydra", "PPO configuration that needs only the Hydra-SFT model", choices=("hydra", "jhydra"))
 
 
 # The pipeline's "auto" settings (its flags that default to 0), in one table; the row goes by the model's size.

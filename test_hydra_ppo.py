@@ -504,6 +504,21 @@ def test_bundled_demo_data_is_what_the_generator_makes():
     assert all(hp.gold_score(p["chosen"]) > hp.gold_score(p["rejected"]) for p in pairs)
 
 
+def test_the_gold_rule_prefers_varied_praise_to_repeats_glued_and_non_words():
+    g = hp.gold_score
+    varied = "a great film, lovely and happy"
+    assert g(varied) == 3 and g("Great!") == g("great") == 1  # case and punctuation are not words
+    assert g("great great great great") == 1 - 3  # each repeat of a sentiment word costs 1
+    assert g("awful awful") == -2
+    assert g("finefinefine") == g("verygood") == g("g00d") == -1 and g("great greatnice") == 1 - 1  # glued, non-word
+    assert g("the the quite quite a") == 0  # repeated filler is neither praise nor a fault
+    for gamed in ("great great nice nice fine", "finefine greatnice lovelylovely", "good g00d go0d",
+                  "great " * 8, "nice great" * 4):
+        assert g(varied) > g(gamed), gamed
+    many = " ".join(hp.POSITIVE)  # every positive word once: past GOLD_MAX_POSITIVE, length stops paying
+    assert g(many) == g(" ".join(hp.POSITIVE[:hp.GOLD_MAX_POSITIVE])) == hp.GOLD_MAX_POSITIVE
+
+
 def test_bundled_hh_reviews_are_the_review_task_as_hh_transcripts():
     path = os.path.join(HERE, "data", "hh_reviews.jsonl")
     rows = [json.loads(line) for line in open(path)]
