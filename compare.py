@@ -61,11 +61,16 @@ def stage_configs(cfg):
     return sfts, ppos
 
 
-def seconds_per_step(run_dir):
-    """Mean time of one PPO step (generate + score + update) from the run's metrics.jsonl; evaluation left out."""
+def training_stats(run_dir, last=5):
+    """From the run's metrics.jsonl: seconds per PPO step (generate + score + update; evaluation left out), and how
+    stable training was: the largest KL to the reference of any step, and the critic's explained variance and
+    value loss averaged over the last steps (the paper found J-Hydra-PPO unstable)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         lines = [json.loads(line) for line in fh]
-    return sum(r["time_generate"] + r["time_score"] + r["time_update"] for r in lines) / len(lines)
+    mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)
+    return dict(s_per_step=sum(r["time_generate"] + r["time_score"] + r["time_update"] for r in lines) / len(lines),
+                max_kl=max(r["kl"] for r in lines), explained_var=mean("explained_var", lines[-last:]),
+                vf_loss=mean("vf_loss", lines[-last:]))
 
 
 def against_baseline(c, prompts, baseline, rm, judge, run, seed):
@@ -82,11 +87,12 @@ def table(result):
     """The markdown table: one row per configuration."""
     ci = lambda r, k: f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}]"
     dash = lambda x, f: "–" if x is None else format(x, f)
-    lines = ["| configuration | win-rate vs own SFT [95%] | win-rate vs SFT [95%] | KL | length | s / step | "
-             "peak GPU GB | paper: GPT-4 win-rate % |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | win-rate vs own SFT [95%] | win-rate vs SFT [95%] | KL | length | max KL | "
+             "explained var. | value loss | s / step | peak GPU GB | paper: GPT-4 win-rate % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {ci(r, 'win_rate')} | {ci(r, 'vs_sft')} | {r['kl']:.2f} | {r['length']:.1f} | "
-              f"{r['s_per_step']:.2f} | {dash(r['peak_gb'], '.1f')} | {dash(r['paper'], '.2f')} |"
-              for r in result["rows"]]
+              f"{r['max_kl']:.1f} | {r['explained_var']:.2f} | {r['vf_loss']:.3f} | {r['s_per_step']:.2f} | "
+              f"{dash(r['peak_gb'], '.1f')} | {dash(r['paper'], '.2f')} |" for r in result["rows"]]
     return "\n".join(lines)
 
 
@@ -125,8 +131,8 @@ def compare(cfg: CompareConfig):
         base = against_baseline(c, prompts, baseline, rm, judge, run, cfg.seed)
         rows.append(dict(key=key, name=name, mode=mode, sft=c.sft, rm=c.rm, win_rate=s["win_rate"],
                          win_rate_ci=s["win_rate_ci"], vs_sft=base["win_rate"], vs_sft_ci=base["win_rate_ci"],
-                         kl=s["policy_kl"], length=s["policy_len"], s_per_step=seconds_per_step(c.out),
-                         peak_gb=s["peak_gb"], paper=paper))
+                         kl=s["policy_kl"], length=s["policy_len"], **training_stats(c.out), peak_gb=s["peak_gb"],
+                         paper=paper))
     result = dict(judge="gold" if judge else "reward_model", eval_prompts=len(prompts), eval_samples=cfg.eval_samples,
                   rm_accuracy=dict(hydra_sft=sft["hydra-sft"]["held_out_rm_acc"], rm=sft["rm"]["held_out_rm_acc"]),
                   rows=rows, paper_baselines=PAPER_BASELINES, config=asdict(cfg))

@@ -2137,7 +2137,7 @@ class PipelineConfig(Budget):
 # The pipeline's "auto" settings (its flags that default to 0), in one table; the row goes by the model's size.
 # tiny: the demo's in-memory model (the README's demo table). real: a pretrained model under 1B parameters, which
 # needs far smaller steps than a random one, a wider adapter, and room for a sentence (the README's SmolLM2-135M
-# rows use this row). billion: the paper's OPT-1.3b / Llama-7b settings (PAPER.md): 400 + 400 tokens,
+# commands use this row). billion: the paper's OPT-1.3b / Llama-7b settings (PAPER.md): 400 + 400 tokens,
 # LoRA r 128, actor lr 5e-4, critic lr 5e-5; Hydra-SFT full fine-tuning at the paper's reward-model rate 1e-6 (its
 # SFT used 5e-7; one Hydra-SFT rate must also train the new reward head) for one epoch (sft_steps 0: the paper
 # publishes no step count); alpha = r (not published; DeepSpeed-Chat's scaling 1). Several evaluation samples per

@@ -1407,8 +1407,10 @@ def test_compare_runs_every_configuration_under_one_budget(tmp_path, monkeypatch
     for name in (row[1] for row in compare.ROWS):
         assert sum(line.startswith(f"| {name} |") for line in printed.splitlines()) == 1, name
     for r in result["rows"]:
-        for k in ("win_rate", "vs_sft", "kl", "length", "s_per_step"):
+        for k in ("win_rate", "vs_sft", "kl", "length", "s_per_step", "max_kl", "explained_var", "vf_loss"):
             assert math.isfinite(r[k]), (r["name"], k)
+        steps = [json.loads(line) for line in (out / f"ppo-{r['key']}" / "metrics.jsonl").read_text().splitlines()]
+        assert r["max_kl"] == max(m["kl"] for m in steps) and r["vf_loss"] > 0  # the run's own training curve
         for k in ("win_rate", "vs_sft"):
             assert r[k + "_ci"][0] <= r[k] <= r[k + "_ci"][1]
     assert all(0 <= a <= 1 for a in result["rm_accuracy"].values()) and result["judge"] == "gold"
