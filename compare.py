@@ -28,7 +28,8 @@ ROWS = [("hydra", "Hydra-PPO", "hydra", "hydra-sft", "", 55.52),
         ("full", "PPO (full fine-tuning)", "full", "sft", "rm", None)]
 PAPER_BASELINES = "SFT 48.55, Hydra-SFT 48.50"
 SFT_TASKS = {"hydra-sft": "hydra", "sft": "sft", "rm": "rm"}  # folder -> sft --task
-AUTO = ("max_prompt_len", "max_response_len", "sft_steps", "sft_lr", "lora_r", "lora_alpha", "eval_samples")
+AUTO = ("max_prompt_len", "max_response_len", "sft_steps", "sft_lr", "lora_r", "lora_alpha", "kl_coef",
+        "eval_samples")
 
 
 @dataclass

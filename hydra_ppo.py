@@ -2115,7 +2115,7 @@ class Budget(Common):
     lora_alpha: float = arg(0.0, "LoRA alpha (0: auto)", ge=0)
     actor_lr: float = arg(0.0, "PPO actor learning rate (0: auto)", ge=0, le=1, why=LR_WHY)
     critic_lr: float = arg(0.0, "PPO critic learning rate (0: auto)", ge=0, le=1, why=LR_WHY)
-    kl_coef: float = arg(0.02, "beta of the KL penalty (paper: 0.02)", ge=0)
+    kl_coef: float = arg(0.0, "beta of the KL penalty (0: auto; paper: 0.02)", ge=0)
     eval_prompts: int = arg(128, "held-out prompts in the final comparison", ge=1)
     eval_samples: int = arg(0, "responses per held-out prompt from each policy (0: auto)", ge=0, le=MAX_SAMPLES,
                             why=EVAL_SAMPLES_WHY)
@@ -2141,14 +2141,16 @@ class PipelineConfig(Budget):
 # LoRA r 128, actor lr 5e-4, critic lr 5e-5; Hydra-SFT full fine-tuning at the paper's reward-model rate 1e-6 (its
 # SFT used 5e-7; one Hydra-SFT rate must also train the new reward head) for one epoch (sft_steps 0: the paper
 # publishes no step count); alpha = r (not published; DeepSpeed-Chat's scaling 1). Several evaluation samples per
-# prompt narrow the win-rate's interval; at 400 tokens one each keeps the evaluation affordable.
+# prompt narrow the win-rate's interval; at 400 tokens one each keeps the evaluation affordable. beta is the paper's
+# 0.02 except on the tiny model: there, at 0.02, PPO drifts (KL ~9) into long lists of positive words that its reward
+# model overrates and the gold rule does not (seed 0: gold win-rate 0.27); 0.1 keeps it near what the RM has seen.
 PIPELINE_SETTINGS = {
     "tiny": dict(max_prompt_len=64, max_response_len=16, sft_steps=300, sft_lr=1e-3, lora_r=8, lora_alpha=16.0,
-                 actor_lr=3e-3, critic_lr=3e-3, eval_samples=4),
+                 actor_lr=3e-3, critic_lr=3e-3, kl_coef=0.1, eval_samples=4),
     "real": dict(max_prompt_len=64, max_response_len=48, sft_steps=100, sft_lr=2e-5, lora_r=16, lora_alpha=32.0,
-                 actor_lr=1e-4, critic_lr=1e-4, eval_samples=4),
+                 actor_lr=1e-4, critic_lr=1e-4, kl_coef=0.02, eval_samples=4),
     "billion": dict(max_prompt_len=400, max_response_len=400, sft_steps=0, sft_lr=1e-6, lora_r=128, lora_alpha=128.0,
-                    actor_lr=5e-4, critic_lr=5e-5, eval_samples=1),
+                    actor_lr=5e-4, critic_lr=5e-5, kl_coef=0.02, eval_samples=1),
 }
 
 
