@@ -193,7 +193,7 @@ def child(args):
         cfg = ppo_config(args, B)
         learner = hp.setup_ppo(cfg, load)
         models, opt = hp.models_of(learner.roles), learner.opt
-        tok = types.SimpleNamespace(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
+        tok = types.SimpleNamespace(**token_ids(config))
 
         def step():
             batch, stats = hp.ppo_step(learner, tok, p_ids, p_mask, cfg, run, min_new_tokens=R)
@@ -232,6 +232,17 @@ def child(args):
                 phases_gb={k: {c: n / 2**30 for c, n in v[1].items()} for k, v in live.peaks.items()},
                 latency_per_sample_s=step_s / B, **{k.replace("time_", "") + "_per_sample_s": v / B for k, v in med.items()},
                 tokens_per_s=B * (P + R) / step_s, steps_timed=len(times), others_cpu_frac=others)
+
+
+def token_ids(config):
+    """-> {pad_token_id, eos_token_id} for sampling from a random-init model of this config. Many real configs have
+    no pad id (Llama-3, Qwen2.5, Mistral), some a list of EOS ids or none: any id serves, as generation is forced to
+    the full response length; the pad id is the EOS, as hydra_ppo.load_tokenizer makes it."""
+    eos = config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    eos = config.vocab_size - 1 if not isinstance(eos, int) else eos
+    pad = config.pad_token_id if isinstance(config.pad_token_id, int) else eos
+    return dict(pad_token_id=pad, eos_token_id=eos)
 
 
 def ppo_config(args, B):
@@ -426,37 +437,46 @@ def table(rows, args, device_name):
 
 
 def prediction_table(args, config, sizes, configs):
-    """--predict: the memory model alone, no model built. With --budget-gb, each configuration's largest batch."""
+    """--predict: the memory model alone, no model built. With --budget-gb, each configuration's largest batch.
+    -> (markdown, rows)."""
     device = "cuda" if resolved(args)[0] else "cpu"
     lines = [f"**{heading(args, device)}: predicted"
              + (f", largest batch in {args.budget_gb:g} GB" if args.budget_gb else "") + "**", "",
              "| config | batch | predicted peak (GB) | phase | " + " | ".join(CATEGORIES) + " |",
              "|---|---|---|---|" + "---|" * len(CATEGORIES)]
+    rows = []
     for name in configs:
         fits = lambda b: predicted(args, config, sizes, name, b)[0] <= args.budget_gb * 2**30
         batch = largest_batch(fits, args.max_batch) if args.budget_gb else args.batch
         total, phase, parts = predicted(args, config, sizes, name, max(batch, 1))
-        lines.append(f"| {name} | {batch if batch else 'none (batch 1:)'} | {total / 2**30:.2f} | {phase} | "
+        capped = bool(args.budget_gb) and batch == args.max_batch
+        shown = f"{batch} (the --max-batch cap)" if capped else batch if batch else "none (batch 1:)"
+        lines.append(f"| {name} | {shown} | {total / 2**30:.2f} | {phase} | "
                      + " | ".join(f"{parts.get(c, 0) / 2**30:.2f}" for c in CATEGORIES) + " |")
-    return "\n".join(lines)
+        rows.append(dict(config=name, batch=batch, max_batch_cap=capped, predicted_gb=total / 2**30,
+                         predicted_phase=phase, predicted_live_gb={k: v / 2**30 for k, v in parts.items() if v}))
+    return "\n".join(lines), rows
 
 
 SCALE = ("opt-125m", "opt-350m", "opt-1.3b", "llama-7b", "llama-13b", "llama-70b")
 
 
 def scale_table(args, configs):
-    """--predict --scale: every configuration's predicted peak from 125M to 70B parameters, and the paper's ratios."""
+    """--predict --scale: every configuration's predicted peak from 125M to 70B parameters, and the paper's ratios.
+    -> (markdown, rows)."""
     lines = [f"**{heading(args, 'cuda' if resolved(args)[0] else 'cpu').split(', ', 1)[1]}, batch {args.batch}: "
              "predicted peak (GB)**", "",
              "| model | parameters | " + " | ".join(configs) + " | full / sft | hydra / sft | hydra / lora |",
              "|---|---|" + "---|" * (len(configs) + 3)]
+    rows = []
     for preset in SCALE:
         config = model_config(types.SimpleNamespace(model="", preset=preset))
         sizes = model_sizes(config)
         gb = {c: predicted(args, config, sizes, c, args.batch)[0] / 2**30 for c in set(configs) | {"sft", "full", "lora", "hydra"}}
         lines.append(f"| {preset} | {sizes.N / 1e9:.2f} B | " + " | ".join(f"{gb[c]:.1f}" for c in configs)
                      + f" | {gb['full'] / gb['sft']:.2f} | {gb['hydra'] / gb['sft']:.2f} | {gb['hydra'] / gb['lora']:.2f} |")
-    return "\n".join(lines)
+        rows.append(dict(model=preset, parameters=sizes.N, batch=args.batch, predicted_gb=gb))
+    return "\n".join(lines), rows
 
 
 def fail(message):
@@ -466,6 +486,8 @@ def fail(message):
 
 
 def check_args(args):
+    """Every flag, and the model they name, before any configuration runs: one line and exit 2 for a bad one.
+    -> the model's config."""
     for name, low in (("batch", 1), ("steps", 1), ("max_batch", 1), ("micro_batch", 0), ("prompt_len", 1),
                       ("response_len", 1), ("lora_r", 1), ("rounds", 1), ("budget_gb", 0)):
         if not getattr(args, name) >= low and not (name == "batch" and args.budget_gb):  # --budget-gb: no --batch
@@ -474,6 +496,8 @@ def check_args(args):
         device = torch.device("cpu" if args.device == "auto" else args.device)
     except (RuntimeError, ValueError):
         fail(f"--device {args.device}: not a device; use auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        fail(f"--device {args.device}: not a device here; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available() and not args.predict:
         fail(f"--device {args.device}: CUDA is not available here")
     folder = os.path.dirname(os.path.abspath(args.json))
@@ -481,12 +505,46 @@ def check_args(args):
         fail(f"--json {args.json}: cannot write there (checked now: the results come only after every run)")
     if args.json and os.path.lexists(args.json) and not args.overwrite:
         fail(f"--json {args.json} already exists; choose another file, or --overwrite to replace it")
+    if args.model and args.preset:
+        fail(f"--model {args.model} and --preset {args.preset}: --model is instead of --preset; give one of them")
+    args.preset = args.preset or ("" if args.model else "opt-125m")
+    configs = [c for c in args.configs.split(",") if c]
+    if any(c not in CONFIGS for c in configs) or not configs:
+        fail(f"--configs {args.configs}: choose from {','.join(CONFIGS)}")
+    if len(set(configs)) < len(configs):
+        fail(f"--configs {args.configs}: names a configuration twice")
+    if args.scale:
+        return None  # the presets of SCALE, at --batch
+    config = checked_model(args)
+    n = getattr(config, "max_position_embeddings", None)
+    if n and args.prompt_len + args.response_len > n:
+        fail(f"--prompt-len {args.prompt_len} + --response-len {args.response_len}: more than the model's {n} "
+             f"positions")
+    return config
+
+
+def checked_model(args):
+    """model_config, or one line saying why --model is not a model's config (a file, a folder without config.json,
+    a name neither here nor on the hub, a model type this transformers does not know)."""
+    if not args.model:
+        return model_config(args)
+    if os.path.isfile(args.model):
+        fail(f"--model {args.model}: a file; name a model's folder (with its config.json) or a hub name")
+    if os.path.isdir(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        fail(f"--model {args.model}: a folder without config.json, not a transformers model")
+    try:
+        from transformers.utils import logging
+        logging.set_verbosity_error()  # its own warnings would come before our one line
+        return model_config(args)
+    except Exception as e:  # noqa: BLE001 (OSError: not found; ValueError / KeyError: an unknown model type)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"--model {args.model}: could not load its config ({first[:200]})")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: fail(f"{message} (see --help)")
-    p.add_argument("--preset", default="opt-125m", choices=list(PRESETS), help="architecture (random init)")
+    p.add_argument("--preset", default="", choices=list(PRESETS), help="architecture (random init); default opt-125m")
     p.add_argument("--model", default="", help="instead of --preset: a local folder or hub name (its config only)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     p.add_argument("--batch", type=int, default=8, help="prompts per PPO step (ignored with --budget-gb)")
@@ -508,7 +566,7 @@ def main(argv=None):
     p.add_argument("--vs-trl", action="store_true", help="then run the same workload on TRL's PPO (bench_trl.py, "
                    "which installs TRL in its own venv) and print the ratios against our hydra")
     p.add_argument("--rounds", type=int, default=1, help="with --vs-trl: hydra and TRL measured this many times, "
-                   "alternating; the ratios' medians are reported")
+                   "alternating; the ratios' medians over the rounds no other load disturbed are reported")
     p.add_argument("--predict", action="store_true", help="the memory model alone, in seconds, no model built: "
                    "each configuration's predicted peak at --batch, or with --budget-gb its largest batch (--device "
                    "cuda predicts for a GPU from any machine)")
@@ -520,24 +578,21 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.child:
         args.config = args.child
+        args.preset = args.preset or "opt-125m"
         print(json.dumps(child(args)))
-        return
-    check_args(args)
+        return 0
+    config = check_args(args)
     configs = [c for c in args.configs.split(",") if c]
-    bad = [c for c in configs if c not in CONFIGS]
-    if bad or not configs:
-        fail(f"--configs {args.configs}: choose from {','.join(CONFIGS)}")
     if args.vs_trl and ("hydra" not in configs or args.budget_gb):
         fail("--vs-trl compares against hydra at a fixed --batch: keep hydra in --configs, no --budget-gb")
     if args.scale and not args.predict:
         fail("--scale is a table of predictions: add --predict")
-    if args.scale:  # check_args: only with --predict
-        print(scale_table(args, configs))
-        return
     if args.predict:
-        config = model_config(args)
-        print(prediction_table(args, config, model_sizes(config), configs))
-        return
+        text, rows = scale_table(args, configs) if args.scale else prediction_table(args, config, model_sizes(config),
+                                                                                   configs)
+        print(text)
+        write_results(args, dict(predicted=rows))
+        return 0
     cuda = resolved(args)[0]
     device_name = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
     rows, t0 = [], time.time()
@@ -547,11 +602,23 @@ def main(argv=None):
         rows.append(row)
         print(f"{name}: {row}", file=sys.stderr, flush=True)
     print(table(rows, args, device_name))
+    capped = [r["config"] for r in rows if args.budget_gb and r["batch"] == args.max_batch]
+    if capped:
+        print(f"\n{', '.join(capped)}: the search stopped at the --max-batch {args.max_batch} cap, not at the budget; "
+              f"raise --max-batch to find the largest batch in {args.budget_gb:g} GB")
     trl = vs_trl(args, rows) if args.vs_trl else None
+    write_results(args, dict(rows=rows, trl=trl, device=device_name, time_s=time.time() - t0))
+    failed = [r for r in rows if r.get("error")]
+    for r in failed:
+        print(f"error: {r['config']} at batch {r['batch']} failed: {' '.join(r['error'])}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def write_results(args, results):
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(rows=rows, trl=trl, args=vars(args), device=device_name, torch=torch.__version__,
-                           time_s=time.time() - t0, date=time.strftime("%Y-%m-%d")), fh, indent=1)
+            json.dump(dict(results, args=vars(args), torch=torch.__version__, date=time.strftime("%Y-%m-%d")), fh,
+                      indent=1)
 
 
 def vs_trl(args, rows):
@@ -572,18 +639,37 @@ def vs_trl(args, rows):
     if any("latency_per_sample_s" not in h for h in hydra):
         print(f"\nhydra did not run ({[h.get('error') or 'out of memory' for h in hydra]}): no comparison")
         return dict(trl=trl, hydra=hydra)
+    lines, summary = trl_rounds(hydra, trl)
+    print("\n".join(lines))
+    return dict(trl=trl, hydra=hydra, **summary)
+
+
+DISTURBED = 0.1  # others_cpu_frac above this: other processes took enough of the cores to contaminate the timings
+
+
+def trl_rounds(hydra, trl):
+    """Each round's ratios, and their medians over the rounds that no other load disturbed (on neither side); when
+    every round was disturbed, the medians of all of them, said so. -> (printed lines, summary)."""
     speed = [t["latency_per_sample_s"] / h["latency_per_sample_s"] for h, t in zip(hydra, trl)]
     memory = [h["peak_memory_gb"] * 1024 / t["peak_rss_mib"] for h, t in zip(hydra, trl)]
-    print(f"\nTRL {trl[0]['trl']} PPO (peft LoRA policy, separate reward and value models), same workload:")
+    disturbed = [max(h["others_cpu_frac"], t["others_cpu_frac"]) > DISTURBED for h, t in zip(hydra, trl)]
+    lines = [f"\nTRL {trl[0]['trl']} PPO (peft LoRA policy, separate reward and value models), same workload:"]
     for i, (h, t) in enumerate(zip(hydra, trl)):
-        print(f"round {i + 1}: TRL {t['latency_per_sample_s']:.3f} s/sample, peak RSS {t['peak_rss_mib'] / 1024:.2f} GB "
-              f"(other load {t['others_cpu_frac']:.0%}); hydra {h['latency_per_sample_s']:.3f} s/sample, "
-              f"{h['peak_memory_gb']:.2f} GB (other load {h['others_cpu_frac']:.0%}): {speed[i]:.2f}x faster, "
-              f"{memory[i]:.2f} of the peak RSS")
-    print(f"hydra vs TRL, median of {len(speed)} round(s): {statistics.median(speed):.2f}x faster per sample, "
-          f"{statistics.median(memory):.2f} of its peak RSS.")
-    return dict(trl=trl, hydra=hydra, speedup=speed, memory_ratio=memory)
+        lines.append(f"round {i + 1}: TRL {t['latency_per_sample_s']:.3f} s/sample, peak RSS "
+                     f"{t['peak_rss_mib'] / 1024:.2f} GB (other load {t['others_cpu_frac']:.0%}); hydra "
+                     f"{h['latency_per_sample_s']:.3f} s/sample, {h['peak_memory_gb']:.2f} GB (other load "
+                     f"{h['others_cpu_frac']:.0%}): {speed[i]:.2f}x faster, {memory[i]:.2f} of the peak RSS"
+                     + (f" [disturbed: other load above {DISTURBED:.0%}]" if disturbed[i] else ""))
+    quiet = [i for i, d in enumerate(disturbed) if not d]
+    counted = quiet or list(range(len(speed)))
+    what = (f"median of {len(quiet)} quiet round(s)" + (f", {len(speed) - len(quiet)} disturbed left out"
+                                                         if len(quiet) < len(speed) else "") if quiet else
+            f"median of all {len(speed)} round(s), EVERY ONE DISTURBED by other load (rerun on a quiet machine)")
+    med = lambda xs: statistics.median(xs[i] for i in counted)
+    lines.append(f"hydra vs TRL, {what}: {med(speed):.2f}x faster per sample, {med(memory):.2f} of its peak RSS.")
+    return lines, dict(speedup=speed, memory_ratio=memory, disturbed=disturbed, rounds_counted=[i + 1 for i in counted],
+                       median_speedup=med(speed), median_memory_ratio=med(memory))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,7 +11,7 @@ SFT policy and against one common baseline, the plain SFT model. Prints a markdo
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -42,6 +42,8 @@ class CompareConfig(hp.Budget):
                           why=LR_WHY)
     critic_lr: float = arg(0.0, "PPO critic learning rate for every mode (0: each mode's default, MODES)", ge=0, le=1,
                            why=LR_WHY)
+    resume: bool = arg(False, "go on with the comparison in --out, started with the same flags: the stages it "
+                              "finished are kept, an unfinished one starts again")
 
 
 def stage_configs(cfg):
@@ -60,6 +62,54 @@ def stage_configs(cfg):
                               eval_samples=cfg.eval_samples)
             for key, _, mode, sft, rm, _ in ROWS}
     return sfts, ppos
+
+
+RUN_FILE = "compare-run.json"  # the flags the comparison in DIR started with (--resume needs the same)
+
+
+def precheck(cfg, sfts, ppos):
+    """Every check the stages would make later, made now, before the first one runs, naming compare.py's own flag:
+    the batches against the data, the evaluation prompts, the judge, the lengths and LoRA targets against the model.
+    -> the judge (None: the reward model)."""
+    judge = hp.pick_judge(cfg)
+    train, held_out = hp.split_pairs(hp.load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
+    for flag, n in (("--sft-batch-size", cfg.sft_batch_size), ("--batch-size", cfg.batch_size)):
+        hp.check(n <= len(train), f"{flag} {n}: more than the {len(train)} training pairs in {cfg.data}")
+    if cfg.eval_prompts > len(held_out):
+        hp.check("eval_prompts" not in getattr(cfg, "given", ()), f"--eval-prompts {cfg.eval_prompts}: more than the "
+                 f"{len(held_out)} held-out prompts (--eval-frac {cfg.eval_frac:g}); ask for at most {len(held_out)}")
+        print(f"evaluating on all {len(held_out)} held-out prompts (fewer than --eval-prompts {cfg.eval_prompts})")
+    if cfg.model in ("tiny", "tiny-opt"):  # a few thousand parameters: built for real
+        texts = [p[k] if isinstance(p[k], str) else hp.hh_text(p[k]) for p in train for k in ("prompt", "chosen")]
+        lm = hp.build_tiny(cfg.model, texts, cfg.seed, "cpu")[0]
+    else:  # the architecture alone, on the meta device: no weights read
+        from transformers import AutoConfig, AutoModelForCausalLM
+        try:
+            config = AutoConfig.from_pretrained(cfg.model)
+        except Exception as e:  # noqa: BLE001 (not found, not a model, a model type this transformers lacks)
+            raise hp.UserError(f"--model {cfg.model}: could not load its config "
+                               f"({(str(e).strip().splitlines() or [''])[0][:150]})") from None
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config)
+    hp.check_positions(lm, cfg.max_prompt_len, cfg.max_response_len, "--max-prompt-len + --max-response-len")
+    hp.add_adapter(lm, next(iter(ppos.values())))  # --lora-targets: every run adds the same adapters
+    return judge
+
+
+def finished(c):
+    """A stage is finished when its summary.json is written (its last act)."""
+    path = os.path.join(c.out, "summary.json")
+    return hp.read_file(path, hp.read_json) if os.path.isfile(path) else None
+
+
+def stage(c, run_stage, done):
+    """Run one stage (hp.sft or hp.ppo); Ctrl-C says which stage it stopped in, what is kept, and how to go on."""
+    try:
+        return run_stage(c)
+    except hp.Interrupted:
+        raise hp.Interrupted(f"interrupted in the stage writing {c.out}; finished and kept: "
+                             f"{', '.join(done) or 'none yet'}; go on with the same command and --resume (an "
+                             f"unfinished stage starts again)") from None
 
 
 def training_stats(run_dir, last=5):
@@ -84,6 +134,23 @@ def against_baseline(c, prompts, baseline, rm, judge, run, seed):
     return hp.evaluate_ppo(roles, tok, prompts, c, run, judge)[0]
 
 
+def plan(cfg):
+    """What makes two comparisons the same: every setting but --resume and --overwrite."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite")}
+
+
+def check_resume(cfg):
+    """--resume: --out holds a comparison started with these very settings (else its stages would not compare)."""
+    if not cfg.resume:
+        return
+    path = os.path.join(cfg.out, RUN_FILE)
+    hp.check(os.path.isfile(path), f"--resume: {cfg.out} holds no comparison to go on with (no {RUN_FILE})")
+    saved, now = hp.read_file(path, hp.read_json), plan(cfg)
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)} then, {now[k]} now" for k in now if saved.get(k) != now[k]]
+    hp.check(not differ, f"--resume: {cfg.out} was started with other settings ({'; '.join(differ[:3])}); give "
+                         f"the same flags")
+
+
 def table(result):
     """The markdown table: one row per configuration."""
     ci = lambda r, k: f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}]"
@@ -100,27 +167,42 @@ def table(result):
 def compare(cfg: CompareConfig):
     """The three SFT stages, the six PPO runs, the evaluation against the common baseline, the table."""
     hp.validate(cfg)
+    given = getattr(cfg, "given", set())
     cfg = hp.pipeline_settings(cfg, only=AUTO)
+    cfg.given = given
+    check_resume(cfg)
+    sft_micro = min(cfg.sft_batch_size, cfg.micro_batch_size)  # what each SFT stage runs with
+    hp.check(cfg.sft_batch_size % sft_micro == 0, f"--sft-batch-size {cfg.sft_batch_size} must be a multiple of "
+                                                  f"--micro-batch-size {cfg.micro_batch_size}")
     sfts, ppos = stage_configs(cfg)
     for c in (*sfts.values(), *ppos.values()):  # every stage's flags before the first one runs
         hp.validate(c)
-    hp.claim_out(cfg.out, cfg.overwrite, stale=("compare.json",))
-    judge = hp.pick_judge(cfg)  # None: the separate reward model judges
+    hp.claim_out(cfg.out, cfg.overwrite or cfg.resume, stale=() if cfg.resume else ("compare.json", RUN_FILE),
+                 inputs=hp.local_inputs(cfg))
+    judge = precheck(cfg, sfts, ppos)  # None: the separate reward model judges
     run = hp.setup_device(cfg.device, cfg.precision)
     cuda = run.device.type == "cuda"
-    sft = {}
+    os.makedirs(cfg.out, exist_ok=True)
+    hp.write_json(os.path.join(cfg.out, RUN_FILE), plan(cfg))
+    sft, ppo, done = {}, {}, []
     for folder, c in sfts.items():
-        print(f"\n== SFT --task {c.task}: {c.out}")
-        sft[folder] = hp.sft(c)
-    ppo = {}
+        sft[folder] = finished(c) if cfg.resume else None
+        print(f"\n== SFT --task {c.task}: {c.out}" + (" (finished: kept)" if sft[folder] else ""))
+        sft[folder] = sft[folder] or stage(replace(c, overwrite=c.overwrite or cfg.resume), hp.sft, done)
+        done.append(folder)
     for key, name, *_ in ROWS:
         c = ppos[key]
-        print(f"\n== {name}: --mode {c.mode} --sft {c.sft}" + (f" --rm {c.rm}" if c.rm else ""))
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(run.device)
-        ppo[key] = hp.ppo(c, judge=judge)
-        # CPU: no per-run peak in one process (max RSS only grows); bench.py measures memory per configuration.
-        ppo[key]["peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None
+        ppo[key] = finished(c) if cfg.resume and "peak_gb" in (finished(c) or {}) else None
+        print(f"\n== {name}: --mode {c.mode} --sft {c.sft}" + (f" --rm {c.rm}" if c.rm else "")
+              + (" (finished: kept)" if ppo[key] else ""))
+        if not ppo[key]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(run.device)
+            ppo[key] = stage(replace(c, overwrite=c.overwrite or cfg.resume), lambda c: hp.ppo(c, judge=judge), done)
+            # CPU: no per-run peak in one process (max RSS only grows); bench.py measures memory per configuration.
+            ppo[key]["peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None
+            hp.write_json(os.path.join(c.out, "summary.json"), ppo[key])  # with its peak: finished
+        done.append("ppo-" + key)
     print("\n== every policy against the plain SFT model (the common baseline)")
     baseline = hp.load_checkpoint(sfts["sft"].out, run.device, run.dtype, dropout=False)[0]
     rm = hp.load_checkpoint(sfts["rm"].out, run.device, run.dtype, dropout=False)[0]
@@ -155,8 +237,9 @@ def main(argv=None):
     except hp.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted (compare.py)", file=sys.stderr)
+    except KeyboardInterrupt:  # outside a stage: nothing of a stage is lost
+        print("error: interrupted (compare.py), between stages; go on with the same command and --resume",
+              file=sys.stderr)
         return 2
     finally:
         hp.release_folders()

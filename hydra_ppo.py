@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from lora import (DEFAULT_TARGETS, LoRALinear, add_lora, describe_lora, folded, load_lora_state_dict, lora_off,
-                  lora_parameters, lora_state_dict, merge_lora, use_adapter)
+from lora import (DEFAULT_TARGETS, LINEAR_TYPES, LoRALinear, add_lora, decoder_layers, describe_lora, folded,
+                  load_lora_state_dict, lora_off, lora_parameters, lora_state_dict, merge_lora, use_adapter)
 
 
 # ================================================================================================================
@@ -66,6 +66,10 @@ def check(cond, msg):
     """A user-facing check: a one-line error instead of a traceback (main() prints it and exits 2)."""
     if not cond:
         raise UserError(msg)
+
+
+class Interrupted(UserError):
+    """Ctrl-C during a stage: its one line says where it stopped and what it kept (a caller may say more)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,6 +220,8 @@ def setup_device(name, precision="auto", rank=0, world=1):
         device = None
     check(device is not None and device.type in ("cpu", "cuda"), f"--device {name}: not a device; use auto, cpu, "
                                                                   f"cuda or cuda:N")
+    check(device.type != "cpu" or device.index in (None, 0), f"--device {name}: no such device; the CPU is one "
+                                                             f"device, cpu (its cores are threads, not devices)")
     check(device.type != "cuda" or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()),
           f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible; torchrun: no more ranks "
           f"per node than devices)")
@@ -459,6 +465,9 @@ def add_adapter(lm, cfg, adapter="default"):
     """add_lora with the run's rank, alpha and --lora-targets; a one-line error when no layer matches."""
     names = cfg.lora_targets.strip()  # "" or "all-linear" (peft's word for the default): every linear map
     targets = tuple(t.strip() for t in names.split(",")) if names not in ("", DEFAULT_TARGETS) else DEFAULT_TARGETS
+    own = sorted({n.rsplit(".", 1)[-1] for n, m in decoder_layers(lm).named_modules() if isinstance(m, LINEAR_TYPES)})
+    check(targets == DEFAULT_TARGETS or any(t.rsplit(".", 1)[-1] in own for t in targets),
+          f"--lora-targets {names}: no linear map of the decoder layers is named so (this model's: {', '.join(own)})")
     try:
         return add_lora(lm, targets, r=cfg.lora_r, alpha=cfg.lora_alpha, adapter=adapter)
     except ValueError as e:
@@ -860,8 +869,9 @@ def validate(cfg):
     for f in fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         why = f" ({f.metadata['why']})" if "why" in f.metadata else ""
+        check(not isinstance(value, float) or not math.isnan(value), f"{flag} {value}: not a number")
         for key, (sign, ok) in BOUNDS.items():
-            if key in f.metadata:  # asked as "is it in range", so that NaN fails too
+            if key in f.metadata:
                 check(ok(value, f.metadata[key]), f"{flag} {value}: must be {sign} {f.metadata[key]}{why}")
         check(not isinstance(value, float) or math.isfinite(value), f"{flag} {value}: must be a finite number")
         check(not isinstance(value, int) or abs(value) < 2**63, f"{flag} {value}: more than a 64-bit integer holds")
@@ -1075,7 +1085,7 @@ def load_pairs(path):
         for n, raw in enumerate(fh, 1):
             where = f"{path}:{n}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a byte-order mark may open the file
             except UnicodeDecodeError as e:
                 raise UserError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8")
             if not line.strip():
@@ -1308,11 +1318,30 @@ def release_folders():
     OWNED.clear()
 
 
-def claim_out(path, overwrite, stale=()):
-    """Checks an output folder before any work; creates nothing. It must be a folder we can write, and hold no
-    other run's files unless --overwrite, which first deletes `stale` (files that would pass two runs off as one).
-    A folder that exists is locked first (own_folder); a run that creates its folder later calls make_out."""
+def check_apart(out, inputs):
+    """--out must neither be nor hold an input of the same command ({flag: path}): writing there would replace the
+    input, or mix the output into it (a PPO run inside the SFT checkpoint that is its own reference)."""
+    where = os.path.realpath(out)
+    for flag, path in inputs.items():
+        if path and not path.startswith("hf:") and os.path.exists(path):
+            p = os.path.realpath(path)
+            check(p != where and not p.startswith(where + os.sep), f"--out {out} {'is' if p == where else 'holds'} "
+                                                                   f"{flag} {path}: choose another --out")
+
+
+def local_inputs(cfg):
+    """{flag: path} of what a command reads from disk: --data's files and folders, --model, --sft, --rm, --run."""
+    inputs = {f"--data {p}": p for p in (p.strip() for p in getattr(cfg, "data", "").split(",")) if p}
+    return {**inputs, **{f"--{k}": getattr(cfg, k) for k in ("model", "sft", "rm", "run") if getattr(cfg, k, "")}}
+
+
+def claim_out(path, overwrite, stale=(), inputs=None):
+    """Checks an output folder before any work; creates nothing. It must be a folder we can write, be and hold none
+    of the command's `inputs` ({flag: path}), and hold no other run's files unless --overwrite, which first deletes
+    `stale` (names or glob patterns of files that would pass two runs off as one). A folder that exists is locked
+    first (own_folder); a run that creates its folder later calls make_out."""
     check(path, "--out is empty: name an output folder")
+    check_apart(path, inputs or {})
     if os.path.islink(path) and not os.path.exists(path):
         raise UserError(f"--out {path}: a broken symbolic link (to {os.readlink(path)}); remove it or name a folder")
     check(not os.path.isfile(path), f"--out {path}: a file, not a folder")
@@ -1325,8 +1354,9 @@ def claim_out(path, overwrite, stale=()):
                          f" choose another --out, --overwrite to replace it" +
                          (f", or `ppo --resume {path}` to continue it" if RUN_FILE in held else ""))
         for name in stale:
-            if os.path.isfile(os.path.join(path, name)):
-                os.remove(os.path.join(path, name))
+            for f in glob.glob(os.path.join(glob.escape(path), name)):
+                if os.path.isfile(f):
+                    os.remove(f)
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -1348,7 +1378,7 @@ def on_interrupt(where):
     try:
         yield
     except KeyboardInterrupt:
-        raise UserError(f"interrupted {where()}") from None
+        raise Interrupted(f"interrupted {where()}") from None
 
 
 @contextmanager
@@ -1596,7 +1626,7 @@ def sft(cfg: SFTConfig):
     check(sum(loss_weights(cfg)) > 0, f"--task {cfg.task} with --lm-coef {cfg.lm_coef:g} and --rm-coef "
                                       f"{cfg.rm_coef:g}: nothing to train (every loss it uses is weighted 0)")
     if run.rank == 0:
-        claim_out(cfg.out, cfg.overwrite)
+        claim_out(cfg.out, cfg.overwrite, inputs=local_inputs(cfg))
     pairs = load_pairs(cfg.data)
     train, held_out = split_pairs(pairs, cfg.eval_frac, cfg.seed)
     check_batch(cfg, run, train, "training pairs", "a step would see a pair twice")
@@ -1932,18 +1962,21 @@ def ppo(cfg: PPOConfig, judge=None):
     """The ppo command, the outer PPO loop: per step, this rank's shard of the next prompts, ppo_step, a metrics line,
     an evaluation every --eval-every steps, a resumable checkpoint every --save-every steps; at the end the policy,
     the evaluation and summary.json."""
-    validate(cfg)
-    if cfg.resume:  # the run's own configuration, saved when it started
+    if cfg.resume:  # the run's own configuration, saved when it started (a flag it may not change is refused first)
         cfg = resume_config(cfg)
+    validate(cfg)
     check_ppo_config(cfg)
     run = start_run(cfg)
     if run.rank == 0 and not cfg.resume:
-        claim_out(cfg.out, cfg.overwrite, stale=(STATE_FILE, POLICY_FILE, "summary.json"))
+        claim_out(cfg.out, cfg.overwrite, stale=(STATE_FILE, POLICY_FILE, "summary.json"), inputs=local_inputs(cfg))
     elif run.rank == 0:
         own_folder(cfg.out, "--resume")
     train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
     check_batch(cfg, run, train, "training prompts", "a rollout would repeat prompts")
     train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
+    if len(eval_prompts) < cfg.eval_prompts:
+        print(f"--eval-prompts {cfg.eval_prompts}: evaluating on all {len(eval_prompts)} held-out prompts, as many as "
+              f"--eval-frac {cfg.eval_frac:g} holds out")
     learner = setup_ppo(cfg, checkpoint_loader(cfg, run.device, run.dtype))
     roles, opt = learner.roles, learner.opt
     check_positions(roles["actor"].model.lm, cfg.max_prompt_len, cfg.max_response_len,
@@ -2043,6 +2076,7 @@ def load_policy(run_dir, device, dtype):
 
 def generate_cmd(cfg: GenerateConfig):
     validate(cfg)
+    check(cfg.prompt.strip(), f"--prompt {cfg.prompt!r}: empty; give the text to respond to")
     run = setup_device(cfg.device)
     actor, tok, ppo_cfg = load_policy(cfg.run, run.device, run.dtype)
     # the run's prompt format; this command's length and temperature; no top-k, top-p or folding
@@ -2055,9 +2089,23 @@ def generate_cmd(cfg: GenerateConfig):
     p_ids, p_mask = prompt_batch(tok, [cfg.prompt] * cfg.num_samples, sampling, run.device)
     with run.autocast():
         ids, mask, _ = generate(actor, p_ids, p_mask, tok, sampling, greedy=cfg.greedy)
-    print(f"prompt: {cfg.prompt!r}")  # repr: an HH prompt's newlines stay visible
+    n = len(encode_prompt(tok, cfg.prompt, 10 ** 9, sampling.chat_template))
+    if n > sampling.max_prompt_len:  # what the policy reads is the end of it (encode_prompt), as in training
+        kept = tok.decode(p_ids[0][p_mask[0] == 1], skip_special_tokens=True)
+        print(f"prompt: {n} tokens, more than the run's --max-prompt-len {sampling.max_prompt_len}: the policy reads "
+              f"its last {sampling.max_prompt_len}, ...{kept!r}")
+    else:
+        print(f"prompt: {cfg.prompt!r}")  # repr: an HH prompt's newlines stay visible
     for i, text in enumerate(decode_responses(tok, ids, mask, p_ids.shape[1]), 1):
         print(f"response {i}: {text}")
+
+
+# What either export format writes (and the tokenizer files save_pretrained may): --overwrite deletes them all first,
+# so that a merged model never keeps an earlier export's adapter beside it (from_pretrained would apply it twice).
+EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
+                "generation_config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.json",
+                "merges.txt")
 
 
 def export(cfg: ExportConfig):
@@ -2065,8 +2113,11 @@ def export(cfg: ExportConfig):
     peft: the actor adapter in peft's format, on top of the SFT checkpoint it was trained from."""
     validate(cfg)
     out = cfg.out or os.path.join(cfg.run, f"export-{cfg.format}")
-    load_run_config(cfg.run, "--run")  # a run folder, before anything is written beside it
-    claim_out(out, cfg.overwrite)
+    ppo_cfg = load_run_config(cfg.run, "--run")  # a run folder, before anything is written beside it
+    check_apart(out, {"--run": cfg.run, "the run's --sft": ppo_cfg.sft})
+    check(not any(os.path.isfile(os.path.join(out, f)) for f in (META_FILE, RUN_FILE)), f"--out {out} holds a "
+          f"hydra-ppo checkpoint or run, which --overwrite would break; export into a folder of its own")
+    claim_out(out, cfg.overwrite, stale=EXPORT_FILES)
     actor, tok, ppo_cfg = load_policy(cfg.run, torch.device("cpu"), "auto")  # keep the checkpoint's own dtype
     lm = actor.model.lm
     check(cfg.format == "merged" or actor.adapter, "--format peft needs a LoRA run; a --mode full run has no adapter "
@@ -2218,10 +2269,20 @@ def plot_scores(scores, path):
     plt.close()
 
 
+def review_share(pairs):
+    """The share of the words of the chosen responses that are the review task's: the gold rule scores only those."""
+    words = [w for p in pairs for w in re.findall(r"[a-z0-9]+", p["chosen"].lower())]
+    return sum(w in POSITIVE + NEGATIVE + NEUTRAL for w in words) / max(1, len(words))
+
+
 def pick_judge(cfg):
     """The gold rule only means something on the review task: demo.jsonl (auto), or hh_reviews.jsonl (--judge gold).
     None: the reward model judges."""
     demo = os.path.realpath(cfg.data) == os.path.realpath(DEMO_DATA)
+    if cfg.judge == "gold" and not demo:
+        share = review_share(load_pairs(cfg.data))
+        check(share >= 0.9, f"--judge gold: the gold rule scores the review task's words, and only {share:.0%} of "
+                            f"the words of --data's chosen responses are those; use --judge rm")
     return gold_judge if cfg.judge == "gold" or (cfg.judge == "auto" and demo) else None
 
 
@@ -2240,10 +2301,12 @@ def pipeline(cfg: PipelineConfig):
                         micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                         actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef,
                         eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples)
+    check(cfg.sft_batch_size % sft_cfg.micro_batch_size == 0, f"--sft-batch-size {cfg.sft_batch_size} must be a "
+                                                               f"multiple of --micro-batch-size {cfg.micro_batch_size}")
     validate(sft_cfg)  # both stages' flags before the first one runs: a bad PPO flag must not wait for SFT
     validate(ppo_cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        claim_out(cfg.out, cfg.overwrite, stale=("summary.json",))
+        claim_out(cfg.out, cfg.overwrite, stale=("summary.json",), inputs=local_inputs(cfg))
     print(f"== 1/2 Hydra-SFT: {cfg.model} on {cfg.data} (LM head + reward head, one model)")
     sft_summary = sft(sft_cfg)
     name = {"hydra": "Hydra-PPO", "jhydra": "J-Hydra-PPO"}[cfg.mode]

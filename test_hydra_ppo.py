@@ -424,6 +424,11 @@ def test_sft_on_conversational_data(tmp_path):
     assert math.isfinite(summary["held_out_lm_loss"])
 
 
+def test_a_byte_order_mark_opens_a_file_like_any_other(tmp_path):
+    row = '{"prompt": "a", "chosen": "b", "rejected": "c"}'
+    assert hp.load_pairs(write(tmp_path, ["\ufeff" + row, row])) == [dict(prompt="a", chosen="b", rejected="c")] * 2
+
+
 def test_bad_data_on_the_command_line_is_one_line(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     r = run_cli("sft", "--data", missing, "--out", str(tmp_path / "o"))
@@ -1189,6 +1194,28 @@ def test_export_merged_is_a_plain_checkpoint_with_the_same_outputs(ppo_runs, tmp
     torch.testing.assert_close(lm(batch).logits, want, atol=1e-5, rtol=1e-5)
 
 
+def test_generate_says_when_the_prompt_is_longer_than_the_run_reads(ppo_runs, capsys):
+    """The policy reads the last --max-prompt-len tokens of a prompt, as in training: generate says so, and shows
+    what it read instead of echoing text it ignored."""
+    prompt = "review of the film : " + "good " * 200
+    hp.generate_cmd(hp.GenerateConfig(run=ppo_runs["hydra"], prompt=prompt, max_new_tokens=2, device="cpu"))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("prompt: 205 tokens, more than the run's --max-prompt-len 64: the policy reads its last 64")
+    assert "review of the film" not in first and len(first) < 500
+
+
+@pytest.mark.parametrize("first,then", [("peft", "merged"), ("merged", "peft")])
+def test_export_overwrite_keeps_nothing_of_the_earlier_export(ppo_runs, tmp_path, first, then):
+    """An adapter left beside a merged model is applied again by from_pretrained; a merged model's config.json left
+    beside an adapter makes the folder load as that model. --overwrite removes what the earlier export wrote."""
+    out = str(tmp_path / "ex")
+    hp.export(hp.ExportConfig(run=ppo_runs["hydra"], format=first, out=out))
+    hp.export(hp.ExportConfig(run=ppo_runs["hydra"], format=then, out=out, overwrite=True))
+    fresh = str(tmp_path / "fresh")
+    hp.export(hp.ExportConfig(run=ppo_runs["hydra"], format=then, out=fresh))
+    assert sorted(os.listdir(out)) == sorted(os.listdir(fresh))
+
+
 def test_export_peft_loads_in_peft(ppo_runs, tmp_path, batch):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
@@ -1422,11 +1449,59 @@ def test_compare_runs_every_configuration_under_one_budget(tmp_path, monkeypatch
     assert len({(c["steps"], c["lr"], c["batch_size"], c["seed"]) for c in sfts}) == 1
 
 
-def test_compare_bad_input_is_one_error_line(tmp_path, capsys):
-    for argv in (["--bogus"], ["--ppo-steps", "0"], ["--minibatch-size", "3"], ["--actor-lr", "2"]):
-        assert compare.main([*argv, "--out", str(tmp_path / "x")]) == 2, argv
-        one_error_line(capsys.readouterr().err)
-    assert not (tmp_path / "x").exists()
+@pytest.mark.parametrize("argv,names", [
+    ("--bogus", "unrecognized arguments: --bogus"),
+    ("--ppo-steps 0", "--ppo-steps 0: must be >= 1"),
+    ("--minibatch-size 3", "--batch-size 32 must be a multiple of --minibatch-size 3"),
+    ("--actor-lr 2", "--actor-lr 2.0: must be <= 1"),
+    # every check a stage would make later, before the first stage, naming compare.py's own flag
+    ("--batch-size 4096 --minibatch-size 16", "--batch-size 4096: more than the 1800 training pairs"),
+    ("--sft-batch-size 4096", "--sft-batch-size 4096: more than the 1800 training pairs"),
+    ("--sft-batch-size 24", "--sft-batch-size 24 must be a multiple of --micro-batch-size 16"),
+    ("--lora-targets x", "--lora-targets x: no linear map of the decoder layers is named so"),
+    ("--max-response-len 1000", "--max-prompt-len + --max-response-len: 64 + 1000 tokens, more than the model's 512"),
+    ("--eval-prompts 1000000", "--eval-prompts 1000000: more than the 200 held-out prompts"),
+    ("--judge gold --data {tmp}/other.jsonl", "--judge gold: the gold rule scores the review task's words"),
+    ("--model {tmp}/other.jsonl", "--model {tmp}/other.jsonl: could not load its config"),
+    ("--data {tmp}/other.jsonl --out {tmp} --overwrite", "--out {tmp} holds --data {tmp}/other.jsonl"),
+    ("--resume", "--resume: {tmp}/x holds no comparison to go on with"),
+])
+def test_compare_bad_input_is_one_error_line_before_any_work(tmp_path, capsys, argv, names):
+    import shlex
+    (tmp_path / "other.jsonl").write_text('{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome."}\n'
+                                          * 4)
+    before = tree(str(tmp_path))
+    argv = shlex.split(argv.format(tmp=tmp_path))
+    assert compare.main([*argv, *(["--out", str(tmp_path / "x")] if "--out" not in argv else [])]) == 2, argv
+    assert names.format(tmp=tmp_path) in one_error_line(capsys.readouterr().err)
+    assert tree(str(tmp_path)) == before  # no stage ran, nothing written
+
+
+def test_compare_ctrl_c_says_what_it_kept_and_resume_goes_on(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the second PPO stage: one line naming the stage, the finished ones, and --resume; --resume then runs
+    only what was not finished, and a --resume with other settings is refused."""
+    argv = ["--out", str(tmp_path / "cmp"), "--device", "cpu", "--eval-frac", "0.02", "--sft-steps", "2",
+            "--sft-batch-size", "4", "--ppo-steps", "1", "--batch-size", "2", "--minibatch-size", "2",
+            "--micro-batch-size", "2", "--max-response-len", "4", "--eval-prompts", "2", "--eval-samples", "1"]
+    ran, real_sft, real_ppo = [], hp.sft, hp.ppo
+
+    def ppo(c, **kw):
+        ran.append(os.path.basename(c.out))
+        if ran[-2:] == ["ppo-hydra", "ppo-jhydra"] and "ppo-dlora" not in ran:  # what on_interrupt makes of a Ctrl-C
+            raise hp.Interrupted("interrupted at step 1")
+        return real_ppo(c, **kw)
+    monkeypatch.setattr(hp, "ppo", ppo)
+    monkeypatch.setattr(hp, "sft", lambda c: ran.append(os.path.basename(c.out)) or real_sft(c))
+    assert compare.main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"in the stage writing {tmp_path / 'cmp' / 'ppo-jhydra'}" in line
+    assert "finished and kept: hydra-sft, sft, rm, ppo-hydra" in line and "--resume" in line
+    assert compare.main(argv + ["--resume", "--ppo-steps", "2"]) == 2
+    assert "--ppo-steps 1 then, 2 now" in one_error_line(capsys.readouterr().err)
+    ran.clear()
+    assert compare.main(argv + ["--resume"]) == 0
+    assert ran == ["ppo-" + row[0] for row in compare.ROWS[1:]]  # the finished stages (SFT too) were kept
+    assert len(json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]) == len(compare.ROWS)
 
 
 # ---- model families --------------------------------------------------------------------------------------------------
@@ -1617,7 +1692,7 @@ def test_sft_and_rm_with_different_tokenizers_are_refused(ckpts, tmp_path):
 
 def test_unknown_lora_targets_are_one_line(ckpts):
     cfg = ppo_config(ckpts, "hydra", lora_targets="query_key_value")
-    with pytest.raises(hp.UserError, match="no linear map named like.*--lora-targets"):
+    with pytest.raises(hp.UserError, match="--lora-targets query_key_value: no linear map of the decoder layers is named so"):
         hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
 
 
@@ -1720,7 +1795,7 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     ("sft --out {sft} --steps 1 --device cpu", "--out {sft} already holds another run", None),
     (PIPE.replace("{new}", "{run}"), "--out {run} already holds another run", None),
     ("export --run {run} --out {file}", "--out {file}: a file, not a folder", None),
-    ("export --run {run} --out {sft}", "--out {sft} already holds another run", None),
+    ("export --run {run} --out {sft}", "--out {sft} holds a hydra-ppo checkpoint or run", None),
     # every numeric flag against its range, before any work
     (S + " --eval-batch-size 0", "--eval-batch-size 0: must be >= 1", None),
     (S + " --steps -1", "--steps -1: must be >= 0", None),
@@ -1777,7 +1852,7 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     ("ppo --sft {sft} --out {file}/sub", "--out {file}/sub: cannot write there", None),
     ("generate --run {new}", "--run {new}: not found", None),
     ("export --run {new}", "--run {new}: not found", None),
-    ("generate --run {run} --prompt ''", "the prompt '' tokenizes to nothing", None),
+    ("generate --run {run} --prompt ''", "--prompt '': empty", None),
     # damaged or missing files
     (P, "{sft}/heads.pt: missing", spoil("sft", "heads.pt")),
     (P, "{sft}/heads.pt: damaged", spoil("sft", "heads.pt", cut=50)),
@@ -1851,6 +1926,31 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     (P.replace("{new}", "''"), "--out is empty", None),
     (S.replace("{new}", "/dev/null"), "--out /dev/null: not a folder", None),
     (P.replace("{new}", "{tmp}/fifo"), "--out {tmp}/fifo: not a folder", make("fifo", fifo=True)),
+    # a device that is not here is named as such, not blamed on a checkpoint
+    (P + " --device cpu:1", "--device cpu:1: no such device", None),
+    # --out that is, or holds, an input of the same command
+    (P.replace("{new}", "{sft}") + " --overwrite", "--out {sft} is --sft {sft}", None),
+    (P.replace("{new}", "{tmp}") + " --overwrite", "--out {tmp} holds --sft {sft}", None),
+    ("sft --out {tmp} --overwrite --data {tmp}/mine.jsonl --steps 1 --device cpu", "--out {tmp} holds --data",
+     make("mine.jsonl", open(DEMO, "rb").read())),
+    ("export --run {run} --out {sft} --overwrite", "--out {sft} is the run's --sft {sft}",
+     lambda p: hp.write_json(os.path.join(p["run"], "run.json"), dict(json.load(open(os.path.join(
+         p["run"], "run.json"))), sft=p["sft"]))),
+    ("export --run {run} --out {sft} --overwrite", "--out {sft} holds a hydra-ppo checkpoint or run", None),
+    ("export --run {run} --out {run} --overwrite", "--out {run} is --run {run}", None),
+    # --resume names the flag it will not change, not a check against a default the run does not use
+    ("ppo --resume {run} --batch-size 4", "drop --batch-size", None),
+    # NaN is not a number, not a step too large
+    (S + " --lr nan", "--lr nan: not a number", None),
+    (P + " --kl-coef nan", "--kl-coef nan: not a number", None),
+    # the flag, not the function that found the problem
+    (S + " --lora-r 2 --lora-targets x", "--lora-targets x: no linear map of the decoder layers is named so "
+                                          "(this model's: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
+                                          "v_proj)", None),
+    (P + " --lora-targets nope", "--lora-targets nope: no linear map", None),
+    # the gold rule means nothing on other data
+    (PIPE + " --judge gold --data {tmp}/other.jsonl", "--judge gold: the gold rule scores the review task's words",
+     make("other.jsonl", b'{"prompt": "Capital of France?", "chosen": "It is Paris.", "rejected": "Rome."}\n' * 4)),
 ]
 
 
@@ -2201,23 +2301,36 @@ def readme_demo_rows():
 
 
 def run_demo(seed, out):
+    """`python hydra_ppo.py --seed S --out OUT` in a fresh process, so that no earlier test's state (RNG, threads,
+    flags) reaches it; the thread count is pinned to torch's default and MKL may not choose fewer threads under
+    load (MKL_DYNAMIC), so that a busy machine sums in the same order as a quiet one."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), MKL_DYNAMIC="FALSE")
     r = subprocess.run([sys.executable, os.path.join(HERE, "hydra_ppo.py"), "--seed", str(seed), "--out", out],
-                       capture_output=True, text=True, timeout=900, cwd=HERE)
+                       capture_output=True, text=True, timeout=900, cwd=HERE, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.load(open(os.path.join(out, "summary.json")))
 
 
+DEMO_COLUMNS = ("seed", "RM accuracy", "gold win-rate [95%]", "gold score SFT -> PPO", "KL", "length SFT -> PPO")
+
+
 def test_readme_demo_row_is_what_the_demo_gives(tmp_path):
     """Seed 0 of `python hydra_ppo.py` against the README's row (all but the wall time): fails when the code or the
-    README drifts. Regenerate the rows with `python test_hydra_ppo.py --demo-table`."""
+    README drifts. Regenerate the rows with `python test_hydra_ppo.py --demo-table`. The demo runs in its own process
+    with a pinned thread count (run_demo): neither test order nor machine load can change its numbers, and a failure
+    names each column that differs."""
     _, caption, rows = readme_demo_rows()
     assert caption and 0 in rows, "README: no demo table caption or seed-0 row"
     here = (torch.__version__, __import__("transformers").__version__, cpu_id())
     if here != caption.groups():
         pytest.skip(f"README's demo numbers are for torch {caption[1]}, transformers {caption[2]}, CPU {caption[3]}; "
                     f"this is {', '.join(here)}")
-    expected = rows[0].rsplit("|", 2)[0]
-    assert demo_row(0, run_demo(0, str(tmp_path / "demo"))).rsplit("|", 2)[0] == expected
+    cells = lambda row: [c.strip() for c in row.strip("|").split("|")][:len(DEMO_COLUMNS)]
+    expected, got = cells(rows[0]), cells(demo_row(0, run_demo(0, str(tmp_path / "demo"))))
+    differ = [f"{name}: README {a}, demo now {b}" for name, a, b in zip(DEMO_COLUMNS, expected, got) if a != b]
+    assert not differ, ("the demo's seed 0 no longer gives the README's row (" + "; ".join(differ) + f"; torch threads "
+                        f"{torch.get_num_threads()}). The code changed what the demo computes: regenerate the rows "
+                        f"with `python test_hydra_ppo.py --demo-table` if that was meant.")
 
 
 def test_readme_commands_parse_and_read_what_the_demo_or_an_earlier_row_wrote():
@@ -2288,9 +2401,25 @@ def test_bench_keeps_an_existing_json_file_unless_overwrite(tmp_path, capsys, mo
     ("--batch x", "argument --batch: invalid int value: 'x'"),
     ("--scale", "--scale is a table of predictions: add --predict"),
     ("--precision fp16", "argument --precision: invalid choice: 'fp16'"),
+    ("--device cpu:1", "--device cpu:1: not a device here"),
+    ("--model {tmp}", "--model {tmp}: a folder without config.json"),
+    ("--model {tmp}/note.txt", "--model {tmp}/note.txt: a file"),
+    ("--model {tmp}/unknown", "--model {tmp}/unknown: could not load its config"),
+    ("--model {tmp}/nope --predict", "--model {tmp}/nope: could not load its config"),
+    ("--preset opt-350m --model {tmp}/llama", "--model is instead of --preset"),
+    ("--prompt-len 2000 --response-len 100", "--prompt-len 2000 + --response-len 100: more than the model's 2048"),
+    ("--prompt-len 200000 --predict", "more than the model's 2048 positions"),
+    ("--model {tmp}/llama --response-len 600", "more than the model's 512 positions"),
+    ("--configs hydra,hydra", "--configs hydra,hydra: names a configuration twice"),
 ])
 def test_bench_bad_input_is_one_line(tmp_path, capsys, argv, names):
     import bench
+    from transformers import LlamaConfig
+    (tmp_path / "note.txt").write_text("mine\n")
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "config.json").write_text('{"model_type": "no-such-family"}')
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=100, max_position_embeddings=512).save_pretrained(str(tmp_path / "llama"))
     argv = argv.format(tmp=tmp_path)
     with pytest.raises(SystemExit) as e:
         bench.main(argv.split())
@@ -2299,23 +2428,72 @@ def test_bench_bad_input_is_one_line(tmp_path, capsys, argv, names):
     assert names.format(tmp=tmp_path) in err
 
 
+def test_bench_runs_a_config_without_pad_or_eos_ids(tmp_path, capsys):
+    """Llama-3's, Qwen2.5's and Mistral's configs have no pad id, some no EOS id or a list of them."""
+    from transformers import LlamaConfig
+    for name, ids in (("none", dict(pad_token_id=None, eos_token_id=None)), ("list", dict(pad_token_id=None,
+                                                                                        eos_token_id=[5, 6]))):
+        LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=100,
+                    bos_token_id=None, **ids).save_pretrained(str(tmp_path / name))
+        r = bench_child(capsys, "hydra", "--model", str(tmp_path / name), "--batch", "2", "--prompt-len", "4",
+                        "--response-len", "4", "--lora-r", "2")
+        assert r["live_peak_gb"] > 0 and r["latency_per_sample_s"] > 0, r
+
+
+def test_bench_predict_writes_its_json(tmp_path, capsys):
+    import bench
+    for extra, key in ((["--configs", "hydra,lora"], "config"), (["--scale"], "model")):
+        out = tmp_path / f"p{len(extra)}.json"
+        assert bench.main(["--predict", "--batch", "2", "--json", str(out), *extra]) == 0
+        rows = json.loads(out.read_text())["predicted"]
+        assert len(rows) == (2 if key == "config" else len(bench.SCALE)) and all(key in r for r in rows)
+        printed = capsys.readouterr().out
+        assert f"{rows[0]['predicted_gb']:.2f}" in printed if key == "config" else rows[0]["model"] in printed
+
+
+def test_bench_budget_says_when_the_batch_is_the_cap(capsys):
+    import bench
+    bench.main("--preset tiny --predict --budget-gb 1e12 --max-batch 4 --configs hydra".split())
+    assert "| hydra | 4 (the --max-batch cap) |" in capsys.readouterr().out
+
+
+def test_a_disturbed_trl_round_does_not_count_toward_the_median():
+    """A round where other processes took the cores gives a ratio from contaminated timings: the median is over the
+    quiet rounds, and says how many it left out; when every round was disturbed it says that instead."""
+    import bench
+    h = lambda s, load: dict(latency_per_sample_s=s, peak_memory_gb=1.0, others_cpu_frac=load)
+    t = lambda s, load: dict(latency_per_sample_s=s, peak_rss_mib=2048.0, others_cpu_frac=load, trl="0.x")
+    lines, summary = bench.trl_rounds([h(1.0, 0.0), h(1.0, 0.31)], [t(1.37, 0.02), t(2.0 * 1.65, 0.0)])
+    assert summary["median_speedup"] == pytest.approx(1.37) and summary["rounds_counted"] == [1]
+    assert "median of 1 quiet round(s), 1 disturbed left out: 1.37x faster" in lines[-1]
+    assert "[disturbed" in lines[2] and "[disturbed" not in lines[1]
+    lines, summary = bench.trl_rounds([h(1.0, 0.5)], [t(2.0, 0.0)])
+    assert "EVERY ONE DISTURBED" in lines[-1] and summary["median_speedup"] == 2.0
+
+
 def test_the_trl_venv_sees_the_running_interpreters_packages(tmp_path):
     """bench.py --vs-trl run from a venv: the TRL venv must see that venv's torch and transformers, not only the base
-    interpreter's (what --system-site-packages gives). Here the running interpreter is a venv holding a module the
-    base interpreter lacks; the venv that bench_trl makes from it must import it. No TRL is installed."""
+    interpreter's (what --system-site-packages gives). Here the running interpreter is an "outer" venv that holds a
+    module the base interpreter lacks and sees this test's torch through a .pth file (as a user's venv holds its own
+    torch); the venv that bench_trl makes from it must import both from there. No TRL is installed. The outer venv
+    is made from the base interpreter even when the tests run in a venv (venv always starts from the base), so its
+    torch must be added by hand: a base interpreter without torch is the common case."""
+    import site
     outer = tmp_path / "outer"
     subprocess.check_call([sys.executable, "-m", "venv", "--without-pip", str(outer)])
     outer_py = str(outer / "bin" / "python")
     site_dir = subprocess.check_output([outer_py, "-c", "import site; print(site.getsitepackages()[0])"],
                                        text=True).strip()
     open(os.path.join(site_dir, "only_in_the_outer_venv.py"), "w").write("")
+    open(os.path.join(site_dir, "this_tests_packages.pth"), "w").write(
+        f"import site; list(map(site.addsitedir, {site.getsitepackages()!r}))\n")
     inner = tmp_path / "inner"
     subprocess.check_call([outer_py, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_trl; "
                                            f"bench_trl.make_venv({str(inner)!r}, pip=False)"])
     found = subprocess.check_output([str(inner / "bin" / "python"), "-c", "import only_in_the_outer_venv as m, torch; "
                                      "print(m.__file__); print(torch.__file__)"], text=True).split()
     assert found[0] == os.path.join(site_dir, "only_in_the_outer_venv.py")
-    assert found[1].endswith(os.path.join("torch", "__init__.py"))  # the base interpreter's (the outer venv has none)
+    assert os.path.realpath(found[1]) == os.path.realpath(torch.__file__)  # the torch the outer venv runs with
 
 
 def bench_child(capsys, *argv):
