@@ -262,11 +262,11 @@ def masked_mean(x, mask):
 LOGITS_CHUNK = 16  # response positions per LM-head chunk: B x 16 x V logits at a time
 
 
-def token_logprobs(head, h, labels, entropy, temperature):
-    """log softmax(head(h) / T)[label] for one chunk: (B, C, H) -> (B, C), and the entropy (no grad: only logged).
+def token_logprobs(final_logits, h, labels, entropy, temperature):
+    """log softmax(logits(h) / T)[label] for one chunk: (B, C, H) -> (B, C), and the entropy (no grad: only logged).
     T is the sampling temperature: the policy PPO optimises is the distribution the responses were sampled from."""
     B, C, H = h.shape
-    logits = head(h.reshape(B * C, H)).float().view(B, C, -1) / temperature  # (B, C, V); 2-D: a strided slice is slower
+    logits = final_logits(h.reshape(B * C, H)).view(B, C, -1) / temperature  # (B, C, V); 2-D: a strided slice is slower
     lp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     if not entropy:
         return lp
@@ -294,6 +294,36 @@ class HydraModel(nn.Module):
         for head in (self.reward_head, self.value_head):   # lm-human-preferences: std 1/sqrt(H+1), bias 0
             nn.init.normal_(head.weight, std=1 / math.sqrt(H + 1))
             nn.init.zeros_(head.bias)
+        # The model's own last step from its LM head to the logits generate() samples from: Cohere multiplies by
+        # logit_scale, Granite divides by logits_scaling, Gemma 2 and 3 soft-cap, cap * tanh(logits / cap).
+        config = lm.config
+        self.logit_scale = getattr(config, "logit_scale", None) or 1 / (getattr(config, "logits_scaling", None) or 1)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        if device.type != "meta":
+            self.check_logits()
+
+    def final_logits(self, h):
+        """(N, H) -> (N, V) fp32 logits of the distribution the model samples from: PPO's ratio and KL are exact
+        only for that one."""
+        logits = self.lm.get_output_embeddings()(h).float()
+        logits = logits * self.logit_scale if self.logit_scale != 1 else logits
+        return self.softcap * torch.tanh(logits / self.softcap) if self.softcap else logits
+
+    @torch.no_grad()
+    def check_logits(self):
+        """final_logits must give the model's own logits: a family with another final step (not one of the three
+        above) is refused, rather than trained on log-probs of a distribution it never samples from."""
+        lm, V = self.lm, self.lm.get_output_embeddings().out_features
+        ids = torch.arange(3, 11, device=self.reward_head.weight.device)[None] % V  # (1, 8)
+        was, _ = lm.training, lm.eval()
+        theirs = lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float()[0]  # (8, V)
+        ours = self.final_logits(self(ids, torch.ones_like(ids))[0])
+        lm.train(was)
+        tol = 1e-4 if lm.get_output_embeddings().weight.dtype == torch.float32 else 2e-2
+        check(torch.allclose(ours, theirs, rtol=tol, atol=tol * theirs.abs().max().item()),
+              f"{type(lm).__name__}: its logits come from a final step after the LM head that hydra-ppo does not "
+              f"apply (largest difference {(ours - theirs).abs().max().item():.3g}); PPO's log-probs would not be "
+              f"those of the distribution it samples from")
 
     def forward(self, input_ids, attention_mask):
         # Positions count real tokens only, so a left-padded prompt starts at position 0 like an unpadded one.
@@ -308,9 +338,8 @@ class HydraModel(nn.Module):
         (B, R, V) logits never exist at once, in the forward or the backward (which recomputes each chunk)."""
         h = hidden[:, start - 1:-1]           # (B, R, H): the state at t-1 predicts token t
         labels = input_ids[:, start:]         # (B, R)
-        head = self.lm.get_output_embeddings()
-        chunks = [checkpoint(token_logprobs, head, h[:, i:i + LOGITS_CHUNK], labels[:, i:i + LOGITS_CHUNK], entropy,
-                             temperature, use_reentrant=False) for i in range(0, h.shape[1], LOGITS_CHUNK)]
+        chunks = [checkpoint(token_logprobs, self.final_logits, h[:, i:i + LOGITS_CHUNK], labels[:, i:i + LOGITS_CHUNK],
+                             entropy, temperature, use_reentrant=False) for i in range(0, h.shape[1], LOGITS_CHUNK)]
         if not entropy:
             return torch.cat(chunks, 1)  # (B, R)
         return torch.cat([c[0] for c in chunks], 1), torch.cat([c[1] for c in chunks], 1)
@@ -1189,9 +1218,10 @@ def make_demo_pairs(n, seed=0, hh=False):
 # Models: load a real one, build a tiny one, save and load the checkpoints the stages hand to each other.
 
 def no_dropout(config):
-    """Zero every dropout rate in a transformers config (PPO needs deterministic log-probs: ratio 1 at the start)."""
+    """Zero every dropout rate in a transformers config: attention_dropout, GPT-2's resid_pdrop, OPT's layerdrop...
+    PPO needs the update's forward in train() to equal the rollout's in eval(): ratio exactly 1 before a step."""
     for k, v in vars(config).items():
-        if "dropout" in k and isinstance(v, float):
+        if "drop" in k and isinstance(v, float):
             setattr(config, k, 0.0)
     return config
 
@@ -1222,6 +1252,10 @@ def load_lm(name, device, dtype, dropout=True):
     except Exception as e:  # missing or damaged weights: OSError, safetensors' own error, ...
         raise UserError(f"{name}: could not load the model's weights "
                         f"({(str(e).strip().splitlines() or [''])[0][:150]})") from None
+    if not dropout:  # and any nn.Dropout a family builds with a rate of its own
+        for m in lm.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
     return lm.to(device), tok
 
 

@@ -1524,6 +1524,8 @@ FAMILY_CONFIGS = {
     "gpt-neox": ("GPTNeoXConfig", {}, 4),    # Pythia
     "falcon": ("FalconConfig", {}, 4),
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=128), 4),  # Conv1D: weights (in, out)
+    "cohere": ("CohereConfig", {}, 7),                            # logits * logit_scale (0.0625)
+    "granite": ("GraniteConfig", dict(logits_scaling=8.0), 7),   # logits / logits_scaling
 }
 
 
@@ -1585,6 +1587,50 @@ def test_each_family_runs_hydra_sft_then_ppo_and_exports_to_peft(family, tmp_pat
     with model.disable_adapter():
         assert not torch.allclose(model(batch).logits, want, atol=1e-4)  # the policy did move away from SFT
     torch.testing.assert_close(model(batch).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_ppo_logprobs_are_those_of_the_distribution_the_model_samples_from(family, batch):
+    """log_softmax of the model's own logits at the sampling temperature, whatever its final step after the LM head
+    (Gemma 2's soft-cap, Cohere's logit_scale, Granite's logits_scaling): PPO's ratio and KL are exact only then."""
+    lm, _ = tiny_family(family)
+    with torch.no_grad():  # large logits, so that a soft-cap of 30 bends them: a missed cap shows
+        lm.get_output_embeddings().weight.mul_(200 / lm(batch).logits.abs().max())
+    model, T, P = hp.HydraModel(lm), 0.7, 3
+    want = (lm(batch).logits.float()[:, P - 1:-1] / T).log_softmax(-1).gather(-1, batch[:, P:, None]).squeeze(-1)
+    got = model.logprobs(model(batch, torch.ones_like(batch)), batch, P, temperature=T)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_a_family_with_a_final_step_hydra_ppo_does_not_apply_is_refused(batch):
+    from transformers import LlamaForCausalLM
+
+    class Doubled(LlamaForCausalLM):  # a final step after the LM head that final_logits does not know
+        def forward(self, *a, **k):
+            out = super().forward(*a, **k)
+            out.logits = out.logits * 2
+            return out
+    lm, _ = tiny_family("llama")
+    with pytest.raises(hp.UserError, match="Doubled: its logits come from a final step after the LM head"):
+        hp.HydraModel(Doubled(lm.config))
+
+
+@pytest.mark.parametrize("family", FAMILY_CONFIGS)
+def test_the_update_forward_in_train_mode_equals_the_eval_forward(family, tmp_path, batch):
+    """Every dropout rate a config has (GPT-2's *_pdrop, OPT's layerdrop, ...) at 0.1, as checkpoints ship them:
+    loaded for PPO, the forward in train() (the update) is the forward in eval() (rollout, reference), bit for bit,
+    so the ratio is exactly 1 before the first optimiser step."""
+    lm, tok = tiny_family(family)
+    for k, v in vars(lm.config).items():
+        if "drop" in k and isinstance(v, float):
+            setattr(lm.config, k, 0.1)
+    lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    lm = hp.load_lm(str(tmp_path), "cpu", torch.float32, dropout=False)[0]
+    with torch.no_grad():
+        assert torch.equal(lm.train()(batch).logits, lm.eval()(batch).logits)
+        noisy = hp.load_lm(str(tmp_path), "cpu", torch.float32)[0].train()  # the check can fail: dropout on
+        assert not torch.equal(noisy(batch).logits, noisy(batch).logits)
 
 
 # ---- CLI and bad input -----------------------------------------------------------------------------------------------
