@@ -58,7 +58,8 @@ def stage_configs(cfg):
                               rm=path(rm) if rm else "", steps=cfg.ppo_steps, batch_size=cfg.batch_size,
                               minibatch_size=cfg.minibatch_size, micro_batch_size=cfg.micro_batch_size,
                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, actor_lr=cfg.actor_lr,
-                              critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef, eval_prompts=cfg.eval_prompts,
+                              critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef, reward_norm=cfg.reward_norm,
+                              eval_prompts=cfg.eval_prompts,
                               eval_samples=cfg.eval_samples)
             for key, _, mode, sft, rm, _ in ROWS}
     return sfts, ppos

@@ -161,8 +161,8 @@ class PPOConfig(Common):
     ppo_epochs: int = arg(1, "passes over each rollout batch (paper: 1)", ge=1)
     actor_lr: float = arg(0.0, "actor learning rate; 0: the mode's default (MODES: LoRA 5e-4, full 5e-7)",
                           ge=0, le=1, why=LR_WHY)
-    critic_lr: float = arg(0.0, "critic (and value head) learning rate; 0: the mode's default (MODES: LoRA 5e-5, "
-                                "full 1e-6)", ge=0, le=1, why=LR_WHY)
+    critic_lr: float = arg(0.0, "critic (and value head) learning rate; 0: the mode's default (MODES: LoRA 5e-4, "
+                                "the paper's 5e-5; full 1e-6)", ge=0, le=1, why=LR_WHY)
     lora_r: int = arg(128, "LoRA rank of the actor and critic adapters (paper: 128)", ge=1)
     lora_alpha: float = arg(128.0, "LoRA alpha; scaling = alpha / r = 1 as DeepSpeed-Chat's default (not published)",
                             gt=0)
@@ -181,10 +181,13 @@ class PPOConfig(Common):
     top_p: float = arg(1.0, "nucleus sampling (1.0: off)", gt=0, le=1)
     fold_lora: bool = arg(False, "sample with the actor adapter folded into a copy of the targeted weights: one "
                                  "matmul per layer and token instead of three, for the memory of that copy")
-    missing_eos_penalty: float = arg(0.0, "subtracted from the score of responses that never emit EOS (0: off)",
-                                     ge=0)
-    score_clip: float = arg(0.0, "clip reward-model scores to [-c, c] (0: off)", ge=0)
+    missing_eos_penalty: float = arg(0.0, "subtracted from the score of responses that never emit EOS (0: off; "
+                                          "after --reward-norm, so in its units)", ge=0)
+    score_clip: float = arg(0.0, "clip reward-model scores to [-c, c] (0: off; after --reward-norm)", ge=0)
     whiten_rewards: bool = arg(False, "whiten the per-token rewards of each batch (without shifting the mean)")
+    reward_norm: bool = arg(True, "scores as (score - mean) / std, the mean and std of the reward model on the first "
+                                  "rollout (the SFT policy's); the value head starts so normalised too (Ziegler et al. "
+                                  "2019; the paper: --no-reward-norm)")
     eval_every: int = arg(0, "evaluate on held-out prompts every N steps (0: only at the end)", ge=0)
     eval_prompts: int = arg(64, "held-out prompts used by each evaluation", ge=1)
     eval_samples: int = arg(1, "responses per held-out prompt from each policy; more narrow the win-rate's interval",
@@ -456,6 +459,19 @@ def explained_variance(values, returns, mask):
                 / masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)).item()
 
 
+def normalize_rewards(critic, score):
+    """Reward normalisation (Ziegler et al. 2019; summarize_from_feedback_details): the mean and std of the reward
+    model's scores (B,) on the SFT policy's samples; PPO then rewards (score - mean) / std, so the SFT policy scores
+    0 on average whatever the reward model's scale. The value head, a copy of the reward head, is shifted and scaled
+    the same way, so that it still predicts the rewards it will be trained on. -> (mean, std)"""
+    moments = mean_over_ranks(dict(m=score.mean().item(), m2=(score ** 2).mean().item()))
+    mean, std = moments["m"], max(moments["m2"] - moments["m"] ** 2, 1e-6) ** 0.5
+    with torch.no_grad():
+        critic.value_head.weight.div_(std)
+        critic.value_head.bias.sub_(mean).div_(std)
+    return mean, std
+
+
 def update_kl_coef(beta, kl, target, n, horizon):
     """Adaptive KL controller (Ziegler et al. 2019): nudge beta so the KL per sequence approaches `target`."""
     error = max(-0.2, min(0.2, kl / target - 1))
@@ -468,8 +484,9 @@ def update_kl_coef(beta, kl, target, n, horizon):
 # a model loaded from a checkpoint: "sft" from --sft (Hydra-SFT in hydra and jhydra, whose reward head is then the
 # reward model), "rm" from --rm, "... copy" a second, frozen one. LORA_OFF: the trunk itself, LoRA off; a trained role
 # with LORA_OFF (full) trains its whole trunk, in fp32. The learning rates where --actor-lr / --critic-lr are 0: LoRA
-# trains a few new weights from zero (the paper's visible config); full fine-tuning moves every weight of a trained
-# model, at the paper's full fine-tuning scale (its SFT and RM rates).
+# trains a few new weights from zero at the paper's actor rate 5e-4, the critic at that rate too (OpenRLHF: a critic
+# rate at or above the actor's), not the paper's 5e-5, at which the critic did not learn (README: Learning rates);
+# full fine-tuning moves every weight of a trained model, at the paper's full fine-tuning scale (its SFT and RM rates).
 
 LORA_OFF = None
 HEADS = dict(actor="lm", critic="value", ref="lm", rm="reward")
@@ -477,10 +494,10 @@ ROLES = tuple(HEADS)
 #           actor                critic               reference              reward model           lr: actor, critic
 MODES = {mode: dict(zip(ROLES + ("lr",), row)) for mode, row in dict(
     full=  (("sft", LORA_OFF),   ("rm", LORA_OFF),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), (5e-7, 1e-6)),
-    lora=  (("sft", "actor"),    ("rm", "critic"),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), (5e-4, 5e-5)),
-    dlora= (("sft", "actor"),    ("rm", "critic"),    ("sft", LORA_OFF),      ("rm", LORA_OFF),      (5e-4, 5e-5)),
-    jhydra=(("sft", "shared"),   ("sft", "shared"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     (5e-4, 5e-5)),
-    hydra= (("sft", "actor"),    ("sft", "critic"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     (5e-4, 5e-5)),
+    lora=  (("sft", "actor"),    ("rm", "critic"),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), (5e-4, 5e-4)),
+    dlora= (("sft", "actor"),    ("rm", "critic"),    ("sft", LORA_OFF),      ("rm", LORA_OFF),      (5e-4, 5e-4)),
+    jhydra=(("sft", "shared"),   ("sft", "shared"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     (5e-4, 5e-4)),
+    hydra= (("sft", "actor"),    ("sft", "critic"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     (5e-4, 5e-4)),
 ).items()}  # MODES["hydra"]["ref"] == ("sft", LORA_OFF)
 
 
@@ -558,6 +575,7 @@ class Learner:
     params: list
     generator: typing.Optional[torch.Generator]
     beta: float
+    score_norm: typing.Optional[tuple] = None  # (mean, std) of the first rollout's scores (--reward-norm)
 
 
 def setup_ppo(cfg, load):
@@ -669,7 +687,10 @@ def score_rollout(roles, names, ids, mask, P, cfg, run):
 def rewards_and_advantages(batch, cfg):
     """Steps 3-4: KL-shaped rewards, then GAE advantages and returns, added to `batch`. -> stats."""
     resp_mask, score, beta, values = batch["resp_mask"], batch["score"], batch["beta"], batch["values"]
-    # 3. Rewards: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last response token.
+    # 3. Rewards: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last response token,
+    #    normalised (--reward-norm), clipped (--score-clip), less --missing-eos-penalty.
+    if batch["score_norm"]:
+        score = (score - batch["score_norm"][0]) / batch["score_norm"][1]
     if cfg.score_clip:
         score = score.clamp(-cfg.score_clip, cfg.score_clip)
     if cfg.missing_eos_penalty:
@@ -683,7 +704,7 @@ def rewards_and_advantages(batch, cfg):
     # 4. Advantages: GAE over the response tokens, whitened over real tokens.
     advantages, returns = compute_gae(rewards, values, resp_mask, cfg.gamma, cfg.lam)
     batch["advantages"], batch["returns"] = masked_whiten(advantages, resp_mask) * resp_mask, returns
-    return dict(score=score.mean().item(), kl=kl.sum(1).mean().item(), beta=beta,
+    return dict(score=batch["score"].mean().item(), kl=kl.sum(1).mean().item(), beta=beta,  # the RM's own scale
                 reward=rewards.sum(1).mean().item(), response_len=resp_mask.sum(1).mean().item(),
                 eos_frac=batch["has_eos"].float().mean().item(),
                 explained_var=explained_variance(values, returns, resp_mask))
@@ -748,14 +769,16 @@ def mean_over_ranks(stats):
 
 
 def optimizer_step(opt, params, max_grad_norm):
-    """The gradients averaged over ranks and clipped, then one step, never with a non-finite gradient (the
-    parameters stay good), gradients zeroed. -> the gradient norm before clipping."""
+    """The gradients averaged over ranks, each parameter group (PPO: the actor's, the critic's) clipped to
+    max_grad_norm on its own, as the separate actor and critic optimizers of DeepSpeed-Chat and OpenRLHF are (the
+    value loss's gradients must not shrink the actor's step); then one step, never with a non-finite gradient (the
+    parameters stay good), gradients zeroed. -> each group's gradient norm before clipping."""
     average_gradients(params)  # data parallel (no-op in one process)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-    if math.isfinite(grad_norm):
+    norms = [torch.nn.utils.clip_grad_norm_(g["params"], max_grad_norm).item() for g in opt.param_groups]
+    if all(math.isfinite(n) for n in norms):
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return grad_norm
+    return norms
 
 
 def ppo_update(learner, batch, cfg, run):
@@ -790,8 +813,9 @@ def ppo_update(learner, batch, cfg, run):
                         (loss * weight).backward()
                     for k, v in {**s, **losses}.items():
                         stats[k] = stats.get(k, 0.0) + v * weight
-            stats["grad_norm"] = optimizer_step(learner.opt, learner.params, cfg.max_grad_norm)
-            stats["skipped"] = float(not math.isfinite(stats["grad_norm"]))  # NaN/inf loss or gradient
+            stats["grad_norm"], stats["critic_grad_norm"] = optimizer_step(learner.opt, learner.params,
+                                                                           cfg.max_grad_norm)
+            stats["skipped"] = float(not math.isfinite(stats["grad_norm"] + stats["critic_grad_norm"]))
             all_stats.append(stats)
     return all_stats
 
@@ -810,12 +834,16 @@ def ppo_step(learner, tok, p_ids, p_mask, cfg, run, min_new_tokens=0):
     # 2. Score. The reference policy and the reward model: their adapter is LORA_OFF in every mode (one pass for
     #    both heads in hydra and jhydra, two in dlora; lora and full hold frozen copies without LoRA).
     with_lora_off = score_rollout(roles, ("ref", "rm"), ids, mask, P, cfg, run)
+    #    --reward-norm: the first rollout, the SFT policy's (LoRA's B is 0), sets the scores' mean and std; the value
+    #    head is rescaled before it reads the rollout.
+    if cfg.reward_norm and learner.score_norm is None and learner.opt is not None:
+        learner.score_norm = normalize_rewards(roles["critic"].model, with_lora_off["rm"])
     #    The old log-probs (actor) and values (critic), each with its adapter on. On the one_pass fast path the
     #    update's first forward gives the actor's pass (in jhydra also the critic's), so it is not run here.
     fast = learner.opt is not None and one_pass(cfg, ids.shape[0])
     in_update = passes(roles, ("actor", "critic"))[0][1] if fast else []
     adapters_on = score_rollout(roles, [n for n in ("actor", "critic") if n not in in_update], ids, mask, P, cfg, run)
-    batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=learner.beta,
+    batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=learner.beta, score_norm=learner.score_norm,
                  resp_mask=mask[:, P:].float(),  # (B, R) 1 on response tokens up to EOS
                  ref_logprobs=with_lora_off["ref"], score=with_lora_off["rm"], logprobs=adapters_on.get("actor"),
                  values=adapters_on.get("critic"))
@@ -1619,7 +1647,7 @@ def sft_step(model, tok, opt, params, draw, cfg, run):
         (loss * cfg.micro_batch_size / cfg.batch_size).backward()
         for k, v in s.items():
             stats[k] = stats.get(k, 0.0) + v * cfg.micro_batch_size / cfg.batch_size
-    return mean_over_ranks(stats), optimizer_step(opt, params, cfg.max_grad_norm)
+    return mean_over_ranks(stats), optimizer_step(opt, params, cfg.max_grad_norm)[0]  # one group
 
 
 def save_sft_checkpoint(cfg, run, model, tok, meta, step):
@@ -1837,7 +1865,7 @@ def save_state(cfg, step, learner, rng, order):
     minibatch RNG, the prompt order and every other RNG (and the mode: lora and dlora train tensors of the same
     shapes). Written to a temporary file and renamed, so a kill at any moment leaves the previous checkpoint whole."""
     state = dict(step=step, params=[p.detach().cpu() for p in learner.params], opt=learner.opt.state_dict(),
-                 beta=learner.beta, order=order, python_rng=rng.getstate(), torch_rng=torch.get_rng_state(),
+                 beta=learner.beta, score_norm=learner.score_norm, order=order, python_rng=rng.getstate(), torch_rng=torch.get_rng_state(),
                  generator=learner.generator.get_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], mode=cfg.mode)
     path = os.path.join(cfg.out, STATE_FILE)
@@ -1862,7 +1890,7 @@ def load_state(cfg, learner, rng):
         for p, saved in zip(params, state["params"]):
             p.copy_(saved)
     learner.opt.load_state_dict(state["opt"])
-    learner.beta = state["beta"]
+    learner.beta, learner.score_norm = state["beta"], state.get("score_norm")
     rng.setstate((state["python_rng"][0], tuple(state["python_rng"][1]), state["python_rng"][2]))
     torch.set_rng_state(state["torch_rng"])
     learner.generator.set_state(state["generator"])
@@ -2201,6 +2229,8 @@ class Budget(Common):
     actor_lr: float = arg(0.0, "PPO actor learning rate (0: auto)", ge=0, le=1, why=LR_WHY)
     critic_lr: float = arg(0.0, "PPO critic learning rate (0: auto)", ge=0, le=1, why=LR_WHY)
     kl_coef: float = arg(0.0, "beta of the KL penalty (0: auto; paper: 0.02)", ge=0)
+    reward_norm: bool = arg(True, "PPO rewards (score - mean) / std, from the SFT policy's first rollout "
+                                  "(--no-reward-norm: the paper's raw scores)")
     eval_prompts: int = arg(128, "held-out prompts in the final comparison", ge=1)
     eval_samples: int = arg(0, "responses per held-out prompt from each policy (0: auto)", ge=0, le=MAX_SAMPLES,
                             why=EVAL_SAMPLES_WHY)
@@ -2223,19 +2253,20 @@ class PipelineConfig(Budget):
 # tiny: the demo's in-memory model (the README's demo table). real: a pretrained model under 1B parameters, which
 # needs far smaller steps than a random one, a wider adapter, and room for a sentence (the README's SmolLM2-135M
 # commands use this row). billion: the paper's OPT-1.3b / Llama-7b settings (PAPER.md): 400 + 400 tokens,
-# LoRA r 128, actor lr 5e-4, critic lr 5e-5; Hydra-SFT full fine-tuning at the paper's reward-model rate 1e-6 (its
-# SFT used 5e-7; one Hydra-SFT rate must also train the new reward head) for one epoch (sft_steps 0: the paper
-# publishes no step count); alpha = r (not published; DeepSpeed-Chat's scaling 1). Several evaluation samples per
-# prompt narrow the win-rate's interval; at 400 tokens one each keeps the evaluation affordable. beta is the paper's
-# 0.02 except on the tiny model: there, at 0.02, PPO drifts (KL ~9) into long lists of positive words that its reward
-# model overrates and the gold rule does not (seed 0: gold win-rate 0.27); 0.1 keeps it near what the RM has seen.
+# LoRA r 128, actor lr 5e-4, critic lr 5e-4 (the paper's 5e-5 starves the critic: see MODES); Hydra-SFT full
+# fine-tuning at the paper's reward-model rate 1e-6 (its SFT used 5e-7; one Hydra-SFT rate must also train the new
+# reward head) for one epoch (sft_steps 0: the paper publishes no step count); alpha = r (not published;
+# DeepSpeed-Chat's scaling 1). Several evaluation samples per prompt narrow the win-rate's interval; at 400 tokens
+# one each keeps the evaluation affordable. beta is the paper's 0.02 except on the tiny model: there, at 0.02, PPO
+# drifts (KL ~9) into long lists of positive words that its reward model overrates and the gold rule does not (seed 0:
+# gold win-rate 0.27); 0.1 keeps it near what the RM has seen.
 PIPELINE_SETTINGS = {
     "tiny": dict(max_prompt_len=64, max_response_len=16, sft_steps=300, sft_lr=1e-3, lora_r=8, lora_alpha=16.0,
                  actor_lr=3e-3, critic_lr=3e-3, kl_coef=0.1, eval_samples=4),
     "real": dict(max_prompt_len=64, max_response_len=48, sft_steps=100, sft_lr=2e-5, lora_r=16, lora_alpha=32.0,
                  actor_lr=1e-4, critic_lr=1e-4, kl_coef=0.02, eval_samples=4),
     "billion": dict(max_prompt_len=400, max_response_len=400, sft_steps=0, sft_lr=1e-6, lora_r=128, lora_alpha=128.0,
-                    actor_lr=5e-4, critic_lr=5e-5, kl_coef=0.02, eval_samples=1),
+                    actor_lr=5e-4, critic_lr=5e-4, kl_coef=0.02, eval_samples=1),
 }
 
 
@@ -2334,7 +2365,7 @@ def pipeline(cfg: PipelineConfig):
                         steps=cfg.ppo_steps, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size,
                         micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                         actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef,
-                        eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples)
+                        reward_norm=cfg.reward_norm, eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples)
     check(cfg.sft_batch_size % sft_cfg.micro_batch_size == 0, f"--sft-batch-size {cfg.sft_batch_size} must be a "
                                                                f"multiple of --micro-batch-size {cfg.micro_batch_size}")
     validate(sft_cfg)  # both stages' flags before the first one runs: a bad PPO flag must not wait for SFT

@@ -618,6 +618,44 @@ def test_ppo_losses_follow_their_definitions():
     assert hp.masked_mean(w, mask).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_each_parameter_group_is_clipped_on_its_own():
+    """The actor's step is not shrunk by a large value-loss gradient (one clip over both would shrink it 200x)."""
+    a, c = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    a.grad, c.grad = torch.full((4,), 0.25), torch.full((4,), 100.0)  # norms 0.5 and 200
+    opt = torch.optim.SGD([dict(params=[a]), dict(params=[c])], lr=1.0)
+    assert hp.optimizer_step(opt, [a, c], max_grad_norm=1.0) == pytest.approx([0.5, 200.0])
+    torch.testing.assert_close(a.detach(), torch.full((4,), -0.25))   # unclipped
+    torch.testing.assert_close(c.detach(), torch.full((4,), -0.5))    # clipped to norm 1
+
+
+def test_reward_normalisation_makes_the_sft_policy_score_zero_and_scales_the_value_head_alike(ckpts):
+    """--reward-norm (the default): the first rollout's scores, the SFT policy's, become mean 0 and std 1, and the
+    value head, a copy of the reward head, predicts on that scale from the start. --no-reward-norm: the paper's raw
+    scores, the value head the reward head's copy."""
+    cfg = ppo_config(ckpts, "hydra", micro_batch_size=4)
+    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    critic = learner.roles["critic"].model
+    h = torch.randn(5, critic.reward_head.in_features)
+    raw = critic.reward_head(h).detach()
+    tok, p_ids, p_mask = demo_prompts(cfg)
+    batch, _ = hp.ppo_step(learner, tok, p_ids, p_mask, cfg, hp.setup_device("cpu"))
+    mean, std = learner.score_norm
+    assert mean == pytest.approx(batch["score"].mean().item(), abs=1e-5)
+    assert std == pytest.approx(batch["score"].std(correction=0).item(), rel=1e-4)
+    assert std != pytest.approx(1.0, abs=0.05) or mean != pytest.approx(0.0, abs=0.05)  # the check can fail
+    normed = (batch["score"] - mean) / std
+    assert normed.mean().item() == pytest.approx(0.0, abs=1e-5) and normed.std(correction=0).item() == pytest.approx(1)
+    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))  # again: the head before training
+    critic = learner.roles["critic"].model
+    learner.opt = None  # rollout_batch's learner: no update, no normalisation
+    hp.normalize_rewards(critic, batch["score"])
+    torch.testing.assert_close(critic.value_head(h).detach(), (raw - mean) / std, atol=1e-5, rtol=1e-5)
+    paper = hp.replace(cfg, reward_norm=False)
+    learner = hp.setup_ppo(paper, hp.checkpoint_loader(paper, CPU, torch.float32))
+    hp.ppo_step(learner, tok, p_ids, p_mask, paper, hp.setup_device("cpu"))
+    assert learner.score_norm is None
+
+
 def test_adaptive_kl_moves_beta_toward_the_target():
     assert hp.update_kl_coef(0.1, kl=12.0, target=6.0, n=100, horizon=1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     assert hp.update_kl_coef(0.1, kl=3.0, target=6.0, n=100, horizon=1000) < 0.1
@@ -716,7 +754,7 @@ def test_full_fine_tuning_gets_its_own_learning_rates(ckpts):
         return [g["lr"] for g in hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32)).opt.param_groups]
     assert hp.PPOConfig().actor_lr == hp.PPOConfig().critic_lr == 0.0  # 0: by mode
     assert lrs(ppo_config(ckpts, "full")) == [5e-7, 1e-6]
-    assert lrs(ppo_config(ckpts, "hydra")) == [5e-4, 5e-5]
+    assert lrs(ppo_config(ckpts, "hydra")) == [5e-4, 5e-4]
     assert lrs(ppo_config(ckpts, "full", actor_lr=1e-5, critic_lr=2e-5)) == [1e-5, 2e-5]
     assert hp.learning_rates(ppo_config(ckpts, "lora", critic_lr=1e-4)) == (5e-4, 1e-4)
 
@@ -1386,13 +1424,14 @@ def test_pipeline_settings_follow_the_model(tmp_path, capsys):
 
 def test_billion_parameter_models_get_the_papers_settings(tmp_path, capsys):
     """From 1B parameters (OPT-1.3b, Llama-7b) the pipeline uses the paper's row: 400 + 400 tokens, LoRA r 128,
-    actor lr 5e-4, critic lr 5e-5, Hydra-SFT for one epoch. Only the config is read: a 1.1B Llama with no weights."""
+    actor lr 5e-4, critic lr 5e-4 (not the paper's 5e-5: see MODES), Hydra-SFT for one epoch. Only the config is
+    read: a 1.1B Llama with no weights."""
     from transformers import LlamaConfig
     LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000).save_pretrained(tmp_path)
     cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path), sft_lr=2e-6))
     assert (cfg.max_prompt_len, cfg.max_response_len, cfg.lora_r, cfg.actor_lr, cfg.critic_lr, cfg.sft_steps,
-            cfg.sft_lr) == (400, 400, 128, 5e-4, 5e-5, 0, 2e-6)
+            cfg.sft_lr) == (400, 400, 128, 5e-4, 5e-4, 0, 2e-6)
     line = capsys.readouterr().out
     assert line.startswith("settings for a 1.1B model, PIPELINE_SETTINGS['billion']: --max-prompt-len 400,")
     assert "--sft-steps 0 (one epoch)," in line and line.rstrip().endswith("(given: sft_lr)")
