@@ -1280,10 +1280,6 @@ def load_lm(name, device, dtype, dropout=True):
     except Exception as e:  # missing or damaged weights: OSError, safetensors' own error, ...
         raise UserError(f"{name}: could not load the model's weights "
                         f"({(str(e).strip().splitlines() or [''])[0][:150]})") from None
-    if not dropout:  # and any nn.Dropout a family builds with a rate of its own
-        for m in lm.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
     return lm.to(device), tok
 
 
@@ -1865,8 +1861,8 @@ def save_state(cfg, step, learner, rng, order):
     minibatch RNG, the prompt order and every other RNG (and the mode: lora and dlora train tensors of the same
     shapes). Written to a temporary file and renamed, so a kill at any moment leaves the previous checkpoint whole."""
     state = dict(step=step, params=[p.detach().cpu() for p in learner.params], opt=learner.opt.state_dict(),
-                 beta=learner.beta, score_norm=learner.score_norm, order=order, python_rng=rng.getstate(), torch_rng=torch.get_rng_state(),
-                 generator=learner.generator.get_state(),
+                 beta=learner.beta, score_norm=learner.score_norm, order=order, python_rng=rng.getstate(),
+                 torch_rng=torch.get_rng_state(), generator=learner.generator.get_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], mode=cfg.mode)
     path = os.path.join(cfg.out, STATE_FILE)
     with open(path + ".tmp", "wb") as fh:
