@@ -5,12 +5,15 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import asdict, fields, replace
 
 import pytest
 import torch
 import torch.nn as nn
 
-import compare
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
+import compare  # noqa: E402 (tools/compare.py)
+import harness  # noqa: E402
 import hydra_ppo as hp
 from lora import (LoRALinear, add_lora, describe_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
                   lora_state_dict, merge_lora, use_adapter)
@@ -25,8 +28,8 @@ FAMILIES = ["tiny", "tiny-opt"]  # Llama and OPT
 
 
 def tiny(family="tiny", seed=0):
-    texts = [p[k] for p in hp.make_demo_pairs(50) for k in ("prompt", "chosen", "rejected")]
-    lm, tok = hp.build_tiny(family, texts, seed, "cpu")
+    texts = [p[k] for p in harness.make_demo_pairs(50) for k in ("prompt", "chosen", "rejected")]
+    lm, tok = harness.build_tiny(family, texts, seed, "cpu")
     return lm.eval(), tok
 
 
@@ -63,7 +66,7 @@ def msg(role, content):
 
 MODES = ["hydra", "jhydra", "dlora", "lora", "full"]
 CPU = torch.device("cpu")
-CPU_RUN = hp.setup_device("cpu")  # fp32, one process
+CPU_RUN = harness.setup_device("cpu")  # fp32, one process
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,7 @@ def ckpts(tmp_path_factory):
     out = {}
     for task, steps in (("hydra", 60), ("sft", 20), ("rm", 20)):
         out[task] = str(root / task)
-        hp.sft(hp.SFTConfig(data=DEMO, out=out[task], task=task, steps=steps, device="cpu", seed=1))
+        harness.sft(harness.SFTConfig(data=DEMO, out=out[task], task=task, steps=steps, device="cpu", seed=1))
     return out
 
 
@@ -82,20 +85,27 @@ def ppo_config(ckpts, mode, out="", **kw):
     base = dict(mode=mode, sft=ckpts["hydra" if hydra else "sft"], rm="" if hydra else ckpts["rm"], data=DEMO,
                 out=out, steps=2, batch_size=8, minibatch_size=4, micro_batch_size=2, lora_r=4, lora_alpha=8.0,
                 max_response_len=8, eval_prompts=8, device="cpu")
-    return hp.PPOConfig(**{**base, **kw})
+    return harness.PPOConfig(**{**base, **kw})
 
 
 def demo_prompts(cfg, seed=0):
     """-> the SFT checkpoint's tokenizer, and cfg.batch_size demo prompts as left-padded ids (B, P) and mask."""
-    tok = hp.load_tokenizer(cfg.sft)
-    prompts = [hp.encode_prompt(tok, p["prompt"], 16) for p in hp.make_demo_pairs(cfg.batch_size, seed=seed)]
+    tok = harness.load_tokenizer(cfg.sft)
+    prompts = [harness.encode_prompt(tok, p["prompt"], 16) for p in harness.make_demo_pairs(cfg.batch_size, seed=seed)]
     return (tok, *hp.pad(prompts, tok.pad_token_id, "left"))
+
+
+def rollout_batch(roles, tok, p_ids, p_mask, cfg, run):
+    """Steps 1-4 of a PPO iteration at beta cfg.kl_coef, without reward normalisation, for a test to look at a
+    rollout before it updates on it."""
+    return hp.rollout(hp.Learner(roles, None, [], None, cfg.kl_coef), tok, p_ids, p_mask, replace(cfg, reward_norm=False),
+                      run)
 
 
 def one_iteration(cfg, learner, seed=0):
     tok, p_ids, p_mask = demo_prompts(cfg, seed)
     torch.manual_seed(seed)
-    batch, _ = hp.rollout_batch(learner.roles, tok, p_ids, p_mask, cfg, CPU_RUN)
+    batch, _ = rollout_batch(learner.roles, tok, p_ids, p_mask, cfg, CPU_RUN)
     learner.generator = torch.Generator().manual_seed(seed)
     return batch, hp.ppo_update(learner, batch, cfg, CPU_RUN)
 
@@ -106,12 +116,12 @@ def ppo_runs(ckpts, tmp_path_factory):
     runs = {}
     for mode in ("hydra", "full"):
         runs[mode] = str(root / mode)
-        hp.ppo(ppo_config(ckpts, mode, out=runs[mode], steps=3, actor_lr=1e-2, critic_lr=1e-2))
+        harness.ppo(ppo_config(ckpts, mode, out=runs[mode], steps=3, actor_lr=1e-2, critic_lr=1e-2))
     return runs
 
 
 def policy_logits(run, ids):
-    actor, _, _ = hp.load_policy(run, CPU, torch.float32)
+    actor, _, _ = harness.load_policy(run, CPU, torch.float32)
     with hp.adapter_on(actor):
         return actor.model.lm(ids).logits
 
@@ -161,7 +171,7 @@ def test_lora_linear_layout():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_new_adapter_changes_nothing_and_lora_off_is_bit_exact(family, batch, precision):
     """Also with --precision bf16 (CUDA's set-up, on the CPU): a bf16 trunk, fp32 LoRA, bf16 autocast."""
-    _, dtype, autocast, *_ = hp.setup_device("cpu", precision)
+    _, dtype, autocast, *_ = harness.setup_device("cpu", precision)
     lm, _ = tiny(family)
     lm.to(dtype)
     with autocast():
@@ -295,7 +305,7 @@ def test_lora_targets_all_linear_is_the_default():
     counts = []
     for names in ("", "all-linear"):  # peft's word for the default is accepted as the flag's value
         lm, _ = tiny("tiny-opt")
-        counts.append(hp.add_adapter(lm, hp.PPOConfig(lora_targets=names, lora_r=4)))
+        counts.append(hp.add_adapter(lm, harness.PPOConfig(lora_targets=names, lora_r=4)))
     assert counts == [12, 12]  # 6 linear maps in each of 2 layers
 
 
@@ -362,7 +372,7 @@ def test_load_pairs_both_formats(tmp_path):
     plain = json.dumps(dict(prompt="Q?", chosen=" yes", rejected=" no"))
     hh = json.dumps(dict(chosen="\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: fine, thanks",
                          rejected="\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: go away"))
-    pairs = hp.load_pairs(write(tmp_path, [plain, "", hh]))
+    pairs = harness.load_pairs(write(tmp_path, [plain, "", hh]))
     assert pairs[0] == dict(prompt="Q?", chosen=" yes", rejected=" no")
     assert pairs[1] == dict(prompt="\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant:",
                             chosen=" fine, thanks", rejected=" go away")
@@ -382,7 +392,7 @@ def test_load_pairs_both_formats(tmp_path):
 def test_load_pairs_bad_input(tmp_path, lines, message):
     path = write(tmp_path, lines)
     with pytest.raises(hp.UserError) as e:
-        hp.load_pairs(path)
+        harness.load_pairs(path)
     assert str(e.value).startswith(path) and message in str(e.value)
 
 
@@ -392,12 +402,12 @@ def test_load_pairs_trl_conversational_format(tmp_path):
     implicit = json.dumps(dict(chosen=user + good, rejected=user + bad))          # TRL: implicit prompt
     talk = [msg("user", "a"), msg("assistant", "b"), msg("user", "c")]
     multi = json.dumps(dict(chosen=talk + [msg("assistant", "d")], rejected=talk + [msg("assistant", "e")]))
-    pairs = hp.load_pairs(write(tmp_path, [explicit, implicit, multi]))
+    pairs = harness.load_pairs(write(tmp_path, [explicit, implicit, multi]))
     # The prompt stays a list of messages (a chat template formats it as such); responses are HH-style text.
     assert pairs[0] == pairs[1] == dict(prompt=user, chosen=" hello", rejected=" go away")
     assert pairs[2] == dict(prompt=talk, chosen=" d", rejected=" e")
     _, tok = tiny()  # without a chat template the messages become an HH transcript
-    assert hp.encode_prompt(tok, pairs[2]["prompt"], 64) == tok("\n\nHuman: a\n\nAssistant: b\n\nHuman: c"
+    assert harness.encode_prompt(tok, pairs[2]["prompt"], 64) == tok("\n\nHuman: a\n\nAssistant: b\n\nHuman: c"
                                                                 "\n\nAssistant:")["input_ids"]
 
 
@@ -412,21 +422,21 @@ def test_load_pairs_trl_conversational_format(tmp_path):
 ])
 def test_load_pairs_bad_conversations(tmp_path, row, message):
     with pytest.raises(hp.UserError, match=re.escape(message)):
-        hp.load_pairs(write(tmp_path, [json.dumps(row)]))
+        harness.load_pairs(write(tmp_path, [json.dumps(row)]))
 
 
 def test_sft_on_conversational_data(tmp_path):
     user = [msg("user", "review of the film :")]
     rows = [json.dumps(dict(prompt=user, chosen=[msg("assistant", p["chosen"])],
-                            rejected=[msg("assistant", p["rejected"])])) for p in hp.make_demo_pairs(8)]
-    summary = hp.sft(hp.SFTConfig(data=write(tmp_path, rows), out=str(tmp_path / "o"), steps=1, batch_size=4,
+                            rejected=[msg("assistant", p["rejected"])])) for p in harness.make_demo_pairs(8)]
+    summary = harness.sft(harness.SFTConfig(data=write(tmp_path, rows), out=str(tmp_path / "o"), steps=1, batch_size=4,
                                   micro_batch_size=4, device="cpu"))
     assert math.isfinite(summary["held_out_lm_loss"])
 
 
 def test_a_byte_order_mark_opens_a_file_like_any_other(tmp_path):
     row = '{"prompt": "a", "chosen": "b", "rejected": "c"}'
-    assert hp.load_pairs(write(tmp_path, ["\ufeff" + row, row])) == [dict(prompt="a", chosen="b", rejected="c")] * 2
+    assert harness.load_pairs(write(tmp_path, ["\ufeff" + row, row])) == [dict(prompt="a", chosen="b", rejected="c")] * 2
 
 
 def test_bad_data_on_the_command_line_is_one_line(tmp_path):
@@ -441,7 +451,7 @@ def test_bad_data_on_the_command_line_is_one_line(tmp_path):
 
 
 def hh_lines(n, seed=0):
-    return [json.dumps(p) for p in hp.make_demo_pairs(n, seed=seed, hh=True)]  # {chosen, rejected} transcripts
+    return [json.dumps(p) for p in harness.make_demo_pairs(n, seed=seed, hh=True)]  # {chosen, rejected} transcripts
 
 
 def write_gz(path, lines):
@@ -459,17 +469,17 @@ def test_data_as_hh_rlhf_is_published_gz_folders_and_lists(tmp_path):
     plain = write(tmp_path / "hh", hh_lines(2, seed=2), name="a.jsonl")
     write(tmp_path / "hh" / "deeper", hh_lines(5), name="c.jsonl")
     (tmp_path / "hh" / "notes.txt").write_text("not data")
-    a, b = hp.load_pairs(plain), hp.load_pairs(gz)
+    a, b = harness.load_pairs(plain), harness.load_pairs(gz)
     assert len(a) == 2 and len(b) == 3 and b[0]["prompt"].startswith("\n\nHuman:")
-    assert hp.load_pairs(str(tmp_path / "hh")) == a + b
-    assert hp.load_pairs(f"{gz}, {plain}") == b + a
+    assert harness.load_pairs(str(tmp_path / "hh")) == a + b
+    assert harness.load_pairs(f"{gz}, {plain}") == b + a
     (tmp_path / "cut.jsonl.gz").write_bytes(open(gz, "rb").read()[:30])
     with pytest.raises(hp.UserError, match="cut.jsonl.gz: not a readable gzip file"):
-        hp.load_pairs(str(tmp_path / "cut.jsonl.gz"))
+        harness.load_pairs(str(tmp_path / "cut.jsonl.gz"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(hp.UserError, match=r"empty: a folder with no \*.jsonl or \*.jsonl.gz file in it"):
-        hp.load_pairs(str(tmp_path / "empty"))
-    run = hp.absolute_paths(hp.PPOConfig(data="hf:Anthropic/hh-rlhf/helpful-base/train.jsonl.gz, x.jsonl", sft="s"))
+        harness.load_pairs(str(tmp_path / "empty"))
+    run = harness.absolute_paths(harness.PPOConfig(data="hf:Anthropic/hh-rlhf/helpful-base/train.jsonl.gz, x.jsonl", sft="s"))
     assert run.data == "hf:Anthropic/hh-rlhf/helpful-base/train.jsonl.gz," + os.path.abspath("x.jsonl")
 
 
@@ -495,22 +505,22 @@ def test_data_from_the_hub_offline_trains(tmp_path):
 
 
 def test_split_is_deterministic_and_disjoint():
-    pairs = hp.make_demo_pairs(100)
-    a_train, a_eval = hp.split_pairs(pairs, 0.1, seed=3)
-    b_train, b_eval = hp.split_pairs(pairs, 0.1, seed=3)
+    pairs = harness.make_demo_pairs(100)
+    a_train, a_eval = harness.split_pairs(pairs, 0.1, seed=3)
+    b_train, b_eval = harness.split_pairs(pairs, 0.1, seed=3)
     assert a_eval == b_eval and len(a_eval) == 10 and len(a_train) == 90
     assert not {id(p) for p in a_eval} & {id(p) for p in a_train}
-    assert hp.split_pairs(pairs, 0.1, seed=4)[1] != a_eval
+    assert harness.split_pairs(pairs, 0.1, seed=4)[1] != a_eval
 
 
 def test_bundled_demo_data_is_what_the_generator_makes():
-    pairs = hp.load_pairs(DEMO)
-    assert pairs == hp.make_demo_pairs(len(pairs), seed=0)
-    assert all(hp.gold_score(p["chosen"]) > hp.gold_score(p["rejected"]) for p in pairs)
+    pairs = harness.load_pairs(DEMO)
+    assert pairs == harness.make_demo_pairs(len(pairs), seed=0)
+    assert all(harness.gold_score(p["chosen"]) > harness.gold_score(p["rejected"]) for p in pairs)
 
 
 def test_the_gold_rule_prefers_varied_praise_to_repeats_glued_and_non_words():
-    g = hp.gold_score
+    g = harness.gold_score
     varied = "a great film, lovely and happy"
     assert g(varied) == 3 and g("Great!") == g("great") == 1  # case and punctuation are not words
     assert g("great great great great") == 1 - 3  # each repeat of a sentiment word costs 1
@@ -520,17 +530,17 @@ def test_the_gold_rule_prefers_varied_praise_to_repeats_glued_and_non_words():
     for gamed in ("great great nice nice fine", "finefine greatnice lovelylovely", "good g00d go0d",
                   "great " * 8, "nice great" * 4):
         assert g(varied) > g(gamed), gamed
-    many = " ".join(hp.POSITIVE)  # every positive word once: past GOLD_MAX_POSITIVE, length stops paying
-    assert g(many) == g(" ".join(hp.POSITIVE[:hp.GOLD_MAX_POSITIVE])) == hp.GOLD_MAX_POSITIVE
+    many = " ".join(harness.POSITIVE)  # every positive word once: past GOLD_MAX_POSITIVE, length stops paying
+    assert g(many) == g(" ".join(harness.POSITIVE[:harness.GOLD_MAX_POSITIVE])) == harness.GOLD_MAX_POSITIVE
 
 
 def test_bundled_hh_reviews_are_the_review_task_as_hh_transcripts():
     path = os.path.join(HERE, "data", "hh_reviews.jsonl")
     rows = [json.loads(line) for line in open(path)]
-    assert rows == hp.make_demo_pairs(len(rows), seed=1, hh=True)
-    pairs = hp.load_pairs(path)  # split at the last "Assistant:", as any HH file
-    assert all(p["prompt"].startswith("\n\nHuman: ") and p["prompt"].endswith(hp.HH_MARKER) for p in pairs)
-    assert all(p["chosen"].startswith(" ") and hp.gold_score(p["chosen"]) > hp.gold_score(p["rejected"])
+    assert rows == harness.make_demo_pairs(len(rows), seed=1, hh=True)
+    pairs = harness.load_pairs(path)  # split at the last "Assistant:", as any HH file
+    assert all(p["prompt"].startswith("\n\nHuman: ") and p["prompt"].endswith(harness.HH_MARKER) for p in pairs)
+    assert all(p["chosen"].startswith(" ") and harness.gold_score(p["chosen"]) > harness.gold_score(p["rejected"])
                for p in pairs)
     assert {p["prompt"].count("Human:") for p in pairs} == {1, 2}  # one- and two-turn requests
 
@@ -538,16 +548,16 @@ def test_bundled_hh_reviews_are_the_review_task_as_hh_transcripts():
 def test_a_cut_response_gets_no_eos():
     _, tok = tiny()
     words = tok("good film was great", add_special_tokens=False)["input_ids"]  # 4 tokens
-    assert hp.encode_response(tok, "good film was great", 5) == words + [tok.eos_token_id]  # fits with its EOS
-    assert hp.encode_response(tok, "good film was great", 4) == words  # no room for its EOS: a cut, no EOS
-    assert hp.encode_response(tok, "good film was great", 3) == words[:3]
+    assert harness.encode_response(tok, "good film was great", 5) == words + [tok.eos_token_id]  # fits with its EOS
+    assert harness.encode_response(tok, "good film was great", 4) == words  # no room for its EOS: a cut, no EOS
+    assert harness.encode_response(tok, "good film was great", 3) == words[:3]
 
 
 def test_sft_reports_what_it_truncated(tmp_path, capsys):
-    cfg = hp.SFTConfig(data=DEMO, out=str(tmp_path), steps=1, max_prompt_len=4, max_response_len=6, device="cpu")
-    summary = hp.sft(cfg)
-    pairs = hp.load_pairs(DEMO)
-    _, tok = hp.build_tiny("tiny", [p[k] for p in pairs for k in ("prompt", "chosen", "rejected")], 0, "cpu")
+    cfg = harness.SFTConfig(data=DEMO, out=str(tmp_path), steps=1, max_prompt_len=4, max_response_len=6, device="cpu")
+    summary = harness.sft(cfg)
+    pairs = harness.load_pairs(DEMO)
+    _, tok = harness.build_tiny("tiny", [p[k] for p in pairs for k in ("prompt", "chosen", "rejected")], 0, "cpu")
     cut = sum(len(tok(p[k], add_special_tokens=False)["input_ids"]) >= 6 for p in pairs for k in ("chosen", "rejected"))
     assert 0 < cut < 2 * len(pairs)
     assert summary["truncated_prompts"] == len(pairs) and summary["truncated_responses"] == cut  # "review of the X :"
@@ -557,19 +567,19 @@ def test_sft_reports_what_it_truncated(tmp_path, capsys):
 def test_chat_template_formats_hh_turns():
     _, tok = tiny()
     hh = "\n\nHuman: good film\n\nAssistant: nice\n\nHuman: bad song\n\nAssistant:"
-    assert hp.to_messages(hh) == [dict(role="user", content="good film"), dict(role="assistant", content="nice"),
+    assert harness.to_messages(hh) == [dict(role="user", content="good film"), dict(role="assistant", content="nice"),
                                   dict(role="user", content="bad song")]
-    assert hp.to_messages("review of the film :") == [dict(role="user", content="review of the film :")]
+    assert harness.to_messages("review of the film :") == [dict(role="user", content="review of the film :")]
     with pytest.raises(hp.UserError, match="no chat template"):
-        hp.encode_prompt(tok, hh, 64, chat=True)
+        harness.encode_prompt(tok, hh, 64, chat=True)
     tok.chat_template = ("{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
                          "{% if add_generation_prompt %}assistant{% endif %}")
-    ids = hp.encode_prompt(tok, hh, 64, chat=True)
+    ids = harness.encode_prompt(tok, hh, 64, chat=True)
     assert tok.decode(ids) == tok.decode(tok("user good film assistant nice user bad song assistant")["input_ids"])
     # Too long: the oldest turns go first, then the oldest remaining turn's text from the left; the template stays.
-    assert hp.encode_prompt(tok, hh, 3, chat=True) == tok("user song assistant", add_special_tokens=False)["input_ids"]
+    assert harness.encode_prompt(tok, hh, 3, chat=True) == tok("user song assistant", add_special_tokens=False)["input_ids"]
     with pytest.raises(hp.UserError, match="--max-prompt-len 1 is shorter than the chat template's own 2 tokens"):
-        hp.encode_prompt(tok, hh, 1, chat=True)
+        harness.encode_prompt(tok, hh, 1, chat=True)
 
 
 # ---- PPO maths -------------------------------------------------------------------------------------------------------
@@ -633,26 +643,26 @@ def test_reward_normalisation_makes_the_sft_policy_score_zero_and_scales_the_val
     value head, a copy of the reward head, predicts on that scale from the start. --no-reward-norm: the paper's raw
     scores, the value head the reward head's copy."""
     cfg = ppo_config(ckpts, "hydra", micro_batch_size=4)
-    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    learner = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
     critic = learner.roles["critic"].model
     h = torch.randn(5, critic.reward_head.in_features)
     raw = critic.reward_head(h).detach()
     tok, p_ids, p_mask = demo_prompts(cfg)
-    batch, _ = hp.ppo_step(learner, tok, p_ids, p_mask, cfg, hp.setup_device("cpu"))
+    batch, _ = hp.ppo_step(learner, tok, p_ids, p_mask, cfg, harness.setup_device("cpu"))
     mean, std = learner.score_norm
     assert mean == pytest.approx(batch["score"].mean().item(), abs=1e-5)
     assert std == pytest.approx(batch["score"].std(correction=0).item(), rel=1e-4)
     assert std != pytest.approx(1.0, abs=0.05) or mean != pytest.approx(0.0, abs=0.05)  # the check can fail
     normed = (batch["score"] - mean) / std
     assert normed.mean().item() == pytest.approx(0.0, abs=1e-5) and normed.std(correction=0).item() == pytest.approx(1)
-    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))  # again: the head before training
+    learner = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))  # again: the head before training
     critic = learner.roles["critic"].model
     learner.opt = None  # rollout_batch's learner: no update, no normalisation
     hp.normalize_rewards(critic, batch["score"])
     torch.testing.assert_close(critic.value_head(h).detach(), (raw - mean) / std, atol=1e-5, rtol=1e-5)
-    paper = hp.replace(cfg, reward_norm=False)
-    learner = hp.setup_ppo(paper, hp.checkpoint_loader(paper, CPU, torch.float32))
-    hp.ppo_step(learner, tok, p_ids, p_mask, paper, hp.setup_device("cpu"))
+    paper = replace(cfg, reward_norm=False)
+    learner = hp.setup_ppo(paper, harness.checkpoint_loader(paper, CPU, torch.float32))
+    hp.ppo_step(learner, tok, p_ids, p_mask, paper, harness.setup_device("cpu"))
     assert learner.score_norm is None
 
 
@@ -672,7 +682,7 @@ def base_storages(model):
     ("hydra", 1, 2), ("jhydra", 1, 1), ("dlora", 2, 2), ("lora", 4, 2), ("full", 4, 0)])
 def test_each_mode_holds_exactly_the_papers_models(ckpts, mode, static_models, lora_sets):
     cfg = ppo_config(ckpts, mode)
-    roles = hp.build_roles(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    roles = hp.build_roles(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
     storages = set().union(*(base_storages(r.model) for r in roles.values()))
     per_model = len(base_storages(roles["actor"].model))
     assert len(storages) == static_models * per_model  # distinct copies of the base weights held in memory
@@ -689,18 +699,18 @@ def test_each_mode_holds_exactly_the_papers_models(ckpts, mode, static_models, l
 
 def test_one_pass_per_trunk_and_adapter(ckpts):
     cfg = ppo_config(ckpts, "hydra")
-    roles = hp.build_roles(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    roles = hp.build_roles(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
     groups = [sorted(n) for _, n in hp.passes(roles, ["actor", "critic", "ref", "rm"])]
     assert sorted(groups) == [["actor"], ["critic"], ["ref", "rm"]]
     cfg = ppo_config(ckpts, "jhydra")
-    roles = hp.build_roles(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    roles = hp.build_roles(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
     assert sorted(sorted(n) for _, n in hp.passes(roles, list(roles))) == [["actor", "critic"], ["ref", "rm"]]
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
     cfg = ppo_config(ckpts, mode)
-    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    learner = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
     roles, opt = learner.roles, learner.opt
     models = hp.models_of(roles)
     before = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in models]
@@ -722,7 +732,7 @@ def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
     if mode != "full":  # every LoRA mode: the base weights are bit-for-bit those of the checkpoints
         for name, role in roles.items():
             ckpt = cfg.rm if name in ("critic", "rm") and cfg.rm else cfg.sft
-            fresh = hp.load_checkpoint(ckpt, CPU, torch.float32)[0].lm.state_dict()
+            fresh = harness.load_checkpoint(ckpt, CPU, torch.float32)[0].lm.state_dict()
             for k, v in role.model.lm.state_dict().items():
                 if "lora_" not in k:
                     assert torch.equal(v, fresh[k.replace(".base.", ".")]), k
@@ -731,9 +741,9 @@ def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
 @pytest.mark.parametrize("mode", ["hydra", "jhydra"])
 def test_reference_is_the_sft_model_exactly(ckpts, mode):
     cfg = ppo_config(ckpts, mode)
-    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
-    roles, two = learner.roles, hp.replace(cfg, micro_batch_size=2)
-    sft_model = hp.load_checkpoint(cfg.sft, CPU, torch.float32, dropout=False)[0].eval()
+    learner = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
+    roles, two = learner.roles, replace(cfg, micro_batch_size=2)
+    sft_model = harness.load_checkpoint(cfg.sft, CPU, torch.float32, dropout=False)[0].eval()
     plain = dict(ref=hp.Role(sft_model, hp.LORA_OFF, "lm"), rm=hp.Role(sft_model, hp.LORA_OFF, "reward"))
     for it in range(3):  # before and after PPO updates
         batch, _ = one_iteration(cfg, learner, seed=it)
@@ -751,26 +761,26 @@ def test_full_fine_tuning_gets_its_own_learning_rates(ckpts):
     """LoRA's 5e-4 on every weight of a trained model is far too large a step: full fine-tuning defaults to the
     paper's full fine-tuning scale (5e-7 actor, 1e-6 critic); an explicit rate always wins."""
     def lrs(cfg):
-        return [g["lr"] for g in hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32)).opt.param_groups]
-    assert hp.PPOConfig().actor_lr == hp.PPOConfig().critic_lr == 0.0  # 0: by mode
+        return [g["lr"] for g in hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32)).opt.param_groups]
+    assert harness.PPOConfig().actor_lr == harness.PPOConfig().critic_lr == 0.0  # 0: by mode
     assert lrs(ppo_config(ckpts, "full")) == [5e-7, 1e-6]
     assert lrs(ppo_config(ckpts, "hydra")) == [5e-4, 5e-4]
     assert lrs(ppo_config(ckpts, "full", actor_lr=1e-5, critic_lr=2e-5)) == [1e-5, 2e-5]
     assert hp.learning_rates(ppo_config(ckpts, "lora", critic_lr=1e-4)) == (5e-4, 1e-4)
 
 
-bf16_autocast = hp.setup_device("cpu", "bf16")[2]  # --precision bf16: CUDA's set-up, here on the CPU
+bf16_autocast = harness.setup_device("cpu", "bf16")[2]  # --precision bf16: CUDA's set-up, here on the CPU
 
 
 def test_full_mode_reference_is_the_initial_policy_in_bf16(ckpts):
     """On CUDA frozen trunks load in bf16 and the trained copies in fp32 (master weights, autocast). In full mode the
     reference and reward model must still equal the initial actor and critic exactly: KL 0 at step 1."""
     cfg = ppo_config(ckpts, "full")
-    roles = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.bfloat16)).roles
+    roles = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.bfloat16)).roles
     autocast = bf16_autocast
     tok, p_ids, p_mask = demo_prompts(cfg)
     torch.manual_seed(0)
-    batch, stats = hp.rollout_batch(roles, tok, p_ids, p_mask, cfg, hp.setup_device("cpu", "bf16"))
+    batch, stats = rollout_batch(roles, tok, p_ids, p_mask, cfg, harness.setup_device("cpu", "bf16"))
     assert torch.equal(batch["logprobs"], batch["ref_logprobs"]) and stats["kl"] == 0.0
     with torch.no_grad(), autocast():
         h_critic = roles["critic"].model(batch["ids"], batch["mask"])
@@ -788,7 +798,7 @@ def test_gradient_checkpointing_gives_the_same_update(ckpts, mode):
     results = []
     for gc in (False, True):
         cfg = ppo_config(ckpts, mode, grad_checkpointing=gc)
-        learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+        learner = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
         one_iteration(cfg, learner)
         one_iteration(cfg, learner, seed=1)
         results.append([p.detach().clone() for p in learner.params])
@@ -805,7 +815,7 @@ def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mod
     results = {}
     for fused in (True, False):
         monkeypatch.setattr(hp, "one_pass", lambda cfg, B=None, fused=fused: fused)
-        learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+        learner = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
         forwards = []
         for m in hp.models_of(learner.roles):
             m.register_forward_hook(lambda *_: forwards.append(1))
@@ -834,7 +844,7 @@ def test_fold_lora_samples_what_the_adapter_samples(ckpts, monkeypatch):
     monkeypatch.setattr(hp, "folded", lambda *a: entered.append(a[1]) or real(*a))
     for fold in (False, True):
         cfg = ppo_config(ckpts, "hydra", fold_lora=fold, max_response_len=12)
-        learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+        learner = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
         randomize_lora(learner.roles["actor"].model.lm, "actor")  # a trained-looking actor, so folding has work to do
         batch, _ = one_iteration(cfg, learner)
         results.append((batch["ids"], [p.detach().clone() for p in learner.params]))
@@ -857,8 +867,8 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(ckpts, tmp_path, monk
         return (loss * float("nan"), stats) if len(calls) > 8 else (loss, stats)
     monkeypatch.setattr(hp, "ppo_value_loss", poisoned)
     with pytest.raises(hp.UserError, match="3 steps in a row had a non-finite loss or gradient.*step 2"):
-        hp.ppo(cfg)
-    state = torch.load(out / hp.STATE_FILE, weights_only=True)
+        harness.ppo(cfg)
+    state = torch.load(out / harness.STATE_FILE, weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(p).all() for p in state["params"])
     log = [json.loads(l) for l in open(out / "metrics.jsonl")]
     assert [r["skipped"] for r in log] == [0.0, 0.0, 1.0, 1.0, 1.0]
@@ -870,15 +880,15 @@ def test_non_finite_updates_before_any_checkpoint_say_so(ckpts, tmp_path, monkey
     real = hp.ppo_value_loss
     monkeypatch.setattr(hp, "ppo_value_loss", lambda *a, **kw: (real(*a, **kw)[0] * float("nan"), real(*a, **kw)[1]))
     with pytest.raises(hp.UserError, match=r"in a new run \(no checkpoint was saved yet; --overwrite to reuse "):
-        hp.ppo(ppo_config(ckpts, "hydra", out=str(out), steps=10, save_every=10))
-    assert not (out / hp.STATE_FILE).exists()
+        harness.ppo(ppo_config(ckpts, "hydra", out=str(out), steps=10, save_every=10))
+    assert not (out / harness.STATE_FILE).exists()
 
 
 def cuda_precision(monkeypatch):
     """Records the dtypes that checkpoints are loaded in (the tests run with --precision bf16: CUDA's set-up, frozen
     trunks in bf16 under bf16 autocast, on the CPU). -> that list."""
-    loaded, load = [], hp.load_checkpoint
-    monkeypatch.setattr(hp, "load_checkpoint", lambda path, device, dtype, **kw: loaded.append(dtype) or
+    loaded, load = [], harness.load_checkpoint
+    monkeypatch.setattr(harness, "load_checkpoint", lambda path, device, dtype, **kw: loaded.append(dtype) or
                         load(path, device, dtype, **kw))
     return loaded
 
@@ -890,20 +900,20 @@ def test_ppo_runs_with_cuda_precision(ckpts, mode, tmp_path, monkeypatch, capsys
     reference is still the initial policy exactly (KL 0 at step 1), and every update is finite."""
     loaded = cuda_precision(monkeypatch)
     out = str(tmp_path / mode)
-    hp.ppo(ppo_config(ckpts, mode, out=out, steps=2, grad_checkpointing=mode == "hydra", precision="bf16"))
+    harness.ppo(ppo_config(ckpts, mode, out=out, steps=2, grad_checkpointing=mode == "hydra", precision="bf16"))
     # LoRA modes: every trunk frozen, in bf16; full: every copy fp32 (master weights, and frozen ones that match them)
     assert set(loaded) == ({torch.float32} if mode == "full" else {torch.bfloat16})
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [line["step"] for line in lines] == [1, 2] and lines[0]["kl"] == 0.0
     assert all(line["skipped"] == 0.0 and math.isfinite(line["pg_loss"] + line["vf_loss"] + line["grad_norm"])
                for line in lines)
-    actor, _, _ = hp.load_policy(out, CPU, torch.bfloat16)
+    actor, _, _ = harness.load_policy(out, CPU, torch.bfloat16)
     assert next(actor.model.lm.parameters()).dtype == torch.bfloat16  # the saved policy, for sampling on CUDA
     capsys.readouterr()
-    hp.generate_cmd(hp.GenerateConfig(run=out, num_samples=4, device="cpu"))
+    harness.generate_cmd(harness.GenerateConfig(run=out, num_samples=4, device="cpu"))
     printed = capsys.readouterr().out.splitlines()  # the prompt, then one line per sample (maybe empty: EOS first)
     assert printed[0].startswith("prompt: ") and [l[:11] for l in printed[1:]] == [f"response {i}:" for i in range(1, 5)]
-    hp.export(hp.ExportConfig(run=out))
+    harness.export(harness.ExportConfig(run=out))
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(out, "export-merged"))
     assert all(torch.isfinite(p).all() for p in merged.parameters())
@@ -914,17 +924,17 @@ def test_sft_runs_with_cuda_precision(tmp_path, monkeypatch, capsys, lora_r):
     """Hydra-SFT from a saved model with CUDA's precision set-up: full fine-tuning keeps fp32 master weights under
     bf16 autocast; LoRA trains fp32 adapters on a bf16 trunk (the README's Llama-7b recipe) and is merged at the end."""
     cuda_precision(monkeypatch)
-    trunks, load = [], hp.load_lm
-    monkeypatch.setattr(hp, "load_lm", lambda *a: trunks.append(a[2]) or load(*a))
+    trunks, load = [], harness.load_lm
+    monkeypatch.setattr(harness, "load_lm", lambda *a: trunks.append(a[2]) or load(*a))
     lm, tok = tiny()
     lm.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     out = str(tmp_path / "sft")
-    hp.sft(hp.SFTConfig(model=str(tmp_path / "base"), data=DEMO, out=out, steps=3, batch_size=8, micro_batch_size=4,
+    harness.sft(harness.SFTConfig(model=str(tmp_path / "base"), data=DEMO, out=out, steps=3, batch_size=8, micro_batch_size=4,
                         lora_r=lora_r, lr=1e-3, device="cpu", precision="bf16"))
     assert trunks == [torch.bfloat16 if lora_r else torch.float32]
     assert ("LoRA r 4 on 7 linear maps in each of 2 decoder layers" in capsys.readouterr().out) == bool(lora_r)
-    model, _, _ = hp.load_checkpoint(out, CPU, torch.float32, dropout=False)
+    model, _, _ = harness.load_checkpoint(out, CPU, torch.float32, dropout=False)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # merged into the weights
     before = [p.to(trunks[0]).float() for p in lm.parameters()]  # LoRA: the bf16 trunk it was trained on
     changed = {name for (name, a), b in zip(model.lm.named_parameters(), before) if not torch.equal(a, b)}
@@ -947,8 +957,8 @@ def test_checkpoint_reloads_to_identical_outputs(tmp_path, family, batch):
     mask = torch.ones_like(batch)
     h = model(batch, mask)
     want = (lm(batch).logits, model.score(h, mask))
-    hp.save_checkpoint(str(tmp_path), model, tok, dict(task="hydra"))
-    again, tok2, meta = hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
+    harness.save_checkpoint(str(tmp_path), model, tok, dict(task="hydra"))
+    again, tok2, meta = harness.load_checkpoint(str(tmp_path), "cpu", torch.float32)
     again.eval()
     h2 = again(batch, mask)
     assert meta == dict(task="hydra") and tok2("good film")["input_ids"] == tok("good film")["input_ids"]
@@ -957,7 +967,7 @@ def test_checkpoint_reloads_to_identical_outputs(tmp_path, family, batch):
 
 def test_load_checkpoint_rejects_a_plain_folder(tmp_path):
     with pytest.raises(hp.UserError, match="not a hydra-ppo checkpoint"):
-        hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
+        harness.load_checkpoint(str(tmp_path), "cpu", torch.float32)
 
 
 def test_hydra_sft_learns_and_saves(tmp_path):
@@ -971,57 +981,57 @@ def test_hydra_sft_learns_and_saves(tmp_path):
     assert summary["held_out_rm_acc"] >= 0.8  # chance is 0.5 on the held-out pairs
     assert "pairwise accuracy" in r.stdout
     # The checkpoint reloads to the same model: re-evaluating it gives the numbers the run printed.
-    model, tok, meta = hp.load_checkpoint(str(out), "cpu", torch.float32)
+    model, tok, meta = harness.load_checkpoint(str(out), "cpu", torch.float32)
     assert meta["task"] == "hydra"
-    cfg = hp.SFTConfig(**summary["config"])
-    held_out = hp.split_pairs(hp.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
-    again = hp.evaluate_sft(model, tok, held_out, cfg, CPU_RUN)
+    cfg = harness.SFTConfig(**summary["config"])
+    held_out = harness.split_pairs(harness.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
+    again = harness.evaluate_sft(model, tok, held_out, cfg, CPU_RUN)
     assert again["rm_acc"] == summary["held_out_rm_acc"]
     assert again["lm_loss"] == pytest.approx(summary["held_out_lm_loss"], abs=1e-5)
 
 
 def test_sft_with_lora_merges_into_a_plain_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
-    cfg = hp.SFTConfig(data=DEMO, out=str(tmp_path), steps=3, lora_r=4, task="sft", model="tiny-opt", device="cpu")
-    summary = hp.sft(cfg)
+    cfg = harness.SFTConfig(data=DEMO, out=str(tmp_path), steps=3, lora_r=4, task="sft", model="tiny-opt", device="cpu")
+    summary = harness.sft(cfg)
     lm = AutoModelForCausalLM.from_pretrained(str(tmp_path))  # an ordinary transformers model
     assert not any(isinstance(m, LoRALinear) for m in lm.modules())
     # The plain checkpoint is the trained model: it reproduces the held-out loss that sft measured with LoRA merged
     # (unmerged, the saved weights would be `base.weight` + `lora_A/B` and the trunk would load re-initialised).
-    model, tok, _ = hp.load_checkpoint(str(tmp_path), "cpu", torch.float32)
-    held_out = hp.split_pairs(hp.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
-    again = hp.evaluate_sft(model, tok, held_out, cfg, CPU_RUN)
+    model, tok, _ = harness.load_checkpoint(str(tmp_path), "cpu", torch.float32)
+    held_out = harness.split_pairs(harness.load_pairs(DEMO), cfg.eval_frac, cfg.seed)[1]
+    again = harness.evaluate_sft(model, tok, held_out, cfg, CPU_RUN)
     assert again["lm_loss"] == pytest.approx(summary["held_out_lm_loss"], abs=1e-5)
 
 
 def test_sft_checkpoint_records_its_prompt_format(ckpts):
-    meta = json.load(open(os.path.join(ckpts["hydra"], hp.META_FILE)))
+    meta = json.load(open(os.path.join(ckpts["hydra"], harness.META_FILE)))
     assert meta["chat_template"] is False and meta["max_prompt_len"] == 64 and meta["max_response_len"] == 32
     with pytest.raises(hp.UserError, match="--sft .* was trained without --chat-template"):
-        hp.check_ppo_config(ppo_config(ckpts, "dlora", chat_template=True))
+        harness.check_ppo_config(ppo_config(ckpts, "dlora", chat_template=True))
 
 
 def test_sft_stops_on_a_non_finite_loss_and_saves_nothing(tmp_path, capsys):
     out = tmp_path / "o"
-    assert hp.main(["sft", "--out", str(out), "--steps", "3", "--batch-size", "4", "--micro-batch-size", "4",
+    assert harness.main(["sft", "--out", str(out), "--steps", "3", "--batch-size", "4", "--micro-batch-size", "4",
                     "--lm-coef", "1e300", "--device", "cpu"]) == 2
     assert "sft stopped at step 1: a non-finite loss or gradient" in one_error_line(capsys.readouterr().err)
-    assert not (out / hp.HEADS_FILE).exists() and not (out / hp.META_FILE).exists()
+    assert not (out / harness.HEADS_FILE).exists() and not (out / harness.META_FILE).exists()
 
 
 def test_sft_saves_before_it_evaluates(tmp_path, monkeypatch):
     def broken(*a):
         raise RuntimeError("evaluation failed")
-    monkeypatch.setattr(hp, "evaluate_sft", broken)
+    monkeypatch.setattr(harness, "evaluate_sft", broken)
     out = str(tmp_path / "sft")
     with pytest.raises(RuntimeError, match="evaluation failed"):
-        hp.sft(hp.SFTConfig(out=out, steps=2, batch_size=4, micro_batch_size=4, device="cpu"))
-    hp.load_checkpoint(out, CPU, torch.float32)  # the training is not lost
+        harness.sft(harness.SFTConfig(out=out, steps=2, batch_size=4, micro_batch_size=4, device="cpu"))
+    harness.load_checkpoint(out, CPU, torch.float32)  # the training is not lost
 
 
 @pytest.mark.parametrize("task,trained,untrained", [("sft", "lm_loss", "rm_acc"), ("rm", "rm_acc", "lm_loss")])
 def test_sft_reports_only_what_it_trained(tmp_path, capsys, task, trained, untrained):
-    summary = hp.sft(hp.SFTConfig(data=DEMO, out=str(tmp_path), task=task, steps=1, device="cpu"))
+    summary = harness.sft(harness.SFTConfig(data=DEMO, out=str(tmp_path), task=task, steps=1, device="cpu"))
     printed = capsys.readouterr().out
     on_disk = json.load(open(tmp_path / "summary.json"))
     for s in (summary, on_disk):
@@ -1042,16 +1052,16 @@ def toy_logprobs(model, adapter, tok):
 def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys, monkeypatch):
     """A learnable toy: the reward model favours positive words, so the mean score rises over a short run."""
     out = str(tmp_path / "ppo")
-    trained, save_policy = {}, hp.save_policy
+    trained, save_policy = {}, harness.save_policy
     def capture(cfg, roles, tok):  # the policy in memory, as it is saved
         trained.update(actor=toy_logprobs(roles["actor"].model, "actor", tok),
                        ref=toy_logprobs(roles["ref"].model, None, tok))
         save_policy(cfg, roles, tok)
-    monkeypatch.setattr(hp, "save_policy", capture)
+    monkeypatch.setattr(harness, "save_policy", capture)
     cfg = ppo_config(ckpts, "hydra", out=out, steps=16, batch_size=16, minibatch_size=8, micro_batch_size=8,
                      lora_r=8, lora_alpha=16.0, actor_lr=3e-3, critic_lr=3e-3, max_response_len=12, log_every=1,
                      eval_prompts=32, target_kl=1.0)
-    summary = hp.ppo(cfg, judge=lambda prompts, responses: [hp.gold_score(r) for r in responses])
+    summary = harness.ppo(cfg, judge=lambda prompts, responses: [harness.gold_score(r) for r in responses])
     log = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in log] == list(range(1, 17))
     first, last = sum(r["score"] for r in log[:4]) / 4, sum(r["score"] for r in log[-4:]) / 4
@@ -1065,12 +1075,12 @@ def test_ppo_learns_the_toy_and_saves_a_policy(ckpts, tmp_path, capsys, monkeypa
     assert "win-rate of PPO over SFT" in printed and "prompt:" in printed
     # The saved adapters reproduce the trained policy: the reloaded actor's log-probs equal the trained actor's
     # (captured by hand below, through save_policy, from the roles in memory), and differ from LoRA off (the SFT model).
-    actor, tok, _ = hp.load_policy(out, CPU, torch.float32)
+    actor, tok, _ = harness.load_policy(out, CPU, torch.float32)
     assert actor.adapter == "actor"
     assert torch.equal(toy_logprobs(actor.model, "actor", tok), trained["actor"])
     assert not torch.allclose(trained["actor"], trained["ref"])
     capsys.readouterr()
-    hp.generate_cmd(hp.GenerateConfig(run=out, greedy=True, device="cpu"))
+    harness.generate_cmd(harness.GenerateConfig(run=out, greedy=True, device="cpu"))
     greedy = capsys.readouterr().out.strip().splitlines()
     assert greedy[0] == "prompt: 'review of the film :'" and greedy[1].startswith("response 1: ") and len(greedy) == 2
 
@@ -1110,7 +1120,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(ckpts, tmp_path):
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "hydra_ppo.py"), *args, "--out", str(cut)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
-    state = cut / hp.STATE_FILE
+    state = cut / harness.STATE_FILE
     deadline = time.time() + 120
     try:
         wait_stop_and_kill(proc, state, deadline, args, cut)
@@ -1160,12 +1170,12 @@ def test_ranks_in_sync_detects_a_difference(tmp_path):
     script.write_text(
         "import os, sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {HERE!r})\n"
-        "import hydra_ppo as hp\n"
-        "hp.init_distributed('cpu')\n"
+        "import harness\n"
+        "harness.init_distributed('cpu')\n"
         "p = [torch.ones(3), torch.zeros(2)]\n"
-        "same = hp.ranks_in_sync(p)\n"
+        "same = harness.ranks_in_sync(p)\n"
         "if dist.get_rank() == 1: p[1][0] = 1e-6\n"
-        f"open(os.path.join({str(tmp_path)!r}, f'rank{{dist.get_rank()}}'), 'w').write(f'{{same}} {{hp.ranks_in_sync(p)}}')\n"
+        f"open(os.path.join({str(tmp_path)!r}, f'rank{{dist.get_rank()}}'), 'w').write(f'{{same}} {{harness.ranks_in_sync(p)}}')\n"
         "dist.destroy_process_group()\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], capture_output=True, text=True, timeout=300)
@@ -1177,35 +1187,35 @@ def test_resume_honours_a_longer_steps_after_a_cut_log_line(work, capsys):
     run = work["run"]
     with open(os.path.join(run, "metrics.jsonl"), "a") as fh:
         fh.write('{"step": 4, "sco')  # what a kill in the middle of a write leaves
-    assert hp.main(["ppo", "--resume", run, "--steps", "5"]) == 0, capsys.readouterr().err[-2000:]
+    assert harness.main(["ppo", "--resume", run, "--steps", "5"]) == 0, capsys.readouterr().err[-2000:]
     assert [json.loads(l)["step"] for l in open(os.path.join(run, "metrics.jsonl"))] == [1, 2, 3, 4, 5]
     assert json.load(open(os.path.join(run, "run.json")))["steps"] == 5  # a later --resume goes on to step 5
-    assert torch.load(os.path.join(run, hp.STATE_FILE), weights_only=True)["step"] == 5
+    assert torch.load(os.path.join(run, harness.STATE_FILE), weights_only=True)["step"] == 5
 
 
 def test_resume_sees_flags_given_at_their_default_value(work):
     """`--resume RUN --steps 20` must go on to step 20 although 20 is also --steps' default (the 3-step run kept 3),
     and `--kl-coef 0.02` is refused although it is the default: what counts is what the command line gave."""
     run = work["run"]
-    assert hp.PPOConfig().steps == 20 and hp.resume_config(hp.PPOConfig(resume=run)).steps == 3
-    assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--steps", "20"], "t")).steps == 20
-    assert hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--device", "auto"], "t")).device == "auto"
+    assert harness.PPOConfig().steps == 20 and harness.resume_config(harness.PPOConfig(resume=run)).steps == 3
+    assert harness.resume_config(harness.parse_config(harness.PPOConfig, ["--resume", run, "--steps", "20"], "t")).steps == 20
+    assert harness.resume_config(harness.parse_config(harness.PPOConfig, ["--resume", run, "--device", "auto"], "t")).device == "auto"
     with pytest.raises(hp.UserError, match=r"drop --kl-coef \(only --steps, --device, --precision, --actor-lr, --critic-lr, "
                                            r"--score-clip, --max-grad-norm may change\)"):
-        hp.resume_config(hp.parse_config(hp.PPOConfig, ["--resume", run, "--kl-coef", "0.02"], "t"))
+        harness.resume_config(harness.parse_config(harness.PPOConfig, ["--resume", run, "--kl-coef", "0.02"], "t"))
 
 
 def test_resume_after_non_finite_steps_with_a_lower_learning_rate(work, capsys):
     """stop_if_bad's advice: resume from the last good checkpoint with a lower lr / --score-clip / --max-grad-norm.
     The new values reach the optimizer (whose saved state holds the old lr) and run.json."""
     run = work["run"]
-    assert hp.main(["ppo", "--resume", run, "--steps", "4", "--actor-lr", "1e-5", "--score-clip", "5"]) == 0, \
+    assert harness.main(["ppo", "--resume", run, "--steps", "4", "--actor-lr", "1e-5", "--score-clip", "5"]) == 0, \
         capsys.readouterr().err[-2000:]
     saved = json.load(open(os.path.join(run, "run.json")))
     assert (saved["steps"], saved["actor_lr"], saved["score_clip"]) == (4, 1e-5, 5.0)
-    state = torch.load(os.path.join(run, hp.STATE_FILE), weights_only=True)
+    state = torch.load(os.path.join(run, harness.STATE_FILE), weights_only=True)
     assert state["step"] == 4 and state["opt"]["param_groups"][0]["lr"] == 1e-5
-    assert state["opt"]["param_groups"][1]["lr"] == hp.learning_rates(hp.PPOConfig(**saved))[1] != 1e-5
+    assert state["opt"]["param_groups"][1]["lr"] == hp.learning_rates(harness.PPOConfig(**saved))[1] != 1e-5
 
 
 # ---- evaluation, generate and export ---------------------------------------------------------------------------------
@@ -1213,21 +1223,21 @@ def test_resume_after_non_finite_steps_with_a_lower_learning_rate(work, capsys):
 
 def test_the_gold_rule_judges_only_the_review_task():
     hh = os.path.join(HERE, "data", "hh_reviews.jsonl")
-    assert hp.pick_judge(hp.PipelineConfig()) is hp.gold_judge  # the bundled demo.jsonl
-    assert hp.pick_judge(hp.PipelineConfig(data=hh)) is None    # any other file: the reward model ...
-    assert hp.pick_judge(hp.PipelineConfig(data=hh, judge="gold")) is hp.gold_judge  # ... unless asked
-    assert hp.pick_judge(hp.PipelineConfig(judge="rm")) is None
+    assert harness.pick_judge(harness.PipelineConfig()) is harness.gold_judge  # the bundled demo.jsonl
+    assert harness.pick_judge(harness.PipelineConfig(data=hh)) is None    # any other file: the reward model ...
+    assert harness.pick_judge(harness.PipelineConfig(data=hh, judge="gold")) is harness.gold_judge  # ... unless asked
+    assert harness.pick_judge(harness.PipelineConfig(judge="rm")) is None
 
 
 @pytest.mark.parametrize("mode", ["hydra", "full"])
 def test_export_merged_is_a_plain_checkpoint_with_the_same_outputs(ppo_runs, tmp_path, mode, batch):
     from transformers import AutoModelForCausalLM
-    out = hp.export(hp.ExportConfig(run=ppo_runs[mode], format="merged", out=str(tmp_path / "m")))
+    out = harness.export(harness.ExportConfig(run=ppo_runs[mode], format="merged", out=str(tmp_path / "m")))
     lm = AutoModelForCausalLM.from_pretrained(out)
     assert not any(isinstance(m, LoRALinear) for m in lm.modules())
     want = policy_logits(ppo_runs[mode], batch)
     sft_dir = json.load(open(os.path.join(ppo_runs[mode], "run.json")))["sft"]
-    sft = hp.load_checkpoint(sft_dir, CPU, torch.float32)[0]
+    sft = harness.load_checkpoint(sft_dir, CPU, torch.float32)[0]
     assert not torch.allclose(sft.lm(batch).logits, want, atol=1e-4)  # the policy did move away from SFT
     torch.testing.assert_close(lm(batch).logits, want, atol=1e-5, rtol=1e-5)
 
@@ -1236,7 +1246,7 @@ def test_generate_says_when_the_prompt_is_longer_than_the_run_reads(ppo_runs, ca
     """The policy reads the last --max-prompt-len tokens of a prompt, as in training: generate says so, and shows
     what it read instead of echoing text it ignored."""
     prompt = "review of the film : " + "good " * 200
-    hp.generate_cmd(hp.GenerateConfig(run=ppo_runs["hydra"], prompt=prompt, max_new_tokens=2, device="cpu"))
+    harness.generate_cmd(harness.GenerateConfig(run=ppo_runs["hydra"], prompt=prompt, max_new_tokens=2, device="cpu"))
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("prompt: 205 tokens, more than the run's --max-prompt-len 64: the policy reads its last 64")
     assert "review of the film" not in first and len(first) < 500
@@ -1247,30 +1257,30 @@ def test_export_overwrite_keeps_nothing_of_the_earlier_export(ppo_runs, tmp_path
     """An adapter left beside a merged model is applied again by from_pretrained; a merged model's config.json left
     beside an adapter makes the folder load as that model. --overwrite removes what the earlier export wrote."""
     out = str(tmp_path / "ex")
-    hp.export(hp.ExportConfig(run=ppo_runs["hydra"], format=first, out=out))
-    hp.export(hp.ExportConfig(run=ppo_runs["hydra"], format=then, out=out, overwrite=True))
+    harness.export(harness.ExportConfig(run=ppo_runs["hydra"], format=first, out=out))
+    harness.export(harness.ExportConfig(run=ppo_runs["hydra"], format=then, out=out, overwrite=True))
     fresh = str(tmp_path / "fresh")
-    hp.export(hp.ExportConfig(run=ppo_runs["hydra"], format=then, out=fresh))
+    harness.export(harness.ExportConfig(run=ppo_runs["hydra"], format=then, out=fresh))
     assert sorted(os.listdir(out)) == sorted(os.listdir(fresh))
 
 
 def test_export_peft_loads_in_peft(ppo_runs, tmp_path, batch):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
-    out = hp.export(hp.ExportConfig(run=ppo_runs["hydra"], format="peft", out=str(tmp_path / "p")))
+    out = harness.export(harness.ExportConfig(run=ppo_runs["hydra"], format="peft", out=str(tmp_path / "p")))
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
     sft_dir = json.load(open(os.path.join(ppo_runs["hydra"], "run.json")))["sft"]
     model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_dir), out).eval()
     torch.testing.assert_close(model(batch).logits, policy_logits(ppo_runs["hydra"], batch), atol=1e-5, rtol=1e-5)
     with pytest.raises(hp.UserError, match="needs a LoRA run"):
-        hp.export(hp.ExportConfig(run=ppo_runs["full"], format="peft", out=str(tmp_path / "f")))
+        harness.export(harness.ExportConfig(run=ppo_runs["full"], format="peft", out=str(tmp_path / "f")))
 
 
 def test_evaluation_after_a_checkpointed_update_matches_eval_mode(ckpts, monkeypatch):
     """ppo_update leaves the models in train(); with checkpointing on, transformers would then generate without
     its KV cache. evaluate_ppo must put them in eval() itself."""
     cfg = ppo_config(ckpts, "hydra", grad_checkpointing=True, eval_prompts=8)
-    learner = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+    learner = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
     roles = learner.roles
     one_iteration(cfg, learner)
     assert all(m.training for m in hp.models_of(roles))
@@ -1279,41 +1289,41 @@ def test_evaluation_after_a_checkpointed_update_matches_eval_mode(ckpts, monkeyp
         modes.append(role.model.training)
         return generate(role, *a, **kw)
     monkeypatch.setattr(hp, "generate", watch)
-    tok = hp.load_tokenizer(cfg.sft)
-    prompts = [p["prompt"] for p in hp.make_demo_pairs(8, seed=5)]
+    tok = harness.load_tokenizer(cfg.sft)
+    prompts = [p["prompt"] for p in harness.make_demo_pairs(8, seed=5)]
     torch.manual_seed(0)
-    after_update = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN)
+    after_update = harness.evaluate(roles, tok, prompts, cfg, CPU_RUN)
     for m in hp.models_of(roles):
         m.eval()
     torch.manual_seed(0)
-    assert hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN) == after_update
+    assert harness.evaluate(roles, tok, prompts, cfg, CPU_RUN) == after_update
     assert modes and not any(modes)  # every sample was drawn in eval()
 
 
 def test_generation_ignores_the_checkpoints_sampling_settings():
     lm, tok = tiny()
     role = hp.Role(hp.HydraModel(lm), None, "lm")
-    p_ids, p_mask = hp.pad([hp.encode_prompt(tok, "review of the film :", 16)] * 4, tok.pad_token_id, "left")
+    p_ids, p_mask = hp.pad([harness.encode_prompt(tok, "review of the film :", 16)] * 4, tok.pad_token_id, "left")
     torch.manual_seed(0)
-    clean = hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=8))[0]
+    clean = hp.generate(role, p_ids, p_mask, tok, harness.PPOConfig(max_response_len=8))[0]
     lm.generation_config.repetition_penalty = 5.0  # what a checkpoint's generation_config.json may carry
     lm.generation_config.no_repeat_ngram_size = 1
     lm.generation_config.top_k = 3
     lm.generation_config.min_p = 0.5  # transformers 5.x lets this one through unless generation_config is blank
     torch.manual_seed(0)
-    assert torch.equal(hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=8))[0], clean)
+    assert torch.equal(hp.generate(role, p_ids, p_mask, tok, harness.PPOConfig(max_response_len=8))[0], clean)
     assert lm.generation_config.min_p == 0.5  # the model's own is back afterwards
 
 
 @pytest.mark.parametrize("greedy", [False, True])
 def test_generate_prints_no_warnings(greedy):
-    """transformers warns on every call when generation settings contradict each other (min_new_tokens and
-    min_length both set; sampling flags with greedy decoding): generate sets none that do."""
+    """transformers warns on every call when generation settings contradict each other (sampling flags with greedy
+    decoding, a min_length beside another length setting): generate sets none that do."""
     import logging
     import warnings
     lm, tok = tiny()
     role = hp.Role(hp.HydraModel(lm), None, "lm")
-    p_ids, p_mask = hp.pad([hp.encode_prompt(tok, "review of the film :", 16)] * 2, tok.pad_token_id, "left")
+    p_ids, p_mask = hp.pad([harness.encode_prompt(tok, "review of the film :", 16)] * 2, tok.pad_token_id, "left")
     records = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -1323,14 +1333,12 @@ def test_generate_prints_no_warnings(greedy):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for kw, least in ((dict(), 0), (dict(temperature=0.7, top_k=5, top_p=0.9), 0), (dict(), 3)):
-                ids, mask, _ = hp.generate(role, p_ids, p_mask, tok, hp.PPOConfig(max_response_len=6, **kw),
-                                           greedy=greedy, min_new_tokens=least)
+            for kw in (dict(), dict(temperature=0.7, top_k=5, top_p=0.9)):
+                hp.generate(role, p_ids, p_mask, tok, harness.PPOConfig(max_response_len=6, **kw), greedy=greedy)
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
     assert [str(w.message) for w in caught] == []
-    assert (mask[:, p_ids.shape[1]:].sum(1) >= 3).all()  # min_new_tokens still holds EOS back
 
 
 def test_win_rate_interval_known_cases():
@@ -1354,16 +1362,16 @@ def test_verdict_wording():
 
 def test_evaluation_with_several_samples_per_prompt(ckpts):
     cfg = ppo_config(ckpts, "hydra", eval_samples=3)
-    roles = hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32)).roles
-    tok = hp.load_tokenizer(cfg.sft)
-    prompts = [p["prompt"] for p in hp.make_demo_pairs(5, seed=5)]
+    roles = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32)).roles
+    tok = harness.load_tokenizer(cfg.sft)
+    prompts = [p["prompt"] for p in harness.make_demo_pairs(5, seed=5)]
     judged = []
 
     def judge(ps, rs):
         judged.append(len(rs))
-        return [hp.gold_score(r) for r in rs]
+        return [harness.gold_score(r) for r in rs]
     torch.manual_seed(0)
-    metrics, samples = hp.evaluate_ppo(roles, tok, prompts, cfg, CPU_RUN, judge)
+    metrics, samples = harness.evaluate(roles, tok, prompts, cfg, CPU_RUN, judge)
     assert judged == [15, 15]  # policy and SFT: 3 responses to each of the 5 prompts
     assert len(samples) == 5 and metrics["eval_samples"] == 3 and metrics["eval_prompts"] == 5
     lo, hi = metrics["win_rate_ci"]
@@ -1399,27 +1407,27 @@ def test_pipeline_runs_every_stage_and_is_deterministic(tmp_path):
 
 
 def test_sparkline():
-    assert hp.sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
-    assert len(hp.sparkline(list(range(500)), width=60)) == 60
+    assert harness.sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
+    assert len(harness.sparkline(list(range(500)), width=60)) == 60
 
 
 def test_pipeline_settings_follow_the_model(tmp_path, capsys):
     """The pipeline's tiny-model settings (lr 3e-3, r 8, 16 tokens) are wrong for a pretrained model: 0 means
     "by model size" (one table, PIPELINE_SETTINGS), the row and values are printed in one line, explicit flags win."""
-    cfg = hp.pipeline_settings(hp.PipelineConfig())
+    cfg = harness.pipeline_settings(harness.PipelineConfig())
     assert (cfg.lora_r, cfg.actor_lr, cfg.max_response_len, cfg.sft_steps, cfg.max_prompt_len) == (8, 3e-3, 16, 300, 64)
     assert "settings for the tiny model, PIPELINE_SETTINGS['tiny']:" in capsys.readouterr().out
     lm, tok = tiny()  # any model that is not built in memory counts as a real one; here a tiny Llama in a folder
     lm.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path / "m")))
-    assert {k: getattr(cfg, k) for k in hp.PIPELINE_SETTINGS["real"]} == hp.PIPELINE_SETTINGS["real"]
+    cfg = harness.pipeline_settings(harness.PipelineConfig(model=str(tmp_path / "m")))
+    assert {k: getattr(cfg, k) for k in harness.PIPELINE_SETTINGS["real"]} == harness.PIPELINE_SETTINGS["real"]
     n = sum(p.numel() for p in lm.parameters())
     line = capsys.readouterr().out
-    assert f"settings for a {hp.model_size(n)} model, PIPELINE_SETTINGS['real']:" in line and "--lora-r 16," in line
-    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path / "m"), lora_r=4, actor_lr=1e-3))
-    assert (cfg.lora_r, cfg.actor_lr, cfg.lora_alpha) == (4, 1e-3, hp.PIPELINE_SETTINGS["real"]["lora_alpha"])
-    assert hp.model_size(134_515_008) == "135M" and hp.model_size(6_738_415_616) == "6.7B"
+    assert f"settings for a {harness.model_size(n)} model, PIPELINE_SETTINGS['real']:" in line and "--lora-r 16," in line
+    cfg = harness.pipeline_settings(harness.PipelineConfig(model=str(tmp_path / "m"), lora_r=4, actor_lr=1e-3))
+    assert (cfg.lora_r, cfg.actor_lr, cfg.lora_alpha) == (4, 1e-3, harness.PIPELINE_SETTINGS["real"]["lora_alpha"])
+    assert harness.model_size(134_515_008) == "135M" and harness.model_size(6_738_415_616) == "6.7B"
 
 
 def test_billion_parameter_models_get_the_papers_settings(tmp_path, capsys):
@@ -1429,7 +1437,7 @@ def test_billion_parameter_models_get_the_papers_settings(tmp_path, capsys):
     from transformers import LlamaConfig
     LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000).save_pretrained(tmp_path)
-    cfg = hp.pipeline_settings(hp.PipelineConfig(model=str(tmp_path), sft_lr=2e-6))
+    cfg = harness.pipeline_settings(harness.PipelineConfig(model=str(tmp_path), sft_lr=2e-6))
     assert (cfg.max_prompt_len, cfg.max_response_len, cfg.lora_r, cfg.actor_lr, cfg.critic_lr, cfg.sft_steps,
             cfg.sft_lr) == (400, 400, 128, 5e-4, 5e-4, 0, 2e-6)
     line = capsys.readouterr().out
@@ -1465,7 +1473,7 @@ def test_compare_runs_every_configuration_under_one_budget(tmp_path, monkeypatch
     assert held["ppo-lora-hydra-rm"][2] == str(out / "hydra-sft") and held["ppo-lora"][2] == str(out / "rm")
     baseline = refs[len(compare.ROWS):]  # one common baseline for every row: the plain SFT model, LoRA off
     assert len(baseline) == len(compare.ROWS) and all(r.model is baseline[0].model for r in baseline)
-    sft = hp.load_checkpoint(str(out / "sft"), CPU, torch.float32)[0].state_dict()
+    sft = harness.load_checkpoint(str(out / "sft"), CPU, torch.float32)[0].state_dict()
     assert baseline[0].adapter is hp.LORA_OFF
     assert all(torch.equal(v, sft[k]) for k, v in baseline[0].model.state_dict().items())
     result = json.loads((out / "compare.json").read_text())
@@ -1522,15 +1530,15 @@ def test_compare_ctrl_c_says_what_it_kept_and_resume_goes_on(tmp_path, monkeypat
     argv = ["--out", str(tmp_path / "cmp"), "--device", "cpu", "--eval-frac", "0.02", "--sft-steps", "2",
             "--sft-batch-size", "4", "--ppo-steps", "1", "--batch-size", "2", "--minibatch-size", "2",
             "--micro-batch-size", "2", "--max-response-len", "4", "--eval-prompts", "2", "--eval-samples", "1"]
-    ran, real_sft, real_ppo = [], hp.sft, hp.ppo
+    ran, real_sft, real_ppo = [], harness.sft, harness.ppo
 
     def ppo(c, **kw):
         ran.append(os.path.basename(c.out))
         if ran[-2:] == ["ppo-hydra", "ppo-jhydra"] and "ppo-dlora" not in ran:  # what on_interrupt makes of a Ctrl-C
-            raise hp.Interrupted("interrupted at step 1")
+            raise harness.Interrupted("interrupted at step 1")
         return real_ppo(c, **kw)
-    monkeypatch.setattr(hp, "ppo", ppo)
-    monkeypatch.setattr(hp, "sft", lambda c: ran.append(os.path.basename(c.out)) or real_sft(c))
+    monkeypatch.setattr(harness, "ppo", ppo)
+    monkeypatch.setattr(harness, "sft", lambda c: ran.append(os.path.basename(c.out)) or real_sft(c))
     assert compare.main(argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"in the stage writing {tmp_path / 'cmp' / 'ppo-jhydra'}" in line
@@ -1606,18 +1614,18 @@ def test_each_family_runs_hydra_sft_then_ppo_and_exports_to_peft(family, tmp_pat
     lm, tok = tiny_family(family)
     lm.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    data, sft = write(tmp_path, [json.dumps(p) for p in hp.make_demo_pairs(40)]), str(tmp_path / "sft")
-    hp.sft(hp.SFTConfig(model=str(tmp_path / "base"), data=data, out=sft, steps=1, batch_size=4, micro_batch_size=4,
+    data, sft = write(tmp_path, [json.dumps(p) for p in harness.make_demo_pairs(40)]), str(tmp_path / "sft")
+    harness.sft(harness.SFTConfig(model=str(tmp_path / "base"), data=data, out=sft, steps=1, batch_size=4, micro_batch_size=4,
                         max_response_len=8, device="cpu"))
     per_layer = FAMILY_CONFIGS[family][2]
     for mode in ("hydra", "jhydra"):
         capsys.readouterr()
-        hp.ppo(ppo_config(dict(hydra=sft), mode, data=data, out=str(tmp_path / mode), steps=1, batch_size=4,
+        harness.ppo(ppo_config(dict(hydra=sft), mode, data=data, out=str(tmp_path / mode), steps=1, batch_size=4,
                           minibatch_size=2, max_response_len=4, eval_prompts=2, actor_lr=1e-2))
         assert f"LoRA r 4 on {per_layer} linear maps in each of 2 decoder layers" in capsys.readouterr().out
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
-    out = hp.export(hp.ExportConfig(run=str(tmp_path / "hydra"), format="peft", out=str(tmp_path / "peft")))
+    out = harness.export(harness.ExportConfig(run=str(tmp_path / "hydra"), format="peft", out=str(tmp_path / "peft")))
     config = json.load(open(os.path.join(out, "adapter_config.json")))
     assert config["fan_in_fan_out"] == (family == "gpt2")  # peft's flag for Conv1D's (in, out) weights
     model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft), out).eval()
@@ -1665,10 +1673,10 @@ def test_the_update_forward_in_train_mode_equals_the_eval_forward(family, tmp_pa
             setattr(lm.config, k, 0.1)
     lm.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    lm = hp.load_lm(str(tmp_path), "cpu", torch.float32, dropout=False)[0]
+    lm = harness.load_lm(str(tmp_path), "cpu", torch.float32, dropout=False)[0]
     with torch.no_grad():
         assert torch.equal(lm.train()(batch).logits, lm.eval()(batch).logits)
-        noisy = hp.load_lm(str(tmp_path), "cpu", torch.float32)[0].train()  # the check can fail: dropout on
+        noisy = harness.load_lm(str(tmp_path), "cpu", torch.float32)[0].train()  # the check can fail: dropout on
         assert not torch.equal(noisy(batch).logits, noisy(batch).logits)
 
 
@@ -1678,7 +1686,7 @@ def test_the_update_forward_in_train_mode_equals_the_eval_forward(family, tmp_pa
 def test_help_lists_every_field():
     r = run_cli("sft", "--help")
     assert r.returncode == 0
-    for f in hp.fields(hp.SFTConfig):
+    for f in fields(harness.SFTConfig):
         assert "--" + f.name.replace("_", "-") in r.stdout
 
 
@@ -1687,12 +1695,12 @@ def test_help_lists_the_commands_and_says_what_each_does(capsys):
     repr) and shows the project's files by their path in the project, never this checkout's absolute path."""
     def help_of(*argv):
         with pytest.raises(SystemExit) as e:
-            hp.main([*argv, "--help"])
+            harness.main([*argv, "--help"])
         assert e.value.code == 0
         return capsys.readouterr().out
     top = help_of()
     listed = {line.split()[0]: line for line in top.splitlines() if line.startswith("  ") and line.split()}
-    for name, (cls, _) in [("(none)", (hp.PipelineConfig, None))] + list(hp.SUBCOMMANDS.items()):
+    for name, (cls, _) in [("(none)", (harness.PipelineConfig, None))] + list(harness.SUBCOMMANDS.items()):
         text = help_of(name) if name != "(none)" else top
         opening = text.split("\n\n")[1]  # after the usage line
         sentence = " ".join(opening.split()).split(". ")[0]
@@ -1709,9 +1717,9 @@ def test_help_lists_the_commands_and_says_what_each_does(capsys):
     (["--chat-template"], "was trained without --chat-template"),
 ])
 def test_ppo_config_errors(ckpts, args, message):
-    cfg = hp.parse_config(hp.PPOConfig, ["--sft", ckpts["hydra"], *args], "t")
+    cfg = harness.parse_config(harness.PPOConfig, ["--sft", ckpts["hydra"], *args], "t")
     with pytest.raises(hp.UserError, match=message):
-        hp.check_ppo_config(cfg)
+        harness.check_ppo_config(cfg)
 
 
 def test_two_runs_started_together_into_one_folder(ckpts, tmp_path):
@@ -1729,13 +1737,13 @@ def test_two_runs_started_together_into_one_folder(ckpts, tmp_path):
                         f"holds another run).*", one_error_line(refused)), refused
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]  # every line whole JSON
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert json.load(open(out / hp.RUN_FILE))["seed"] == seed
+    assert json.load(open(out / harness.RUN_FILE))["seed"] == seed
 
 
 def test_a_command_leaves_no_folder_locked(work, capsys):
     """The lock lives as long as the command, not the process (a notebook, these tests): main() drops it."""
     import fcntl
-    assert hp.main(["export", "--run", work["run"], "--out", work["sft"]]) == 2  # locks the folder, then refuses
+    assert harness.main(["export", "--run", work["run"], "--out", work["sft"]]) == 2  # locks the folder, then refuses
     fd = os.open(work["sft"], os.O_RDONLY)  # flock conflicts between two opens even in one process
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1747,7 +1755,7 @@ def test_a_cuda_device_that_is_not_there_is_named_as_such(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(hp.UserError, match=r"--device cuda:1: no such CUDA device here \(1 visible"):
-        hp.setup_device("cuda:1")  # what torchrun's LOCAL_RANK gives a second rank on a one-GPU node
+        harness.setup_device("cuda:1")  # what torchrun's LOCAL_RANK gives a second rank on a one-GPU node
 
 
 def test_a_missing_hub_model_is_one_line_without_the_hubs_retries(tmp_path):
@@ -1759,8 +1767,8 @@ def test_a_missing_hub_model_is_one_line_without_the_hubs_retries(tmp_path):
 def test_cuda_out_of_memory_becomes_a_message(ckpts, monkeypatch, capsys):
     def oom(cfg, judge=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setitem(hp.SUBCOMMANDS, "ppo", (hp.PPOConfig, oom))
-    assert hp.main(["ppo", "--sft", ckpts["hydra"], "--batch-size", "64", "--max-response-len", "400"]) == 3
+    monkeypatch.setitem(harness.SUBCOMMANDS, "ppo", (harness.PPOConfig, oom))
+    assert harness.main(["ppo", "--sft", ckpts["hydra"], "--batch-size", "64", "--max-response-len", "400"]) == 3
     err = capsys.readouterr().err
     assert "out of memory" in err and "--mode hydra" in err and "batch 64" in err and "400" in err
     assert "--grad-checkpointing" in err and "Traceback" not in err
@@ -1769,16 +1777,16 @@ def test_cuda_out_of_memory_becomes_a_message(ckpts, monkeypatch, capsys):
 def test_sft_and_rm_with_different_tokenizers_are_refused(ckpts, tmp_path):
     other = write(tmp_path, [json.dumps(dict(prompt="zz yy", chosen="xx ww", rejected="vv uu"))] * 4)
     rm = str(tmp_path / "rm")
-    hp.sft(hp.SFTConfig(data=other, out=rm, task="rm", steps=1, batch_size=2, micro_batch_size=2, device="cpu"))
+    harness.sft(harness.SFTConfig(data=other, out=rm, task="rm", steps=1, batch_size=2, micro_batch_size=2, device="cpu"))
     cfg = ppo_config(ckpts, "dlora", rm=rm)
     with pytest.raises(hp.UserError, match="different tokenizers"):
-        hp.check_ppo_config(cfg)
+        harness.check_ppo_config(cfg)
 
 
 def test_unknown_lora_targets_are_one_line(ckpts):
     cfg = ppo_config(ckpts, "hydra", lora_targets="query_key_value")
     with pytest.raises(hp.UserError, match="--lora-targets query_key_value: no linear map of the decoder layers is named so"):
-        hp.setup_ppo(cfg, hp.checkpoint_loader(cfg, CPU, torch.float32))
+        hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
 
 
 def tree(root):
@@ -2019,7 +2027,7 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     ("sft --out {tmp} --overwrite --data {tmp}/mine.jsonl --steps 1 --device cpu", "--out {tmp} holds --data",
      make("mine.jsonl", open(DEMO, "rb").read())),
     ("export --run {run} --out {sft} --overwrite", "--out {sft} is the run's --sft {sft}",
-     lambda p: hp.write_json(os.path.join(p["run"], "run.json"), dict(json.load(open(os.path.join(
+     lambda p: harness.write_json(os.path.join(p["run"], "run.json"), dict(json.load(open(os.path.join(
          p["run"], "run.json"))), sft=p["sft"]))),
     ("export --run {run} --out {sft} --overwrite", "--out {sft} holds a hydra-ppo checkpoint or run", None),
     ("export --run {run} --out {run} --overwrite", "--out {run} is --run {run}", None),
@@ -2046,7 +2054,7 @@ def test_bad_input_is_one_line_and_loses_nothing(work, capsys, argv, names, setu
         setup(work)
     before = tree(work["tmp"])
     capsys.readouterr()
-    code = hp.main(shlex.split(argv.format(**work)))
+    code = harness.main(shlex.split(argv.format(**work)))
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert err.count("\n") == 1 and err.startswith("error: "), err[-2000:]  # exactly one line
@@ -2069,18 +2077,18 @@ def test_ctrl_c_in_ppo_says_where_and_keeps_the_checkpoint(ckpts, tmp_path, caps
     import threading
     import time
     out = tmp_path / "ppo"
-    state, done = out / hp.STATE_FILE, threading.Event()
+    state, done = out / harness.STATE_FILE, threading.Event()
 
     def ctrl_c_after_the_first_checkpoint():
         deadline = time.time() + 120
         while not state.exists() and not done.is_set() and time.time() < deadline:
             time.sleep(0.02)
         if not done.is_set():
-            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt in the main thread, in hp.main
+            os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt in the main thread, in harness.main
     ctrl_c = threading.Thread(target=ctrl_c_after_the_first_checkpoint)
     ctrl_c.start()
     try:
-        code = hp.main(["ppo", "--sft", ckpts["hydra"], "--out", str(out), "--steps", "500", "--batch-size", "2",
+        code = harness.main(["ppo", "--sft", ckpts["hydra"], "--out", str(out), "--steps", "500", "--batch-size", "2",
                         "--minibatch-size", "2", "--micro-batch-size", "2", "--lora-r", "2", "--max-response-len",
                         "4", "--save-every", "1", "--device", "cpu"])
     except KeyboardInterrupt:  # caught here, or pytest would take it for the user stopping the tests
@@ -2103,11 +2111,11 @@ def test_ctrl_c_in_sft_keeps_the_last_save_every_checkpoint(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(*a)
     monkeypatch.setattr(hp, "sft_loss", ctrl_c_at_step_5)
-    code = hp.main(["sft", "--out", str(out), "--steps", "10", "--save-every", "2", "--batch-size", "4",
+    code = harness.main(["sft", "--out", str(out), "--steps", "10", "--save-every", "2", "--batch-size", "4",
                     "--micro-batch-size", "4", "--device", "cpu"])
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and line == f"error: interrupted at step 5 of 10; {out} holds the checkpoint of step 4"
-    hp.load_checkpoint(str(out), CPU, torch.float32)  # a whole checkpoint
+    harness.load_checkpoint(str(out), CPU, torch.float32)  # a whole checkpoint
 
 
 def test_ctrl_c_waits_until_a_checkpoint_is_written(ctrl_c_raises):
@@ -2115,7 +2123,7 @@ def test_ctrl_c_waits_until_a_checkpoint_is_written(ctrl_c_raises):
     import time
     written = []
     with pytest.raises(KeyboardInterrupt):
-        with hp.uninterrupted():
+        with harness.uninterrupted():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)  # a default handler would have raised by now
             written.append(1)
@@ -2129,7 +2137,7 @@ def test_overwrite_never_leaves_two_runs_mixed(work, monkeypatch, capsys):
         raise hp.UserError("step 1 failed")
     monkeypatch.setattr(hp, "ppo_step", fails)
     run = work["run"]
-    assert hp.main(["ppo", "--sft", work["sft"], "--out", run, "--overwrite", *SMALL.split()]) == 2
+    assert harness.main(["ppo", "--sft", work["sft"], "--out", run, "--overwrite", *SMALL.split()]) == 2
     assert one_error_line(capsys.readouterr().err) == "error: step 1 failed"
     assert sorted(os.listdir(run)) == ["metrics.jsonl", "run.json"]
     assert json.load(open(os.path.join(run, "run.json")))["lora_r"] == 2  # the new run's configuration
@@ -2140,32 +2148,32 @@ def test_run_json_holds_absolute_paths_that_work_from_another_directory(ckpts, t
     work.mkdir()
     elsewhere.mkdir()
     monkeypatch.chdir(work)  # a run started with relative paths ...
-    hp.ppo(ppo_config(ckpts, "hydra", sft=os.path.relpath(ckpts["hydra"]), data=os.path.relpath(DEMO), out="run",
+    harness.ppo(ppo_config(ckpts, "hydra", sft=os.path.relpath(ckpts["hydra"]), data=os.path.relpath(DEMO), out="run",
                       steps=1))
     saved = json.load(open(work / "run" / "run.json"))
     assert all(os.path.isabs(saved[k]) for k in ("sft", "data", "out")) and saved["rm"] == ""
     monkeypatch.chdir(elsewhere)  # ... is used from another directory
     run = str(work / "run")
     capsys.readouterr()
-    hp.generate_cmd(hp.GenerateConfig(run=run, max_new_tokens=4, device="cpu"))
+    harness.generate_cmd(harness.GenerateConfig(run=run, max_new_tokens=4, device="cpu"))
     assert capsys.readouterr().out.strip()
-    hp.export(hp.ExportConfig(run=run, format="peft", out=str(tmp_path / "peft")))
-    assert hp.ppo(hp.PPOConfig(resume=run))["steps"] == 1  # nothing left to train: it evaluates the saved state
+    harness.export(harness.ExportConfig(run=run, format="peft", out=str(tmp_path / "peft")))
+    assert harness.ppo(harness.PPOConfig(resume=run))["steps"] == 1  # nothing left to train: it evaluates the saved state
 
 
 def test_paths_that_do_not_exist_are_not_found(ckpts, tmp_path):
     with pytest.raises(hp.UserError, match="nope: not found"):
-        hp.load_policy(str(tmp_path / "nope"), CPU, torch.float32)
+        harness.load_policy(str(tmp_path / "nope"), CPU, torch.float32)
     run = tmp_path / "run"  # a run whose SFT checkpoint has since been deleted
     run.mkdir()
-    hp.write_json(str(run / hp.RUN_FILE), hp.asdict(hp.PPOConfig(sft=str(tmp_path / "gone"))))
-    (run / hp.POLICY_FILE).write_bytes(b"")
+    harness.write_json(str(run / harness.RUN_FILE), asdict(harness.PPOConfig(sft=str(tmp_path / "gone"))))
+    (run / harness.POLICY_FILE).write_bytes(b"")
     with pytest.raises(hp.UserError, match="gone: not found"):
-        hp.load_policy(str(run), CPU, torch.float32)
+        harness.load_policy(str(run), CPU, torch.float32)
     with pytest.raises(hp.UserError, match="--sft .*gone: not found"):
-        hp.check_ppo_config(hp.PPOConfig(sft=str(tmp_path / "gone")))
+        harness.check_ppo_config(harness.PPOConfig(sft=str(tmp_path / "gone")))
     with pytest.raises(hp.UserError, match="--resume .*gone: not found"):
-        hp.ppo(hp.PPOConfig(resume=str(tmp_path / "gone")))
+        harness.ppo(harness.PPOConfig(resume=str(tmp_path / "gone")))
 
 
 # ---- a real model, offline: SmolLM2-135M-Instruct --------------------------------------------------------------------
@@ -2212,14 +2220,14 @@ def smollm2():
 @pytest.fixture(scope="session")
 def smol_tok(smollm2):
     """SmolLM2's tokenizer as sft prepares it for --chat-template."""
-    return hp.end_turns_as_the_template(hp.load_tokenizer(smollm2))
+    return harness.end_turns_as_the_template(harness.load_tokenizer(smollm2))
 
 
 def test_chat_response_is_what_the_chat_model_writes(smol_tok):
     tok = smol_tok
     hh = "\n\nHuman: How do I bake bread?\n\nAssistant:"
-    prompt = hp.encode_prompt(tok, hh, 64, chat=True)
-    response = hp.encode_response(tok, " Mix flour and water.", 32, chat=True)  # HH's space after "Assistant:"
+    prompt = harness.encode_prompt(tok, hh, 64, chat=True)
+    response = harness.encode_response(tok, " Mix flour and water.", 32, chat=True)  # HH's space after "Assistant:"
     whole = tok.apply_chat_template([msg("user", "How do I bake bread?"), msg("assistant", "Mix flour and water.")],
                                     tokenize=False)
     want = tok(whole, add_special_tokens=False)["input_ids"]  # <|im_start|>assistant\nMix ... water.<|im_end|>\n
@@ -2238,11 +2246,11 @@ def test_chat_responses_end_with_the_templates_end_of_turn(smol_tok):
     whole = tok.apply_chat_template([msg("user", "How do I bake bread?"), msg("assistant", "Mix flour and water.")],
                                     tokenize=False)
     want = tok(whole, add_special_tokens=False)["input_ids"]
-    assert hp.end_turns_as_the_template(tok).eos_token == "<|im_end|>"
-    prompt = hp.encode_prompt(tok, hh, 64, chat=True)
-    response = hp.encode_response(tok, " Mix flour and water.", 32, chat=True)
+    assert harness.end_turns_as_the_template(tok).eos_token == "<|im_end|>"
+    prompt = harness.encode_prompt(tok, hh, 64, chat=True)
+    response = harness.encode_response(tok, " Mix flour and water.", 32, chat=True)
     assert prompt + response == want[:len(prompt) + len(response)] and response[-1] == tok.eos_token_id
-    assert hp.end_turns_as_the_template(tok).eos_token == "<|im_end|>"  # already so: nothing changes
+    assert harness.end_turns_as_the_template(tok).eos_token == "<|im_end|>"  # already so: nothing changes
 
 
 def test_sft_makes_the_end_of_turn_the_eos(smollm2, smol_tok, tmp_path, capsys):
@@ -2253,17 +2261,17 @@ def test_sft_makes_the_end_of_turn_the_eos(smollm2, smol_tok, tmp_path, capsys):
     for name in os.listdir(smollm2):
         if not name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
             os.symlink(os.path.join(smollm2, name), base / name)
-    tok = hp.load_tokenizer(smollm2)
+    tok = harness.load_tokenizer(smollm2)
     tok.eos_token = "<|endoftext|>"
     tok.save_pretrained(base)
-    assert hp.load_tokenizer(str(base)).eos_token == "<|endoftext|>"
+    assert harness.load_tokenizer(str(base)).eos_token == "<|endoftext|>"
     data = write(tmp_path, [hh_row(*p) for p in HH_PAIRS])
     out = str(tmp_path / "sft")
-    hp.sft(hp.SFTConfig(model=str(base), data=data, out=out, chat_template=True, max_prompt_len=40,
+    harness.sft(harness.SFTConfig(model=str(base), data=data, out=out, chat_template=True, max_prompt_len=40,
                         max_response_len=10, steps=1, batch_size=2, micro_batch_size=2, lora_r=4, eval_frac=0.34,
                         device="cpu"))
     assert "responses end with <|im_end|>" in capsys.readouterr().out
-    saved = hp.load_tokenizer(out)
+    saved = harness.load_tokenizer(out)
     assert saved.eos_token == "<|im_end|>" == smol_tok.eos_token
     from transformers import GenerationConfig
     assert GenerationConfig.from_pretrained(out).eos_token_id == [saved.eos_token_id, tok.eos_token_id]
@@ -2273,10 +2281,10 @@ def test_chat_prompt_is_cut_by_turns_not_through_the_template(smol_tok):
     tok = smol_tok
     turns = [msg("user" if i % 2 == 0 else "assistant", f"turn {i}: " + "some words " * 5 + "the end")
              for i in range(7)]
-    full = hp.encode_prompt(tok, turns, 10 ** 6, chat=True)
+    full = harness.encode_prompt(tok, turns, 10 ** 6, chat=True)
     header = tok.apply_chat_template([msg("user", "")], tokenize=False).split("<|im_start|>user")[0]  # the system turn
     for max_len in (len(full), len(full) - 1, 60, 40):
-        ids = hp.encode_prompt(tok, turns, max_len, chat=True)
+        ids = harness.encode_prompt(tok, turns, max_len, chat=True)
         text = tok.decode(ids)
         assert len(ids) <= max_len
         assert text.startswith(header + "<|im_start|>user\n")  # the template's tokens intact, a user turn first
@@ -2284,7 +2292,7 @@ def test_chat_prompt_is_cut_by_turns_not_through_the_template(smol_tok):
         assert text.count("<|im_start|>") == text.count("<|im_end|>") + 1
         assert ("turn 0:" in text) == (max_len == len(full))  # the oldest turn goes first
     with pytest.raises(hp.UserError, match="is shorter than the chat template's own"):
-        hp.encode_prompt(tok, turns, 20, chat=True)
+        harness.encode_prompt(tok, turns, 20, chat=True)
     # Conversational data: the prompt's messages go through the template as they are.
     assert full == tok(tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False),
                        add_special_tokens=False)["input_ids"]
@@ -2303,7 +2311,7 @@ HH_PAIRS = [  # (prompt turns, chosen, rejected): the last one is long enough to
 
 
 def hh_row(turns, chosen, rejected):
-    prompt = "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns)) + hp.HH_MARKER
+    prompt = "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns)) + harness.HH_MARKER
     return json.dumps(dict(chosen=prompt + " " + chosen, rejected=prompt + " " + rejected))
 
 
@@ -2313,10 +2321,10 @@ def test_real_model_hydra_sft_then_ppo(smollm2, smol_tok, tmp_path, chat):
     tokenizer, then Hydra-SFT and one Hydra-PPO step through the real pipeline."""
     tok, data = smol_tok, write(tmp_path, [hh_row(*p) for p in HH_PAIRS])
     common = dict(data=data, chat_template=chat, max_prompt_len=40, eval_frac=0.34, device="cpu", eval_batch_size=4)
-    cfg = hp.SFTConfig(**common, model=smollm2, out=str(tmp_path / "sft"), max_response_len=10, steps=2,
+    cfg = harness.SFTConfig(**common, model=smollm2, out=str(tmp_path / "sft"), max_response_len=10, steps=2,
                        batch_size=2, micro_batch_size=2, lora_r=4, lr=1e-4)
-    pairs = hp.load_pairs(data)
-    ids, mask, P = hp.sft_batch(tok, pairs, cfg, with_rejected=True)
+    pairs = harness.load_pairs(data)
+    ids, mask, P = harness.sft_batch(tok, pairs, cfg, with_rejected=True)
     n = len(pairs)
     for i, pair in enumerate(pairs + pairs):
         prompt = tok.decode(ids[i, :P][mask[i, :P] == 1])
@@ -2330,23 +2338,23 @@ def test_real_model_hydra_sft_then_ppo(smollm2, smol_tok, tmp_path, chat):
             assert prompt.endswith("Assistant:") and tok.convert_ids_to_tokens(response[0]).startswith("Ġ")
         fits = len(tok(text.lstrip() if chat else text, add_special_tokens=False)["input_ids"]) < cfg.max_response_len
         assert (response[-1] == tok.eos_token_id) == fits and response.count(tok.eos_token_id) <= 1  # EOS: uncut only
-    summary = hp.sft(cfg)
+    summary = harness.sft(cfg)
     # The chat template's system turn adds 21 tokens: 2 prompts over 40 tokens instead of 1 (see the loop above).
     assert summary["truncated_prompts"] == (2 if chat else 1) and summary["truncated_responses"] == 5
     assert math.isfinite(summary["held_out_lm_loss"])
-    meta = json.load(open(os.path.join(cfg.out, hp.META_FILE)))
+    meta = json.load(open(os.path.join(cfg.out, harness.META_FILE)))
     assert (meta["chat_template"], meta["max_prompt_len"], meta["max_response_len"]) == (chat, 40, 10)
     # The first response token is one the model would write (HH's leading space, kept after the chat template's
     # assistant header, would make every response start with a token the model finds unlikely).
-    model = hp.load_checkpoint(cfg.out, CPU, torch.float32, dropout=False)[0].eval()
+    model = harness.load_checkpoint(cfg.out, CPU, torch.float32, dropout=False)[0].eval()
     with torch.no_grad():
         assert model.logprobs(model(ids, mask), ids, P)[:, 0].mean() > -8
-    ppo_cfg = hp.PPOConfig(**common, sft=cfg.out, out=str(tmp_path / "ppo"), max_response_len=6, steps=1,
+    ppo_cfg = harness.PPOConfig(**common, sft=cfg.out, out=str(tmp_path / "ppo"), max_response_len=6, steps=1,
                            batch_size=2, minibatch_size=2, micro_batch_size=2, lora_r=4, lora_alpha=8.0,
                            eval_prompts=1, save_every=0)
     with pytest.raises(hp.UserError, match="was trained with" + ("" if chat else "out") + " --chat-template"):
-        hp.check_ppo_config(hp.PPOConfig(**{**hp.asdict(ppo_cfg), "chat_template": not chat}))
-    ppo_summary = hp.ppo(ppo_cfg)
+        harness.check_ppo_config(harness.PPOConfig(**{**asdict(ppo_cfg), "chat_template": not chat}))
+    ppo_summary = harness.ppo(ppo_cfg)
     assert math.isfinite(ppo_summary["policy_score"]) and ppo_summary["policy_len"] > 0
 
 
@@ -2357,6 +2365,7 @@ def test_real_model_hydra_sft_then_ppo(smollm2, smol_tok, tmp_path, chat):
 # So the README names the versions and the CPU its numbers hold for, and this test compares exactly where they match.
 
 README = os.path.join(HERE, "README.md")
+RESULTS = os.path.join(HERE, "RESULTS.md")
 CAPTION = re.compile(r"Measured with torch (\S+) and transformers (\S+) on CPU `([^`]+)`")
 
 
@@ -2373,14 +2382,14 @@ def cpu_id():
 
 
 def demo_row(seed, s, wall="TBD"):
-    """One README table row from a demo's summary.json (wall time: measured apart, on a quiet machine)."""
+    """One RESULTS.md demo-table row from a demo's summary.json (wall time: measured apart, on a quiet machine)."""
     lo, hi = s["win_rate_ci"]
     return (f"| {seed} | {s['rm_accuracy']:.2f} | {s['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {s['sft_gold']:.2f} → "
             f"{s['policy_gold']:.2f} | {s['kl']:.2f} | {s['sft_len']:.1f} → {s['policy_len']:.1f} | {wall} |")
 
 
-def readme_demo_rows():
-    text = open(README, encoding="utf-8").read()
+def results_demo_rows():
+    text = open(RESULTS, encoding="utf-8").read()
     rows = {int(m.group(1)): m.group(0) for m in re.finditer(r"^\| (\d) \| \d\.\d\d \| .*\|$", text, re.M)}
     return text, CAPTION.search(text), rows
 
@@ -2399,23 +2408,39 @@ def run_demo(seed, out):
 DEMO_COLUMNS = ("seed", "RM accuracy", "gold win-rate [95%]", "gold score SFT -> PPO", "KL", "length SFT -> PPO")
 
 
-def test_readme_demo_row_is_what_the_demo_gives(tmp_path):
-    """Seed 0 of `python hydra_ppo.py` against the README's row (all but the wall time): fails when the code or the
-    README drifts. Regenerate the rows with `python test_hydra_ppo.py --demo-table`. The demo runs in its own process
+def test_results_demo_row_is_what_the_demo_gives(tmp_path):
+    """Seed 0 of `python hydra_ppo.py` against RESULTS.md's row (all but the wall time): fails when the code or
+    RESULTS.md drifts. Regenerate the rows with `python test_hydra_ppo.py --demo-table`. The demo runs in its own process
     with a pinned thread count (run_demo): neither test order nor machine load can change its numbers, and a failure
     names each column that differs."""
-    _, caption, rows = readme_demo_rows()
-    assert caption and 0 in rows, "README: no demo table caption or seed-0 row"
+    _, caption, rows = results_demo_rows()
+    assert caption and 0 in rows, "RESULTS.md: no demo table caption or seed-0 row"
     here = (torch.__version__, __import__("transformers").__version__, cpu_id())
     if here != caption.groups():
-        pytest.skip(f"README's demo numbers are for torch {caption[1]}, transformers {caption[2]}, CPU {caption[3]}; "
+        pytest.skip(f"RESULTS.md's demo numbers are for torch {caption[1]}, transformers {caption[2]}, CPU {caption[3]}; "
                     f"this is {', '.join(here)}")
     cells = lambda row: [c.strip() for c in row.strip("|").split("|")][:len(DEMO_COLUMNS)]
     expected, got = cells(rows[0]), cells(demo_row(0, run_demo(0, str(tmp_path / "demo"))))
-    differ = [f"{name}: README {a}, demo now {b}" for name, a, b in zip(DEMO_COLUMNS, expected, got) if a != b]
-    assert not differ, ("the demo's seed 0 no longer gives the README's row (" + "; ".join(differ) + f"; torch threads "
+    differ = [f"{name}: RESULTS.md {a}, demo now {b}" for name, a, b in zip(DEMO_COLUMNS, expected, got) if a != b]
+    assert not differ, ("the demo's seed 0 no longer gives RESULTS.md's row (" + "; ".join(differ) + f"; torch threads "
                         f"{torch.get_num_threads()}). The code changed what the demo computes: regenerate the rows "
                         f"with `python test_hydra_ppo.py --demo-table` if that was meant.")
+
+
+def test_results_scale_table_is_what_bench_predicts(capsys):
+    """RESULTS.md's scale table (memory model, 125M to 70B) is what its printed command gives now: the command is
+    taken from RESULTS.md itself, run in this process (a prediction builds no model), and every row it prints must be
+    in RESULTS.md as it stands."""
+    import shlex
+    import bench
+    text = open(RESULTS, encoding="utf-8").read()
+    section = text.split("### How the saving changes with scale")[1].split("\n## ")[0]
+    command = re.search(r"```bash\n(python tools/bench\.py [^`]*?)\n```", section).group(1).replace("\\\n", " ")
+    assert bench.main(shlex.split(command)[2:]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and " B | " in l]
+    assert len(rows) == len(bench.SCALE)
+    missing = [r for r in rows if r not in section]
+    assert not missing, f"RESULTS.md's scale table differs from `{command}` now: {missing}"
 
 
 def test_readme_commands_parse_and_read_what_the_demo_or_an_earlier_row_wrote():
@@ -2429,9 +2454,9 @@ def test_readme_commands_parse_and_read_what_the_demo_or_an_earlier_row_wrote():
     written = {"out/demo", "out/demo/sft", "out/demo/ppo"}
     for command in commands:
         argv = shlex.split(command)[2:]
-        name = argv[0] if argv and argv[0] in hp.SUBCOMMANDS else None
-        cls = hp.SUBCOMMANDS[name][0] if name else hp.PipelineConfig
-        cfg = hp.parse_config(cls, argv[1:] if name else argv, prog=command)
+        name = argv[0] if argv and argv[0] in harness.SUBCOMMANDS else None
+        cls = harness.SUBCOMMANDS[name][0] if name else harness.PipelineConfig
+        cfg = harness.parse_config(cls, argv[1:] if name else argv, prog=command)
         for flag in ("sft", "rm", "run", "resume"):
             if flag in cfg.given or (flag == "run" and name in ("generate", "export")):
                 assert getattr(cfg, flag) in written, (command, flag)
@@ -2443,9 +2468,9 @@ def test_readme_commands_parse_and_read_what_the_demo_or_an_earlier_row_wrote():
 
 
 def regenerate_demo_table():
-    """Run seeds 0, 1, 2 of the demo and write their rows and the caption into README.md (wall times kept)."""
+    """Run seeds 0, 1, 2 of the demo and write their rows and the caption into RESULTS.md (wall times kept)."""
     import tempfile
-    text, caption, rows = readme_demo_rows()
+    text, caption, rows = results_demo_rows()
     for seed in (0, 1, 2):
         summary = run_demo(seed, os.path.join(tempfile.mkdtemp(), "demo"))
         new = demo_row(seed, summary, rows[seed].rsplit("|", 2)[1].strip())
@@ -2453,7 +2478,7 @@ def regenerate_demo_table():
         text = text.replace(rows[seed], new)
     text = text.replace(caption[0], f"Measured with torch {torch.__version__} and transformers "
                                     f"{__import__('transformers').__version__} on CPU `{cpu_id()}`")
-    open(README, "w", encoding="utf-8").write(text)
+    open(RESULTS, "w", encoding="utf-8").write(text)
 
 
 # ---- memory and benchmark (bench.py) ---------------------------------------------------------------------------------
@@ -2573,7 +2598,7 @@ def test_the_trl_venv_sees_the_running_interpreters_packages(tmp_path):
     open(os.path.join(site_dir, "this_tests_packages.pth"), "w").write(
         f"import site; list(map(site.addsitedir, {site.getsitepackages()!r}))\n")
     inner = tmp_path / "inner"
-    subprocess.check_call([outer_py, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_trl; "
+    subprocess.check_call([outer_py, "-c", f"import sys; sys.path.insert(0, {os.path.join(HERE, 'tools')!r}); import bench_trl; "
                                            f"bench_trl.make_venv({str(inner)!r}, pip=False)"])
     found = subprocess.check_output([str(inner / "bin" / "python"), "-c", "import only_in_the_outer_venv as m, torch; "
                                      "print(m.__file__); print(torch.__file__)"], text=True).split()

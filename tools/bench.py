@@ -1,10 +1,10 @@
 """Memory and latency of every configuration: the paper's Table 1 on any machine, and a memory model that predicts it.
 
-    python bench.py --preset opt-125m --batch 8                  # CPU or GPU, every configuration
-    python bench.py --preset llama-7b --configs hydra --precision bf16 --batch 1 --grad-checkpointing  # CUDA's set-up
-    python bench.py --preset llama-7b --predict --device cuda --budget-gb 80 --grad-checkpointing \
+    python tools/bench.py --preset opt-125m --batch 8                  # CPU or GPU, every configuration
+    python tools/bench.py --preset llama-7b --configs hydra --precision bf16 --batch 1 --grad-checkpointing  # CUDA's set-up
+    python tools/bench.py --preset llama-7b --predict --device cuda --budget-gb 80 --grad-checkpointing \
         --prompt-len 400 --response-len 400                       # the model alone: largest batches, in seconds
-    python bench.py --predict --scale --device cuda --batch 8 --grad-checkpointing   # 125M to 70B parameters
+    python tools/bench.py --predict --scale --device cuda --batch 8 --grad-checkpointing   # 125M to 70B parameters
 
 Each configuration runs in a fresh subprocess (so one's memory never counts toward another's) through the same
 code as a real run (hydra_ppo.setup_ppo, ppo_step), with random-init models built from the
@@ -31,6 +31,8 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root (harness, hydra_ppo)
 
 CONFIGS = ("sft", "full", "lora", "dlora", "jhydra", "hydra")
 
@@ -153,11 +155,12 @@ class LiveMemory(TorchDispatchMode):
 # ---- one configuration, in its own process ------------------------------------------------------------------------
 
 def child(args):
+    import harness
     import hydra_ppo as hp
     from transformers import AutoModelForCausalLM
-    run = hp.setup_device(args.device, args.precision)
+    run = harness.setup_device(args.device, args.precision)
     device, dtype, autocast = run.device, run.dtype, run.autocast
-    config = hp.no_dropout(model_config(args))
+    config = harness.no_dropout(model_config(args))
     B, P, R = args.batch, args.prompt_len, args.response_len
 
     def load(which, fp32):  # build_roles' loader: a fresh random-init model
@@ -193,10 +196,11 @@ def child(args):
         cfg = ppo_config(args, B)
         learner = hp.setup_ppo(cfg, load)
         models, opt = hp.models_of(learner.roles), learner.opt
-        tok = types.SimpleNamespace(**token_ids(config))
+        # EOS: an id past the vocabulary, never sampled, so that every response runs the full R tokens.
+        tok = types.SimpleNamespace(**{**token_ids(config), "eos_token_id": config.vocab_size})
 
         def step():
-            batch, stats = hp.ppo_step(learner, tok, p_ids, p_mask, cfg, run, min_new_tokens=R)
+            batch, stats = hp.ppo_step(learner, tok, p_ids, p_mask, cfg, run)
             assert batch["ids"].shape[1] == P + R, "generation stopped before the full response length"
             return {k: stats[k] for k in ("time_generate", "time_score", "time_update")}
     times, stamps = [], []
@@ -246,12 +250,12 @@ def token_ids(config):
 
 
 def ppo_config(args, B):
-    import hydra_ppo as hp
+    import harness
     micro = args.micro_batch or B
-    return hp.PPOConfig(mode=args.config, batch_size=B, minibatch_size=B, micro_batch_size=micro,
-                        max_prompt_len=args.prompt_len, max_response_len=args.response_len, lora_r=args.lora_r,
-                        lora_alpha=2.0 * args.lora_r, grad_checkpointing=args.grad_checkpointing,
-                        fold_lora=args.fold_lora, device=args.device)
+    return harness.PPOConfig(mode=args.config, batch_size=B, minibatch_size=B, micro_batch_size=micro,
+                             max_prompt_len=args.prompt_len, max_response_len=args.response_len, lora_r=args.lora_r,
+                             lora_alpha=2.0 * args.lora_r, grad_checkpointing=args.grad_checkpointing,
+                             fold_lora=args.fold_lora, device=args.device)
 
 
 # ---- the memory model: the paper's Table 2 as arithmetic -------------------------------------------------------

@@ -1,6 +1,6 @@
 """The paper's five PPO configurations side by side, under one budget, plus the ablation of its open question 1.
 
-    python compare.py --model M --data D --out DIR --seed S [--ppo-steps N ...]
+    python tools/compare.py --model M --data D --out DIR --seed S [--ppo-steps N ...]
 
 From one data split and seed: Hydra-SFT, and separately SFT and a reward model (same steps and learning rate); then
 PPO in each configuration of Table 2 with the same prompts, steps, batch, learning-rate rule (hydra_ppo.MODES), LoRA
@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import harness  # noqa: E402
 import hydra_ppo as hp
-from hydra_ppo import LR_WHY, arg
+from harness import LR_WHY, arg
 
 # One row per configuration: key (its folder DIR/ppo-KEY), name, --mode, the --sft and --rm it starts from (DIR/hydra-sft,
 # DIR/sft, DIR/rm), and the paper's average GPT-4 win-rate in % on Llama-7b (PAPER.md; None: not published).
@@ -33,7 +35,7 @@ AUTO = ("max_prompt_len", "max_response_len", "sft_steps", "sft_lr", "lora_r", "
 
 
 @dataclass
-class CompareConfig(hp.Budget):
+class CompareConfig(harness.Budget):
     """All five PPO configurations of the paper (Table 2) and the open question 1 ablation, under one budget. Flags
     whose default is 0 ("auto") take their value from hydra_ppo.PIPELINE_SETTINGS by model size, except the PPO
     learning rates: 0 there is each mode's own default (hydra_ppo.MODES), the paper's rule."""
@@ -48,13 +50,13 @@ class CompareConfig(hp.Budget):
 
 def stage_configs(cfg):
     """-> ({folder: SFTConfig}, {row key: PPOConfig}): everything but the task, the mode and the checkpoints shared."""
-    common = {f.name: getattr(cfg, f.name) for f in fields(hp.Common)}
+    common = {f.name: getattr(cfg, f.name) for f in fields(harness.Common)}
     path = lambda folder: os.path.join(cfg.out, folder)
-    sfts = {folder: hp.SFTConfig(**{**common, "out": path(folder)}, model=cfg.model, task=task, steps=cfg.sft_steps,
+    sfts = {folder: harness.SFTConfig(**{**common, "out": path(folder)}, model=cfg.model, task=task, steps=cfg.sft_steps,
                                  batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
                                  micro_batch_size=min(cfg.sft_batch_size, cfg.micro_batch_size))
             for folder, task in SFT_TASKS.items()}
-    ppos = {key: hp.PPOConfig(**{**common, "out": path("ppo-" + key)}, mode=mode, sft=path(sft),
+    ppos = {key: harness.PPOConfig(**{**common, "out": path("ppo-" + key)}, mode=mode, sft=path(sft),
                               rm=path(rm) if rm else "", steps=cfg.ppo_steps, batch_size=cfg.batch_size,
                               minibatch_size=cfg.minibatch_size, micro_batch_size=cfg.micro_batch_size,
                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, actor_lr=cfg.actor_lr,
@@ -72,8 +74,8 @@ def precheck(cfg, sfts, ppos):
     """Every check the stages would make later, made now, before the first one runs, naming compare.py's own flag:
     the batches against the data, the evaluation prompts, the judge, the lengths and LoRA targets against the model.
     -> the judge (None: the reward model)."""
-    judge = hp.pick_judge(cfg)
-    train, held_out = hp.split_pairs(hp.load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
+    judge = harness.pick_judge(cfg)
+    train, held_out = harness.split_pairs(harness.load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
     for flag, n in (("--sft-batch-size", cfg.sft_batch_size), ("--batch-size", cfg.batch_size)):
         hp.check(n <= len(train), f"{flag} {n}: more than the {len(train)} training pairs in {cfg.data}")
     if cfg.eval_prompts > len(held_out):
@@ -81,8 +83,8 @@ def precheck(cfg, sfts, ppos):
                  f"{len(held_out)} held-out prompts (--eval-frac {cfg.eval_frac:g}); ask for at most {len(held_out)}")
         print(f"evaluating on all {len(held_out)} held-out prompts (fewer than --eval-prompts {cfg.eval_prompts})")
     if cfg.model in ("tiny", "tiny-opt"):  # a few thousand parameters: built for real
-        texts = [p[k] if isinstance(p[k], str) else hp.hh_text(p[k]) for p in train for k in ("prompt", "chosen")]
-        lm = hp.build_tiny(cfg.model, texts, cfg.seed, "cpu")[0]
+        texts = [p[k] if isinstance(p[k], str) else harness.hh_text(p[k]) for p in train for k in ("prompt", "chosen")]
+        lm = harness.build_tiny(cfg.model, texts, cfg.seed, "cpu")[0]
     else:  # the architecture alone, on the meta device: no weights read
         from transformers import AutoConfig, AutoModelForCausalLM
         try:
@@ -92,7 +94,7 @@ def precheck(cfg, sfts, ppos):
                                f"({(str(e).strip().splitlines() or [''])[0][:150]})") from None
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config)
-    hp.check_positions(lm, cfg.max_prompt_len, cfg.max_response_len, "--max-prompt-len + --max-response-len")
+    harness.check_positions(lm, cfg.max_prompt_len, cfg.max_response_len, "--max-prompt-len + --max-response-len")
     hp.add_adapter(lm, next(iter(ppos.values())))  # --lora-targets: every run adds the same adapters
     return judge
 
@@ -100,15 +102,15 @@ def precheck(cfg, sfts, ppos):
 def finished(c):
     """A stage is finished when its summary.json is written (its last act)."""
     path = os.path.join(c.out, "summary.json")
-    return hp.read_file(path, hp.read_json) if os.path.isfile(path) else None
+    return harness.read_file(path, harness.read_json) if os.path.isfile(path) else None
 
 
 def stage(c, run_stage, done):
-    """Run one stage (hp.sft or hp.ppo); Ctrl-C says which stage it stopped in, what is kept, and how to go on."""
+    """Run one stage (harness.sft or harness.ppo); Ctrl-C says which stage it stopped in, what is kept, and how to go on."""
     try:
         return run_stage(c)
-    except hp.Interrupted:
-        raise hp.Interrupted(f"interrupted in the stage writing {c.out}; finished and kept: "
+    except harness.Interrupted:
+        raise harness.Interrupted(f"interrupted in the stage writing {c.out}; finished and kept: "
                              f"{', '.join(done) or 'none yet'}; go on with the same command and --resume (an "
                              f"unfinished stage starts again)") from None
 
@@ -127,12 +129,12 @@ def training_stats(run_dir, last=5):
 
 def against_baseline(c, prompts, baseline, rm, judge, run, seed):
     """The policy of run c against the plain SFT model on the same held-out prompts, k x k per prompt, by the
-    judge or else the separate reward model: evaluate_ppo with the baseline as the reference. The baseline is
-    resampled for each row (evaluate_ppo samples both sides); the interval over prompts covers that noise."""
-    actor, tok, _ = hp.load_policy(c.out, run.device, run.dtype)
+    judge or else the separate reward model: harness.evaluate with the baseline as the reference. The baseline is
+    resampled for each row (it samples both sides); the interval over prompts covers that noise."""
+    actor, tok, _ = harness.load_policy(c.out, run.device, run.dtype)
     roles = dict(actor=actor, ref=hp.Role(baseline, hp.LORA_OFF, "lm"), rm=hp.Role(rm, hp.LORA_OFF, "reward"))
     torch.manual_seed(seed)
-    return hp.evaluate_ppo(roles, tok, prompts, c, run, judge)[0]
+    return harness.evaluate(roles, tok, prompts, c, run, judge)[0]
 
 
 def plan(cfg):
@@ -146,7 +148,7 @@ def check_resume(cfg):
         return
     path = os.path.join(cfg.out, RUN_FILE)
     hp.check(os.path.isfile(path), f"--resume: {cfg.out} holds no comparison to go on with (no {RUN_FILE})")
-    saved, now = hp.read_file(path, hp.read_json), plan(cfg)
+    saved, now = harness.read_file(path, harness.read_json), plan(cfg)
     differ = [f"--{k.replace('_', '-')} {saved.get(k)} then, {now[k]} now" for k in now if saved.get(k) != now[k]]
     hp.check(not differ, f"--resume: {cfg.out} was started with other settings ({'; '.join(differ[:3])}); give "
                          f"the same flags")
@@ -167,9 +169,9 @@ def table(result):
 
 def compare(cfg: CompareConfig):
     """The three SFT stages, the six PPO runs, the evaluation against the common baseline, the table."""
-    hp.validate(cfg)
+    harness.validate(cfg)
     given = getattr(cfg, "given", set())
-    cfg = hp.pipeline_settings(cfg, only=AUTO)
+    cfg = harness.pipeline_settings(cfg, only=AUTO)
     cfg.given = given
     check_resume(cfg)
     sft_micro = min(cfg.sft_batch_size, cfg.micro_batch_size)  # what each SFT stage runs with
@@ -177,19 +179,19 @@ def compare(cfg: CompareConfig):
                                                   f"--micro-batch-size {cfg.micro_batch_size}")
     sfts, ppos = stage_configs(cfg)
     for c in (*sfts.values(), *ppos.values()):  # every stage's flags before the first one runs
-        hp.validate(c)
-    hp.claim_out(cfg.out, cfg.overwrite or cfg.resume, stale=() if cfg.resume else ("compare.json", RUN_FILE),
-                 inputs=hp.local_inputs(cfg))
+        harness.validate(c)
+    harness.claim_out(cfg.out, cfg.overwrite or cfg.resume, stale=() if cfg.resume else ("compare.json", RUN_FILE),
+                 inputs=harness.local_inputs(cfg))
     judge = precheck(cfg, sfts, ppos)  # None: the separate reward model judges
-    run = hp.setup_device(cfg.device, cfg.precision)
+    run = harness.setup_device(cfg.device, cfg.precision)
     cuda = run.device.type == "cuda"
     os.makedirs(cfg.out, exist_ok=True)
-    hp.write_json(os.path.join(cfg.out, RUN_FILE), plan(cfg))
+    harness.write_json(os.path.join(cfg.out, RUN_FILE), plan(cfg))
     sft, ppo, done = {}, {}, []
     for folder, c in sfts.items():
         sft[folder] = finished(c) if cfg.resume else None
         print(f"\n== SFT --task {c.task}: {c.out}" + (" (finished: kept)" if sft[folder] else ""))
-        sft[folder] = sft[folder] or stage(replace(c, overwrite=c.overwrite or cfg.resume), hp.sft, done)
+        sft[folder] = sft[folder] or stage(replace(c, overwrite=c.overwrite or cfg.resume), harness.sft, done)
         done.append(folder)
     for key, name, *_ in ROWS:
         c = ppos[key]
@@ -199,15 +201,15 @@ def compare(cfg: CompareConfig):
         if not ppo[key]:
             if cuda:
                 torch.cuda.reset_peak_memory_stats(run.device)
-            ppo[key] = stage(replace(c, overwrite=c.overwrite or cfg.resume), lambda c: hp.ppo(c, judge=judge), done)
+            ppo[key] = stage(replace(c, overwrite=c.overwrite or cfg.resume), lambda c: harness.ppo(c, judge=judge), done)
             # CPU: no per-run peak in one process (max RSS only grows); bench.py measures memory per configuration.
             ppo[key]["peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30 if cuda else None
-            hp.write_json(os.path.join(c.out, "summary.json"), ppo[key])  # with its peak: finished
+            harness.write_json(os.path.join(c.out, "summary.json"), ppo[key])  # with its peak: finished
         done.append("ppo-" + key)
     print("\n== every policy against the plain SFT model (the common baseline)")
-    baseline = hp.load_checkpoint(sfts["sft"].out, run.device, run.dtype, dropout=False)[0]
-    rm = hp.load_checkpoint(sfts["rm"].out, run.device, run.dtype, dropout=False)[0]
-    held_out = hp.split_pairs(hp.load_pairs(cfg.data), cfg.eval_frac, cfg.seed)[1]
+    baseline = harness.load_checkpoint(sfts["sft"].out, run.device, run.dtype, dropout=False)[0]
+    rm = harness.load_checkpoint(sfts["rm"].out, run.device, run.dtype, dropout=False)[0]
+    held_out = harness.split_pairs(harness.load_pairs(cfg.data), cfg.eval_frac, cfg.seed)[1]
     prompts = [p["prompt"] for p in held_out][:cfg.eval_prompts]  # the prompts every `ppo` evaluated on
     rows = []
     for key, name, mode, *_, paper in ROWS:
@@ -220,7 +222,7 @@ def compare(cfg: CompareConfig):
     result = dict(judge="gold" if judge else "reward_model", eval_prompts=len(prompts), eval_samples=cfg.eval_samples,
                   rm_accuracy=dict(hydra_sft=sft["hydra-sft"]["held_out_rm_acc"], rm=sft["rm"]["held_out_rm_acc"]),
                   rows=rows, paper_baselines=PAPER_BASELINES, config=asdict(cfg))
-    hp.write_json(os.path.join(cfg.out, "compare.json"), result)
+    harness.write_json(os.path.join(cfg.out, "compare.json"), result)
     acc = result["rm_accuracy"]
     print(f"\nheld-out reward-model accuracy ({sft['rm']['held_out_pairs']} pairs): Hydra-SFT's reward head "
           f"{acc['hydra_sft']:.3f}, the separate RM {acc['rm']:.3f}\n\n{table(result)}\n")
@@ -234,7 +236,7 @@ def main(argv=None):
     """`python compare.py [--flags]`: a bad flag or input is one error line and exit 2."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        compare(hp.parse_config(CompareConfig, argv, prog="compare.py"))
+        compare(harness.parse_config(CompareConfig, argv, prog="compare.py"))
     except hp.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -243,7 +245,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     finally:
-        hp.release_folders()
+        harness.release_folders()
     return 0
 
 
