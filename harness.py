@@ -874,6 +874,13 @@ def barrier():
 # ----------------------------------------------------------------------------------------------------------------
 # The sft command: the Hydra-SFT loop.
 
+def collate(prompts, responses, pad_id):
+    """-> ids (B, P+R), mask (B, P+R), P in hydra_ppo's token layout: responses (with their EOS) start at column P."""
+    p_ids, p_mask = hp.pad(prompts, pad_id, "left")
+    r_ids, r_mask = hp.pad(responses, pad_id, "right")
+    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1]
+
+
 def sft_batch(tok, pairs, cfg, with_rejected):
     """Rows [0, n): prompt + chosen; rows [n, 2n): prompt + rejected (when with_rejected)."""
     prompts = [encode_prompt(tok, p["prompt"], cfg.max_prompt_len, cfg.chat_template) for p in pairs]
@@ -882,7 +889,7 @@ def sft_batch(tok, pairs, cfg, with_rejected):
         prompts = prompts + prompts
         responses = responses + [encode_response(tok, p["rejected"], cfg.max_response_len, cfg.chat_template)
                                  for p in pairs]
-    return hp.collate(prompts, responses, tok.pad_token_id)
+    return collate(prompts, responses, tok.pad_token_id)
 
 
 @torch.no_grad()
@@ -1498,7 +1505,7 @@ class PipelineConfig(Budget):
 # The pipeline's "auto" settings (its flags that default to 0), in one table; the row goes by the model's size.
 # tiny: the demo's in-memory model (the README's demo table). real: a pretrained model under 1B parameters, which
 # needs far smaller steps than a random one, a wider adapter, and room for a sentence (the README's SmolLM2-135M
-# commands use this row). billion: the paper's OPT-1.3b / Llama-7b settings (PAPER.md): 400 + 400 tokens,
+# commands use this row). billion: the paper's OPT-1.3b / Llama-7b settings (arXiv 2309.00754): 400 + 400 tokens,
 # LoRA r 128, actor lr 5e-4, critic lr 5e-4 (the paper's 5e-5 starves the critic: see MODES); Hydra-SFT full
 # fine-tuning at the paper's reward-model rate 1e-6 (its SFT used 5e-7; one Hydra-SFT rate must also train the new
 # reward head) for one epoch (sft_steps 0: the paper publishes no step count); alpha = r (not published;

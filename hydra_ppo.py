@@ -17,13 +17,16 @@ temperature tau, --temperature). Its per-token rewards carry the KL to the refer
 
     r_t   = -beta * (log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t))                    beta: --kl-coef
             + [t = T] * (RM(x, y) - mu) / sigma          mu, sigma: the SFT policy's scores (--reward-norm)
-    A_t   = sum_{l >= 0} (gamma lam)^l delta_{t+l},   delta_t = r_t + gamma V_phi(s_{t+1}) - V_phi(s_t)       (GAE)
-    R_t   = A_t + V_phi(s_t);  A_t then whitened over the batch
-    L     = L_pi + vf_coef * L_V, minimised over the actor's LoRA theta and the critic's LoRA + value head phi:
+    A_t   = sum_{l >= 0} (gamma lam)^l delta_{t+l},   delta_t = r_t + gamma V_old(s_{t+1}) - V_old(s_t)     (GAE)
+    R_t   = A_t + V_old(s_t);  V_old: the critic's values at the rollout, 0 after the last token; A_t then whitened
+    L     = L_pi + vf_coef * L_V, minimised over the actor's LoRA theta and the critic's LoRA + value head phi (jhydra:
+            one shared adapter; full: whole trunks; trainable_groups):
     L_pi  = E_t[ max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) ],   rho_t = pi_theta(y_t) / pi_theta_old(y_t)
     L_V   = 0.5 E_t[ max((V_phi(s_t) - R_t)^2, (V_old(s_t) + clip(V_phi(s_t) - V_old(s_t), -eps_v, eps_v) - R_t)^2) ]
 
-E_t is the mean over the real response tokens of the batch; the KL enters only through r_t, never as a loss term.
+E_t is the mean over real response tokens (per micro-batch, averaged over the minibatch by rows); the KL enters only
+through r_t, never as a loss term. The score may also be clipped (--score-clip), charged for a missing EOS
+(--missing-eos-penalty) and r whitened (--whiten-rewards): rewards_and_advantages.
 The flags: eps --cliprange, eps_v --cliprange-value, gamma --gamma, lam --lam, vf_coef --vf-coef (harness.PPOConfig
 holds every hyperparameter with its default and its meaning).
 
@@ -83,13 +86,6 @@ def pad(seqs, pad_id, side):
         sl = slice(L - len(s), L) if side == "left" else slice(0, len(s))
         ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
     return ids, mask
-
-
-def collate(prompts, responses, pad_id):
-    """-> ids (B, P+R), mask (B, P+R), P. Responses (with their EOS) start at column P in every row."""
-    p_ids, p_mask = pad(prompts, pad_id, "left")
-    r_ids, r_mask = pad(responses, pad_id, "right")
-    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1]
 
 
 def masked_mean(x, mask):
@@ -230,8 +226,7 @@ def sft_loss(model, ids, mask, P, n, lm_coef, rm_coef):
 # PPO maths: small pure functions on (B, R) tensors; `mask` is 1 on real response tokens (right-padded).
 
 def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the real tokens; shift_mean=False adds the mean back (it scales, keeping the mean's
-    sign)."""
+    """(x - mean) / std over the real tokens; shift_mean=False adds the mean back (unit spread, the same mean)."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     white = (x - mean) * torch.rsqrt(var + 1e-8)
@@ -363,7 +358,7 @@ def build_roles(cfg, load):
         if name not in trunks:
             trunks[name] = load(name.split()[0], fp32=full)
         return trunks[name]
-    trained = {table[r][1]: trunk(r) for r in ("actor", "critic")}  # adapter -> its trunk (jhydra: one; full: none)
+    trained = {table[r][1]: trunk(r) for r in ("actor", "critic")}  # adapter -> trunk (jhydra: one; full: LORA_OFF)
     for adapter, model in trained.items():
         if adapter is not LORA_OFF:
             add_adapter(model.lm, cfg, adapter)
@@ -451,7 +446,8 @@ def generate(role, prompt_ids, prompt_mask, tok, cfg, greedy=False):
     # Every field that shapes the distribution is set, so that the samples come from pi: a checkpoint's
     # generation_config.json (e.g. a repetition_penalty) would fill in any field left unset, or even one set to its
     # global default, so the model's own is blank while sampling. No two fields contradict each other (transformers
-    # warns on every call if they do): min_length (columns, prompt included) only, no sampling fields when greedy.
+    # warns on every call if they do): no sampling fields when greedy; min_length=P (no minimum response length) only
+    # overrides a checkpoint's own.
     P = prompt_ids.shape[1]
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=None, typical_p=1.0,
                     epsilon_cutoff=0.0, eta_cutoff=0.0)
@@ -486,7 +482,7 @@ def generate(role, prompt_ids, prompt_mask, tok, cfg, greedy=False):
 # EOS; per-token logprobs, ref_logprobs, values (B, R); score (B,), the reward model's.
 
 class Clock:
-    """Seconds since the last call (CUDA work is asynchronous: synchronize before reading the time)."""
+    """For the time_* metrics (where a step's time goes): seconds since the last call (CUDA work is asynchronous: synchronize before reading the time)."""
     def __init__(self, device):
         self.device, self.t = device, time.perf_counter()
 
@@ -554,7 +550,7 @@ def rollout(learner, tok, p_ids, p_mask, cfg, run, fast=False):
     # 2. Score. The reference policy and the reward model: their adapter is LORA_OFF in every mode (one pass for
     #    both heads in hydra and jhydra, two in dlora; lora and full hold frozen copies without LoRA).
     with_lora_off = score_rollout(roles, ("ref", "rm"), ids, mask, P, cfg, run)
-    #    --reward-norm: the first rollout, the SFT policy's (LoRA's B is 0), sets the scores' mean and std; the value
+    #    --reward-norm: the first rollout, the SFT policy's (nothing trained yet), sets the scores' mean and std; the value
     #    head is rescaled before it reads the rollout.
     if cfg.reward_norm and learner.score_norm is None:
         learner.score_norm = normalize_rewards(roles["critic"].model, with_lora_off["rm"])
@@ -658,7 +654,7 @@ def minibatch_step(learner, mb, batch, cfg, run):
 def ppo_update(learner, batch, cfg, run):
     """Step 5: ppo_epochs over shuffled minibatches, one optimizer step each. -> a stats dict per minibatch."""
     for model in models_of(learner.roles):
-        model.train()  # dropout is off everywhere; in transformers, train() is what turns checkpointing on
+        model.train()  # PPO's trunks load with every dropout rate 0; in transformers train() turns checkpointing on
     all_stats = []
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(batch["ids"].shape[0], generator=learner.generator).to(batch["ids"].device)
@@ -666,12 +662,11 @@ def ppo_update(learner, batch, cfg, run):
     return all_stats
 
 
-def one_pass(cfg, B=None):
+def one_pass(cfg, B):
     """The fast path of the paper's setting: 1 PPO epoch, one optimizer step, one forward over the whole batch of B
     rows. That forward runs at theta_old, so its detached outputs are the old log-probs (and values, where the critic
     shares the pass): the rollout skips that pass, and steps 3-4 run in the update, after that forward
     (actor_critic_loss). Exact (the ratio is 1), with a pass fewer."""
-    B = cfg.batch_size if B is None else B
     return cfg.ppo_epochs == 1 and B <= min(cfg.minibatch_size, cfg.micro_batch_size)
 
 

@@ -347,7 +347,7 @@ def test_hydra_model_heads_match_unpadded(family, side):
 def test_collate_layout_and_values():
     lm, tok = tiny()
     model = hp.HydraModel(lm)
-    ids, mask, P = hp.collate([[1, 5, 6], [1, 7]], [[8, 2], [9, 10, 2]], tok.pad_token_id)
+    ids, mask, P = harness.collate([[1, 5, 6], [1, 7]], [[8, 2], [9, 10, 2]], tok.pad_token_id)
     assert P == 3 and ids.tolist() == [[1, 5, 6, 8, 2, 0], [0, 1, 7, 9, 10, 2]]
     assert mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]]
     h = model(ids, mask)
@@ -811,7 +811,8 @@ def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mod
     """1 epoch, minibatch = micro-batch = batch: the update's forward is at theta_old, so its outputs replace the
     scoring pass of the actor (and of the critic when they share it). Same update, exact ratio of 1, fewer passes."""
     cfg = ppo_config(ckpts, mode, batch_size=4, minibatch_size=4, micro_batch_size=4, grad_checkpointing=gc)
-    assert hp.one_pass(cfg) and not hp.one_pass(ppo_config(ckpts, mode)) and not hp.one_pass(cfg, B=8)
+    big = ppo_config(ckpts, mode)
+    assert hp.one_pass(cfg, 4) and not hp.one_pass(big, big.batch_size) and not hp.one_pass(cfg, B=8)
     results = {}
     for fused in (True, False):
         monkeypatch.setattr(hp, "one_pass", lambda cfg, B=None, fused=fused: fused)

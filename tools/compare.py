@@ -21,7 +21,7 @@ import hydra_ppo as hp
 from harness import LR_WHY, arg
 
 # One row per configuration: key (its folder DIR/ppo-KEY), name, --mode, the --sft and --rm it starts from (DIR/hydra-sft,
-# DIR/sft, DIR/rm), and the paper's average GPT-4 win-rate in % on Llama-7b (PAPER.md; None: not published).
+# DIR/sft, DIR/rm), and the paper's average GPT-4 win-rate in % on Llama-7b (arXiv 2309.00754; None: not published).
 ROWS = [("hydra", "Hydra-PPO", "hydra", "hydra-sft", "", 55.52),
         ("jhydra", "J-Hydra-PPO", "jhydra", "hydra-sft", "", 46.50),
         ("dlora", "LoRA-PPO, dynamic LoRA", "dlora", "sft", "rm", None),

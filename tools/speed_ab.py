@@ -42,7 +42,7 @@ def main(argv):
             runs[who].append({r["config"]: r for r in json.load(open(out))["rows"]})
             print(f"round {i + 1} {who}: " + ", ".join(f"{c} {r['latency_per_sample_s']:.3f} s/sample"
                                                        for c, r in runs[who][-1].items()), flush=True)
-    print(f"\n| config | old: median s / sample | new | new / old | live peak old / new (GB) |\n|---|---|---|---|---|")
+    print("\n| config | old: median s / sample | new | new / old | live peak old / new (GB) |\n|---|---|---|---|---|")
     for c in runs["old"][0]:
         med = {w: statistics.median(r[c]["latency_per_sample_s"] for r in runs[w]) for w in runs}
         ratio = statistics.median(n[c]["latency_per_sample_s"] / o[c]["latency_per_sample_s"]
