@@ -2444,6 +2444,21 @@ def test_results_scale_table_is_what_bench_predicts(capsys):
     assert not missing, f"RESULTS.md's scale table differs from `{command}` now: {missing}"
 
 
+def test_plot_metrics_draws_a_png_from_ppo_lines_only(tmp_path):
+    """tools/plot_metrics.py (the README's learning-curve picture): a PNG from a run's PPO lines; a file without
+    PPO lines is refused with one line. Skipped without matplotlib (optional)."""
+    pytest.importorskip("matplotlib")
+    src, png = tmp_path / "metrics.jsonl", tmp_path / "curves.png"
+    src.write_text("\n".join(json.dumps(dict(step=i, score=i / 10, kl=i / 5, explained_var=0.1, entropy=3.0))
+                             for i in range(1, 6)))
+    tool = os.path.join(HERE, "tools", "plot_metrics.py")
+    r = subprocess.run([sys.executable, tool, str(src), str(png)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", r.stderr
+    src.write_text(json.dumps(dict(step=1, lm_loss=3.0)))
+    r = subprocess.run([sys.executable, tool, str(src), str(png)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == f"{src}: no PPO metrics lines"
+
+
 def test_readme_commands_parse_and_read_what_the_demo_or_an_earlier_row_wrote():
     """The README's Commands table runs as written after the demo, top to bottom: every flag parses, every
     checkpoint or run it reads is one the demo (out/demo/...) or an earlier row writes, and no row writes into a

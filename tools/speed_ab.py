@@ -2,10 +2,10 @@
 
     python tools/speed_ab.py OLD_DIR [--rounds 5] [bench.py flags ...]
 
-OLD_DIR is another checkout (its bench.py at the top or in tools/). Each round runs the old version's bench.py, then
-this one's, with the same flags (default: --preset opt-125m --configs hydra,jhydra,dlora --batch 8 --steps 3), so
-drifting machine load hits both alike. Prints each configuration's per-round latency per sample and the median ratio
-new / old; memory must be the same.
+OLD_DIR is another checkout (its bench.py at the top or in tools/). Each round runs the old version's bench.py and
+this one's with the same flags (default: --preset opt-125m --configs hydra,jhydra,dlora --batch 8 --steps 3), the
+order swapped every round so that a host whose speed drifts favours neither. Prints each configuration's per-round
+latency per sample and the median ratio new / old; the memory must be the same.
 """
 import json
 import os
@@ -36,7 +36,9 @@ def main(argv):
     benches = dict(old=bench_of(old), new=bench_of(os.path.dirname(HERE)))
     runs = {"old": [], "new": []}
     for i in range(rounds):
-        for who, bench in benches.items():
+        order = ("old", "new") if i % 2 == 0 else ("new", "old")  # ABBA: a drifting host favours neither
+        for who in order:
+            bench = benches[who]
             out = os.path.join(tempfile.mkdtemp(), "b.json")
             subprocess.run([sys.executable, bench, *flags, "--json", out], check=True, capture_output=True)
             runs[who].append({r["config"]: r for r in json.load(open(out))["rows"]})
