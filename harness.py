@@ -119,13 +119,16 @@ class SFTConfig(Common):
 class PPOConfig(Common):
     """PPO with LoRA from an SFT checkpoint, in one of the paper's five configurations (--mode). It writes the
     policy, metrics.jsonl and summary.json (SFT vs PPO on held-out prompts)."""
-    mode: str = arg("hydra", "which models PPO holds (paper, Table 2): hydra | jhydra | dlora | lora | full",
-                    choices=("hydra", "jhydra", "dlora", "lora", "full"))
+    mode: str = arg("hydra", "which models PPO holds (paper, Table 2): hydra | jhydra | dlora | lora | full; beyond "
+                             "the paper, Hydra without a critic: rloo | grpo (their advantage estimators)",
+                    choices=tuple(hp.MODES))
     sft: str = arg("out/sft", "SFT checkpoint (from `sft`): a Hydra-SFT one for hydra/jhydra, else --task sft or hydra")
     rm: str = arg("", "reward-model checkpoint (--task rm or hydra), needed by dlora, lora and full")
     out: str = arg("out/ppo", "output folder: adapters and heads, metrics.jsonl, summary.json")
     steps: int = arg(20, "PPO iterations (each: one rollout batch, then --ppo-epochs over it)", ge=1)
-    batch_size: int = arg(16, "prompts per rollout", ge=1)
+    batch_size: int = arg(16, "responses per rollout (to batch_size / group size prompts)", ge=1)
+    group_size: int = arg(0, "k, responses sampled per prompt, compared by rloo and grpo (0: 4 for them, 1 for the "
+                             "PPO modes)", ge=0, divides="batch_size")
     minibatch_size: int = arg(8, "rollouts per optimizer step", ge=1, divides="batch_size")
     micro_batch_size: int = arg(8, "rollouts per forward pass; minibatch / micro = gradient accumulation",
                                 ge=1, divides="minibatch_size")
@@ -133,7 +136,7 @@ class PPOConfig(Common):
     actor_lr: float = arg(0.0, "actor learning rate; 0: the mode's default (MODES: LoRA 5e-4, full 5e-7)",
                           ge=0, le=1, why=LR_WHY)
     critic_lr: float = arg(0.0, "critic (and value head) learning rate; 0: the mode's default (MODES: LoRA 5e-4, "
-                                "the paper's 5e-5; full 1e-6)", ge=0, le=1, why=LR_WHY)
+                                "the paper's 5e-5; full 1e-6; rloo, grpo: no critic)", ge=0, le=1, why=LR_WHY)
     lora_r: int = arg(128, "LoRA rank of the actor and critic adapters (paper: 128)", ge=1)
     lora_alpha: float = arg(128.0, "LoRA alpha; scaling = alpha / r = 1 as DeepSpeed-Chat's default (not published)",
                             gt=0)
@@ -269,7 +272,7 @@ def validate(cfg):
         check(not isinstance(value, int) or abs(value) < 2**63, f"{flag} {value}: more than a 64-bit integer holds")
         check(not isinstance(value, str) or utf8(value), f"{flag} {ascii(value)}: not text (a lone surrogate: on the "
                                                           f"command line, a byte that is not UTF-8)")
-        if "divides" in f.metadata:
+        if "divides" in f.metadata and value:  # 0: auto (--group-size), checked where it is resolved
             whole = getattr(cfg, f.metadata["divides"])
             check(whole % value == 0, f"--{f.metadata['divides'].replace('_', '-')} {whole} must be a multiple of "
                                       f"{flag} {value}")
@@ -921,10 +924,12 @@ def next_shard(items, order, rng, n, rank, world):
     return [items[i] for i in order[:n]][rank::world], order[n:]
 
 
-def check_batch(cfg, run, items, what, why):
-    """--batch-size (times the ranks) must not be more than the training items: `why` says what would go wrong."""
-    check(cfg.batch_size * run.world <= len(items), f"--batch-size {cfg.batch_size}"
-          f"{f' x {run.world} ranks' * (run.world > 1)}: more than the {len(items)} {what} in {cfg.data} ({why})")
+def check_batch(cfg, run, items, what, why, k=1):
+    """--batch-size (times the ranks; over k responses per prompt) must not be more than the training items: `why`
+    says what would go wrong."""
+    check(cfg.batch_size // k * run.world <= len(items), f"--batch-size {cfg.batch_size}"
+          f"{f' / --group-size {k}' * (k > 1)}{f' x {run.world} ranks' * (run.world > 1)}: more than the "
+          f"{len(items)} {what} in {cfg.data} ({why})")
 
 
 def start_run(cfg):
@@ -1087,11 +1092,25 @@ def checkpoint_task(path, flag, chat_template):
     return meta["task"]
 
 
+def check_group(cfg):
+    """k responses per prompt (--group-size, or the mode's default) must divide the batch; a critic-free mode
+    compares at least 2 and has no critic to set."""
+    k = hp.group_size(cfg)
+    check(cfg.batch_size % k == 0, f"--batch-size {cfg.batch_size} must be a multiple of the responses per prompt, "
+                                   f"{k} (--group-size{' 0: the default of --mode ' + cfg.mode if not cfg.group_size else ''})")
+    if hp.MODES[cfg.mode]["advantages"] != "gae":
+        check(k >= 2, f"--mode {cfg.mode} compares the responses to one prompt: --group-size 2 or more (0: "
+                      f"{hp.GROUP_SIZE})")
+        check(not cfg.critic_lr and not cfg.whiten_rewards, f"--mode {cfg.mode} has no critic and rewards whole "
+                                                            f"responses: drop --critic-lr and --whiten-rewards")
+
+
 def check_ppo_config(cfg):
     """What validate() cannot see from the flags alone: the checkpoints and whether they fit the mode."""
     validate(cfg)  # ranges and divisibility, declared beside each field
+    check_group(cfg)
     sft_task = checkpoint_task(cfg.sft, "--sft", cfg.chat_template)
-    if all(hp.MODES[cfg.mode][r][0] == "sft" for r in hp.ROLES):  # one model: Hydra-SFT's reward head
+    if all(hp.MODES[cfg.mode][r][0] == "sft" for r in hp.ROLES if hp.MODES[cfg.mode][r]):  # Hydra-SFT's reward head
         check(sft_task == "hydra", f"--mode {cfg.mode} needs a Hydra-SFT checkpoint (sft --task hydra); "
                                    f"--sft {cfg.sft} was trained with --task {sft_task}")
         check(not cfg.rm, f"--mode {cfg.mode} uses the Hydra-SFT model's own reward head; drop --rm")
@@ -1215,14 +1234,15 @@ def resume_config(cfg):
 def save_policy(cfg, roles, tok):
     """LoRA modes: the trained adapters and the value head (the frozen checkpoints stay where they are).
     full: the whole actor as a checkpoint folder."""
-    actor, critic = roles["actor"], roles["critic"]
+    actor, critic = roles["actor"], roles.get("critic")
     if actor.adapter is hp.LORA_OFF:  # full
         save_checkpoint(os.path.join(cfg.out, "actor"), actor.model, tok, dict(task="sft", base_model=cfg.sft,
                                                                                 chat_template=cfg.chat_template))
     else:
-        torch.save(dict(actor=lora_state_dict(actor.model.lm, actor.adapter),
+        torch.save(dict(actor=lora_state_dict(actor.model.lm, actor.adapter), **(dict(
                         critic=lora_state_dict(critic.model.lm, critic.adapter),
-                        value_head=critic.model.value_head.state_dict()), os.path.join(cfg.out, POLICY_FILE))
+                        value_head=critic.model.value_head.state_dict()) if critic else {})),
+                   os.path.join(cfg.out, POLICY_FILE))
 
 
 # ---- the loop ----
@@ -1284,7 +1304,7 @@ def ppo(cfg: PPOConfig, judge=None):
     elif run.rank == 0:
         own_folder(cfg.out, "--resume")
     train, held_out = split_pairs(load_pairs(cfg.data), cfg.eval_frac, cfg.seed)
-    check_batch(cfg, run, train, "training prompts", "a rollout would repeat prompts")
+    check_batch(cfg, run, train, "training prompts", "a rollout would repeat prompts", hp.group_size(cfg))
     train_prompts, eval_prompts = [p["prompt"] for p in train], [p["prompt"] for p in held_out][:cfg.eval_prompts]
     if len(eval_prompts) < cfg.eval_prompts:
         print(f"--eval-prompts {cfg.eval_prompts}: evaluating on all {len(eval_prompts)} held-out prompts, as many as "
@@ -1295,8 +1315,10 @@ def ppo(cfg: PPOConfig, judge=None):
                     "--max-prompt-len + --max-response-len")
     for trunk in dict.fromkeys(r.model for r in roles.values() if r.adapter):  # one line per trunk with adapters
         print(describe_lora(trunk.lm))
-    print(f"learning rates: actor {opt.param_groups[0]['lr']:g}, critic {opt.param_groups[1]['lr']:g}"
-          + ("" if cfg.actor_lr and cfg.critic_lr else f" (--mode {cfg.mode} defaults where a flag is 0)"))
+    print(f"learning rates: actor {opt.param_groups[0]['lr']:g}, "
+          + (f"critic {opt.param_groups[1]['lr']:g}" if len(opt.param_groups) > 1 else "no critic")
+          + ("" if cfg.actor_lr and cfg.critic_lr else f" (--mode {cfg.mode} defaults where a flag is 0)")
+          + (f"; {hp.group_size(cfg)} responses per prompt" if hp.group_size(cfg) > 1 else ""))
     tok = load_tokenizer(cfg.sft)
     rng = random.Random(cfg.seed)
     make_out(cfg.out, cfg.overwrite, claim=run.rank == 0 and not cfg.resume)
@@ -1312,7 +1334,8 @@ def ppo(cfg: PPOConfig, judge=None):
 
     def draw():  # this rank's shard of the next prompts, encoded
         nonlocal order
-        prompts, order = next_shard(train_prompts, order, rng, cfg.batch_size * run.world, run.rank, run.world)
+        prompts, order = next_shard(train_prompts, order, rng, cfg.batch_size // hp.group_size(cfg) * run.world,
+                                    run.rank, run.world)
         return prompt_batch(tok, prompts, cfg, run.device)
 
     def stopped():  # Ctrl-C: where the run was, and how to go on
@@ -1473,7 +1496,9 @@ class Budget(Common):
     sft_batch_size: int = arg(32, "SFT preference pairs per step", ge=1)
     sft_lr: float = arg(0.0, "SFT learning rate (0: auto)", ge=0, le=1, why=LR_WHY)
     ppo_steps: int = arg(60, "PPO iterations", ge=1)
-    batch_size: int = arg(32, "PPO prompts per rollout", ge=1)
+    batch_size: int = arg(32, "PPO responses per rollout", ge=1)
+    group_size: int = arg(0, "responses per prompt (0: 4 for rloo and grpo, 1 for the PPO modes)", ge=0,
+                          divides="batch_size")
     minibatch_size: int = arg(16, "PPO rollouts per optimizer step", ge=1, divides="batch_size")
     micro_batch_size: int = arg(16, "rollouts (and SFT pairs) per forward pass", ge=1,
                                 divides="minibatch_size")
@@ -1499,7 +1524,8 @@ class PipelineConfig(Budget):
     real. Flags whose default is 0 ("auto") take their value from the row of PIPELINE_SETTINGS for the model's size
     (tiny, up to 1B parameters, from 1B); the run prints the row and the values."""
     out: str = arg("out/demo", "output folder; the stages write to OUT/sft and OUT/ppo")
-    mode: str = arg("hydra", "PPO configuration that needs only the Hydra-SFT model", choices=("hydra", "jhydra"))
+    mode: str = arg("hydra", "PPO configuration that needs only the Hydra-SFT model (rloo, grpo: Hydra without a "
+                             "critic)", choices=("hydra", "jhydra", "rloo", "grpo"))
 
 
 # The pipeline's "auto" settings (its flags that default to 0), in one table; the row goes by the model's size.
@@ -1615,19 +1641,22 @@ def pipeline(cfg: PipelineConfig):
                         steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, micro_batch_size=min(
                             cfg.sft_batch_size, cfg.micro_batch_size), lr=cfg.sft_lr)
     ppo_cfg = PPOConfig(**{**common, "out": os.path.join(cfg.out, "ppo")}, mode=cfg.mode, sft=sft_cfg.out,
-                        steps=cfg.ppo_steps, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size,
-                        micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                        actor_lr=cfg.actor_lr, critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef,
-                        reward_norm=cfg.reward_norm, eval_prompts=cfg.eval_prompts, eval_samples=cfg.eval_samples)
+                        steps=cfg.ppo_steps, batch_size=cfg.batch_size, group_size=cfg.group_size,
+                        minibatch_size=cfg.minibatch_size, micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r,
+                        lora_alpha=cfg.lora_alpha, actor_lr=cfg.actor_lr,
+                        critic_lr=0.0 if hp.MODES[cfg.mode]["critic"] is hp.NO_CRITIC else cfg.critic_lr,
+                        kl_coef=cfg.kl_coef, reward_norm=cfg.reward_norm, eval_prompts=cfg.eval_prompts,
+                        eval_samples=cfg.eval_samples)
     check(cfg.sft_batch_size % sft_cfg.micro_batch_size == 0, f"--sft-batch-size {cfg.sft_batch_size} must be a "
                                                                f"multiple of --micro-batch-size {cfg.micro_batch_size}")
     validate(sft_cfg)  # both stages' flags before the first one runs: a bad PPO flag must not wait for SFT
     validate(ppo_cfg)
+    check_group(ppo_cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         claim_out(cfg.out, cfg.overwrite, stale=("summary.json",), inputs=local_inputs(cfg))
     print(f"== 1/2 Hydra-SFT: {cfg.model} on {cfg.data} (LM head + reward head, one model)")
     sft_summary = sft(sft_cfg)
-    name = {"hydra": "Hydra-PPO", "jhydra": "J-Hydra-PPO"}[cfg.mode]
+    name = {"hydra": "Hydra-PPO", "jhydra": "J-Hydra-PPO", "rloo": "Hydra-RLOO", "grpo": "Hydra-GRPO"}[cfg.mode]
     print(f"\n== 2/2 {name}: LoRA off = reference and reward model")
     ppo_summary = ppo(ppo_cfg, judge=judge)
     with open(os.path.join(ppo_cfg.out, "metrics.jsonl")) as fh:

@@ -24,8 +24,13 @@ temperature tau, --temperature). Its per-token rewards carry the KL to the refer
     L_pi  = E_t[ max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) ],   rho_t = pi_theta(y_t) / pi_theta_old(y_t)
     L_V   = 0.5 E_t[ max((V_phi(s_t) - R_t)^2, (V_old(s_t) + clip(V_phi(s_t) - V_old(s_t), -eps_v, eps_v) - R_t)^2) ]
 
+Critic-free Hydra (--mode rloo | grpo, beyond the paper): k responses per prompt (group_size), one reward each,
+    R(x, y) = (RM(x, y) - mu) / sigma - beta * sum_t (log pi_theta(y_t | ..) - log pi_ref(y_t | ..)),
+and A_t = A(y) on every token of y, from R against the other responses to x (group_advantages: RLOO's leave-one-out
+mean, GRPO's group mean and std); L = L_pi. No critic, no value head: one trunk, one LoRA set.
+
 E_t is the mean over real response tokens (per micro-batch, averaged over the minibatch by rows); the KL enters only
-through r_t, never as a loss term. The score may also be clipped (--score-clip), charged for a missing EOS
+through the reward, never as a loss term. The score may also be clipped (--score-clip), charged for a missing EOS
 (--missing-eos-penalty) and r whitened (--whiten-rewards): rewards_and_advantages.
 The flags: eps --cliprange, eps_v --cliprange-value, gamma --gamma, lam --lam, vf_coef --vf-coef (harness.PPOConfig
 holds every hyperparameter with its default and its meaning).
@@ -287,14 +292,30 @@ def explained_variance(values, returns, mask):
 def normalize_rewards(critic, score):
     """Reward normalisation (Ziegler et al. 2019; summarize_from_feedback_details): the mean and std of the reward
     model's scores (B,) on the SFT policy's samples; PPO then rewards (score - mean) / std, so the SFT policy scores
-    0 on average whatever the reward model's scale. The value head, a copy of the reward head, is shifted and scaled
-    the same way, so that it still predicts the rewards it will be trained on. -> (mean, std)"""
+    0 on average whatever the reward model's scale. The value head (critic: None in a critic-free mode), a copy of
+    the reward head, is shifted and scaled the same way, so that it still predicts the rewards it will be trained
+    on. -> (mean, std)"""
     moments = mean_over_ranks(dict(m=score.mean().item(), m2=(score ** 2).mean().item()))
     mean, std = moments["m"], max(moments["m2"] - moments["m"] ** 2, 1e-6) ** 0.5
-    with torch.no_grad():
-        critic.value_head.weight.div_(std)
-        critic.value_head.bias.sub_(mean).div_(std)
+    if critic is not None:
+        with torch.no_grad():
+            critic.value_head.weight.div_(std)
+            critic.value_head.bias.sub_(mean).div_(std)
     return mean, std
+
+
+def group_advantages(rewards, k, estimator):
+    """Critic-free advantages, one per response: rewards (B,), rows i*k .. i*k+k-1 the k responses to prompt i.
+        rloo: A_i = R_i - 1/(k-1) sum_{j != i} R_j       leave-one-out baseline (Ahmadian et al. 2024; TRL RLOOTrainer)
+        grpo: A_i = (R_i - mean_j R_j) / (std_j R_j + 1e-4)  group-normalised (Shao et al. 2024; TRL GRPOTrainer; the
+              std unbiased, as torch.std)
+    j runs over the group of R_i's prompt. -> (B,)"""
+    R = rewards.view(-1, k)                                        # (B / k, k): a row per prompt
+    if estimator == "rloo":
+        A = R - (R.sum(1, keepdim=True) - R) / (k - 1)
+    else:
+        A = (R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + 1e-4)
+    return A.reshape(-1)
 
 
 def update_kl_coef(beta, kl, target, n, horizon):
@@ -312,18 +333,24 @@ def update_kl_coef(beta, kl, target, n, horizon):
 # trains a few new weights from zero at the paper's actor rate 5e-4, the critic at that rate too (OpenRLHF: a critic
 # rate at or above the actor's), not the paper's 5e-5, at which the critic did not learn (RESULTS.md: the critic);
 # full fine-tuning moves every weight of a trained model, at the paper's full fine-tuning scale (its SFT and RM rates).
+# Beyond the paper, rloo and grpo: Hydra with a critic-free estimator of the advantages (group_advantages). No critic
+# role, no value head: 1 trunk and 1 LoRA set, LoRA off still the reference policy and the reward model.
 
 LORA_OFF = None
+NO_CRITIC = None
 HEADS = dict(actor="lm", critic="value", ref="lm", rm="reward")
 ROLES = tuple(HEADS)
-#           actor                critic               reference              reward model           lr: actor, critic
-MODES = {mode: dict(zip(ROLES + ("lr",), row)) for mode, row in dict(
-    full=  (("sft", LORA_OFF),   ("rm", LORA_OFF),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), (5e-7, 1e-6)),
-    lora=  (("sft", "actor"),    ("rm", "critic"),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), (5e-4, 5e-4)),
-    dlora= (("sft", "actor"),    ("rm", "critic"),    ("sft", LORA_OFF),      ("rm", LORA_OFF),      (5e-4, 5e-4)),
-    jhydra=(("sft", "shared"),   ("sft", "shared"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     (5e-4, 5e-4)),
-    hydra= (("sft", "actor"),    ("sft", "critic"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     (5e-4, 5e-4)),
+#           actor                critic               reference              reward model        advantages  lr: a, c
+MODES = {mode: dict(zip(ROLES + ("advantages", "lr"), row)) for mode, row in dict(
+    full=  (("sft", LORA_OFF),   ("rm", LORA_OFF),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), "gae", (5e-7, 1e-6)),
+    lora=  (("sft", "actor"),    ("rm", "critic"),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), "gae", (5e-4, 5e-4)),
+    dlora= (("sft", "actor"),    ("rm", "critic"),    ("sft", LORA_OFF),      ("rm", LORA_OFF),      "gae", (5e-4, 5e-4)),
+    jhydra=(("sft", "shared"),   ("sft", "shared"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     "gae", (5e-4, 5e-4)),
+    hydra= (("sft", "actor"),    ("sft", "critic"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     "gae", (5e-4, 5e-4)),
+    rloo=  (("sft", "actor"),    NO_CRITIC,           ("sft", LORA_OFF),      ("sft", LORA_OFF),     "rloo", (5e-4, None)),
+    grpo=  (("sft", "actor"),    NO_CRITIC,           ("sft", LORA_OFF),      ("sft", LORA_OFF),     "grpo", (5e-4, None)),
 ).items()}  # MODES["hydra"]["ref"] == ("sft", LORA_OFF)
+GROUP_SIZE = 4  # k, responses per prompt, of rloo and grpo where --group-size is 0 (GAE modes: 1)
 
 
 class Role(typing.NamedTuple):
@@ -352,20 +379,35 @@ def build_roles(cfg, load):
     1)."""
     table, trunks = MODES[cfg.mode], {}
     full = table["actor"][1] is LORA_OFF
+    names = [r for r in ROLES if table[r] is not NO_CRITIC]  # rloo, grpo: no critic
 
     def trunk(role):
         name = table[role][0]
         if name not in trunks:
             trunks[name] = load(name.split()[0], fp32=full)
         return trunks[name]
-    trained = {table[r][1]: trunk(r) for r in ("actor", "critic")}  # adapter -> trunk (jhydra: one; full: LORA_OFF)
+    trained = {table[r][1]: trunk(r) for r in trained_roles(names)}  # adapter -> trunk (jhydra: one; full: LORA_OFF)
     for adapter, model in trained.items():
         if adapter is not LORA_OFF:
             add_adapter(model.lm, cfg, adapter)
-    roles = {r: Role(trunk(r), table[r][1], HEADS[r]) for r in ROLES}
-    critic = roles["critic"].model
-    critic.value_head.load_state_dict(critic.reward_head.state_dict())  # the critic starts from the reward model
+    roles = {r: Role(trunk(r), table[r][1], HEADS[r]) for r in names}
+    if "critic" in roles:
+        critic = roles["critic"].model
+        critic.value_head.load_state_dict(critic.reward_head.state_dict())  # the critic starts from the reward model
+    else:
+        roles["actor"].model.value_head = None  # critic-free: no value head at all
     return roles
+
+
+def trained_roles(names):
+    """The roles PPO trains, of `names`: the actor, and the critic where the mode has one."""
+    return [n for n in ("actor", "critic") if n in names]
+
+
+def group_size(cfg):
+    """k, the responses sampled per prompt: --group-size, or where it is 0, GROUP_SIZE for a critic-free mode, 1 for
+    PPO with GAE."""
+    return cfg.group_size or (1 if MODES[cfg.mode]["advantages"] == "gae" else GROUP_SIZE)
 
 
 def learning_rates(cfg):
@@ -375,20 +417,21 @@ def learning_rates(cfg):
 
 
 def trainable_groups(roles, cfg):
-    """Optimizer parameter groups: actor (actor_lr) and critic (critic_lr). Everything else stays frozen."""
-    actor, critic = roles["actor"], roles["critic"]
+    """Optimizer parameter groups: actor (actor_lr) and critic (critic_lr; none in a critic-free mode). Everything
+    else stays frozen."""
+    actor, critic = roles["actor"], roles.get("critic")
     if actor.adapter is LORA_OFF:  # full: the whole models (the critic's LM head is not used)
         a, c = list(actor.model.lm.parameters()), list(critic.model.lm.base_model.parameters())
     else:
         a = lora_parameters(actor.model, actor.adapter)
-        c = [] if critic.adapter == actor.adapter else lora_parameters(critic.model, critic.adapter)
-    # The value head is new: it trains in every mode (in jhydra it is the critic's whole group; the shared adapter
-    # is in the actor's, at actor_lr, trained by both losses).
-    c += list(critic.model.value_head.parameters())
+        c = [] if critic is None or critic.adapter == actor.adapter else lora_parameters(critic.model, critic.adapter)
+    # The value head is new: it trains in every mode with a critic (in jhydra it is the critic's whole group; the
+    # shared adapter is in the actor's, at actor_lr, trained by both losses).
+    c += list(critic.model.value_head.parameters()) if critic else []
     for p in a + c:
         p.requires_grad_(True)
     actor_lr, critic_lr = learning_rates(cfg)
-    return [dict(params=a, lr=actor_lr), dict(params=c, lr=critic_lr)]
+    return [dict(params=a, lr=actor_lr)] + ([dict(params=c, lr=critic_lr)] if critic else [])
 
 
 @dataclass
@@ -409,8 +452,8 @@ def setup_ppo(cfg, load):
     roles = build_roles(cfg, load)
     groups = trainable_groups(roles, cfg)
     if cfg.grad_checkpointing:
-        for r in (roles["actor"], roles["critic"]):
-            checkpointing_on(r.model.lm)
+        for name in trained_roles(roles):
+            checkpointing_on(roles[name].model.lm)
     return Learner(roles, torch.optim.AdamW(groups, weight_decay=0.0), [p for g in groups for p in g["params"]],
                    torch.Generator().manual_seed(cfg.seed), cfg.kl_coef)
 
@@ -511,7 +554,7 @@ def score_rollout(roles, names, ids, mask, P, cfg, run):
 
 
 def rewards_and_advantages(batch, cfg):
-    """Steps 3-4: KL-shaped rewards, then GAE advantages and returns, added to `batch`. -> stats."""
+    """Steps 3-4: KL-shaped rewards, then the advantages (GAE: and the returns), added to `batch`. -> stats."""
     resp_mask, score, beta, values = batch["resp_mask"], batch["score"], batch["beta"], batch["values"]
     # 3. Rewards: r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the score at the last response token,
     #    normalised (--reward-norm), clipped (--score-clip), less --missing-eos-penalty.
@@ -522,6 +565,13 @@ def rewards_and_advantages(batch, cfg):
     if cfg.missing_eos_penalty:
         score = torch.where(batch["has_eos"], score, score - cfg.missing_eos_penalty)
     kl = (batch["logprobs"] - batch["ref_logprobs"]) * resp_mask  # (B, R) per-token log-ratio
+    stats = dict(score=batch["score"].mean().item(), kl=kl.sum(1).mean().item(), beta=beta,  # the RM's own scale
+                 response_len=resp_mask.sum(1).mean().item(), eos_frac=batch["has_eos"].float().mean().item())
+    estimator = MODES[cfg.mode]["advantages"]
+    if estimator != "gae":  # critic-free: one reward per response, R = score - beta * KL, its advantage on every token
+        rewards = score - beta * kl.sum(1)                        # (B,)
+        batch["advantages"] = group_advantages(rewards, group_size(cfg), estimator)[:, None] * resp_mask
+        return dict(stats, reward=rewards.mean().item())
     rewards = -beta * kl
     last = resp_mask.sum(1).long() - 1                            # (B,) index of the last response token
     rewards[torch.arange(len(last), device=last.device), last] += score
@@ -530,19 +580,20 @@ def rewards_and_advantages(batch, cfg):
     # 4. Advantages: GAE over the response tokens, whitened over real tokens.
     advantages, returns = compute_gae(rewards, values, resp_mask, cfg.gamma, cfg.lam)
     batch["advantages"], batch["returns"] = masked_whiten(advantages, resp_mask) * resp_mask, returns
-    return dict(score=batch["score"].mean().item(), kl=kl.sum(1).mean().item(), beta=beta,  # the RM's own scale
-                reward=rewards.sum(1).mean().item(), response_len=resp_mask.sum(1).mean().item(),
-                eos_frac=batch["has_eos"].float().mean().item(),
-                explained_var=explained_variance(values, returns, resp_mask))
+    return dict(stats, reward=rewards.sum(1).mean().item(), explained_var=explained_variance(values, returns, resp_mask))
 
 
 def rollout(learner, tok, p_ids, p_mask, cfg, run, fast=False):
-    """Steps 1-4 on left-padded prompts (B, P). -> batch (the rollout's tensors), stats. fast (one_pass): the actor's
-    pass (in jhydra also the critic's) and steps 3-4 are left to the update's first forward."""
+    """Steps 1-4 on left-padded prompts (B / k, P), k = group_size. -> batch (the rollout's tensors, B rows), stats.
+    fast (one_pass): the actor's pass (in jhydra also the critic's) and steps 3-4 are left to the update's first
+    forward."""
     roles, clock = learner.roles, Clock(p_ids.device)
     for model in models_of(roles):
         model.eval()
-    # 1. Sample responses from the actor (its adapter on; --fold-lora: folded into a copy of the weights).
+    # 1. Sample k responses per prompt from the actor (its adapter on; --fold-lora: folded into a copy of the weights).
+    #    Rows i*k .. i*k+k-1 answer prompt i: the group a critic-free estimator compares.
+    k = group_size(cfg)
+    p_ids, p_mask = p_ids.repeat_interleave(k, 0), p_mask.repeat_interleave(k, 0)  # (B, P)
     with run.autocast():
         ids, mask, has_eos = generate(roles["actor"], p_ids, p_mask, tok, cfg)
     P = p_ids.shape[1]
@@ -553,10 +604,12 @@ def rollout(learner, tok, p_ids, p_mask, cfg, run, fast=False):
     #    --reward-norm: the first rollout, the SFT policy's (nothing trained yet), sets the scores' mean and std; the value
     #    head is rescaled before it reads the rollout.
     if cfg.reward_norm and learner.score_norm is None:
-        learner.score_norm = normalize_rewards(roles["critic"].model, with_lora_off["rm"])
+        learner.score_norm = normalize_rewards(roles["critic"].model if "critic" in roles else None,
+                                               with_lora_off["rm"])
     #    The old log-probs (actor) and values (critic), each with its adapter on.
-    in_update = passes(roles, ("actor", "critic"))[0][1] if fast else []
-    adapters_on = score_rollout(roles, [n for n in ("actor", "critic") if n not in in_update], ids, mask, P, cfg, run)
+    trained = trained_roles(roles)
+    in_update = passes(roles, trained)[0][1] if fast else []
+    adapters_on = score_rollout(roles, [n for n in trained if n not in in_update], ids, mask, P, cfg, run)
     batch = dict(ids=ids, mask=mask, P=P, has_eos=has_eos, beta=learner.beta, score_norm=learner.score_norm,
                  resp_mask=mask[:, P:].float(),  # (B, R) 1 on response tokens up to EOS
                  ref_logprobs=with_lora_off["ref"], score=with_lora_off["rm"], logprobs=adapters_on.get("actor"),
@@ -640,14 +693,14 @@ def minibatch_step(learner, mb, batch, cfg, run):
     stats = {}
     for idx in mb.split(cfg.micro_batch_size):
         weight = len(idx) / len(mb)
-        for role, names in passes(learner.roles, ("actor", "critic")):
+        for role, names in passes(learner.roles, trained_roles(learner.roles)):
             with adapter_on(role):  # backward() inside: gradient checkpointing recomputes with it on
                 loss, s = actor_critic_loss(role, names, batch, idx, cfg, run)
                 (loss * weight).backward()
             for k, v in s.items():
                 stats[k] = stats.get(k, 0.0) + v * weight
-    stats["grad_norm"], stats["critic_grad_norm"] = optimizer_step(learner.opt, learner.params, cfg.max_grad_norm)
-    stats["skipped"] = float(not math.isfinite(stats["grad_norm"] + stats["critic_grad_norm"]))
+    norms = optimizer_step(learner.opt, learner.params, cfg.max_grad_norm)  # [actor's, critic's (if any)]
+    stats.update(zip(("grad_norm", "critic_grad_norm"), norms), skipped=float(not math.isfinite(sum(norms))))
     return stats
 
 
@@ -680,9 +733,9 @@ def old_from_this_pass(batch, idx, logprobs, values):
 
 
 def ppo_step(learner, tok, p_ids, p_mask, cfg, run):
-    """One PPO iteration on left-padded prompts (B, P), its steps in order. -> batch (the rollout's tensors), stats
-    (averaged over minibatches and ranks; the time of each phase)."""
-    fast = one_pass(cfg, p_ids.shape[0])
+    """One PPO iteration on left-padded prompts (B / k, P), its steps in order. -> batch (the rollout's tensors, B
+    responses), stats (averaged over minibatches and ranks; the time of each phase)."""
+    fast = one_pass(cfg, p_ids.shape[0] * group_size(cfg))
     batch, stats = rollout(learner, tok, p_ids, p_mask, cfg, run, fast)  # steps 1-4 (fast: 1-2)
     clock = Clock(p_ids.device)
     # 5. Update: ppo_epochs over minibatches, clipped policy and value losses (fast: after steps 3-4).

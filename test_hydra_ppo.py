@@ -65,6 +65,7 @@ def msg(role, content):
 
 
 MODES = ["hydra", "jhydra", "dlora", "lora", "full"]
+CRITIC_FREE = ["rloo", "grpo"]
 CPU = torch.device("cpu")
 CPU_RUN = harness.setup_device("cpu")  # fp32, one process
 
@@ -81,7 +82,7 @@ def ckpts(tmp_path_factory):
 
 
 def ppo_config(ckpts, mode, out="", **kw):
-    hydra = mode in ("hydra", "jhydra")
+    hydra = mode in ("hydra", "jhydra", *CRITIC_FREE)
     base = dict(mode=mode, sft=ckpts["hydra" if hydra else "sft"], rm="" if hydra else ckpts["rm"], data=DEMO,
                 out=out, steps=2, batch_size=8, minibatch_size=4, micro_batch_size=2, lora_r=4, lora_alpha=8.0,
                 max_response_len=8, eval_prompts=8, device="cpu")
@@ -89,9 +90,11 @@ def ppo_config(ckpts, mode, out="", **kw):
 
 
 def demo_prompts(cfg, seed=0):
-    """-> the SFT checkpoint's tokenizer, and cfg.batch_size demo prompts as left-padded ids (B, P) and mask."""
+    """-> the SFT checkpoint's tokenizer, and the batch's demo prompts (cfg.batch_size / k, k responses each) as
+    left-padded ids (B / k, P) and mask."""
     tok = harness.load_tokenizer(cfg.sft)
-    prompts = [harness.encode_prompt(tok, p["prompt"], 16) for p in harness.make_demo_pairs(cfg.batch_size, seed=seed)]
+    n = cfg.batch_size // hp.group_size(cfg)
+    prompts = [harness.encode_prompt(tok, p["prompt"], 16) for p in harness.make_demo_pairs(n, seed=seed)]
     return (tok, *hp.pad(prompts, tok.pad_token_id, "left"))
 
 
@@ -666,6 +669,54 @@ def test_reward_normalisation_makes_the_sft_policy_score_zero_and_scales_the_val
     assert learner.score_norm is None
 
 
+def test_critic_free_advantages_are_trls_formulas_by_hand():
+    """2 prompts x k = 4 responses (rows 0-3 the first prompt's). RLOO (TRL RLOOTrainer, Ahmadian et al. 2024): each
+    response against the mean of the OTHER 3; GRPO (TRL GRPOTrainer, Shao et al. 2024): against its group's mean, over
+    the group's unbiased std + 1e-4. The numbers are worked by hand; a baseline that included the response itself
+    (the group mean) would give RLOO 6, -2, -3, -1 for the first group, not 8, -8/3, -4, -4/3."""
+    R = torch.tensor([10.0, 2.0, 1.0, 3.0,   0.5, 0.5, 0.5, 0.5])
+    rloo = hp.group_advantages(R, 4, "rloo")
+    torch.testing.assert_close(rloo, torch.tensor([10 - 2, 2 - 14 / 3, 1 - 5, 3 - 13 / 3, 0, 0, 0, 0]))
+    assert not torch.allclose(rloo[:4], R[:4] - R[:4].mean())  # not the sample-inclusive baseline
+    std = (50 / 3) ** 0.5  # group 1: mean 4, squared deviations 36 + 4 + 9 + 1 = 50, over k - 1 = 3
+    grpo = hp.group_advantages(R, 4, "grpo")
+    torch.testing.assert_close(grpo, torch.tensor([6, -2, -3, -1, 0, 0, 0, 0]) / torch.tensor([std + 1e-4] * 4 + [1e-4] * 4))
+    # k = 2: RLOO's baseline is the other response; the pair's advantages are +-(R1 - R2)
+    torch.testing.assert_close(hp.group_advantages(torch.tensor([3.0, 1.0]), 2, "rloo"), torch.tensor([2.0, -2.0]))
+
+
+@pytest.mark.parametrize("mode", CRITIC_FREE)
+def test_critic_free_groups_stay_together_through_shuffles_and_micro_batches(ckpts, mode):
+    """k responses per prompt: rows i*k .. i*k+k-1 answer prompt i, and their advantages come from that group's
+    rewards (R = score - beta * KL), the same on every token, whatever order and micro-batches the update then uses
+    (2 epochs of shuffled minibatches of 2, micro-batches of 1)."""
+    cfg = ppo_config(ckpts, mode, batch_size=8, group_size=4, minibatch_size=2, micro_batch_size=1, ppo_epochs=2,
+                     reward_norm=False, kl_coef=0.1)
+    learner = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
+    tok, p_ids, p_mask = demo_prompts(cfg)
+    assert p_ids.shape[0] == 2
+    torch.manual_seed(0)
+    seen = []
+    real = hp.actor_critic_loss
+    hp_loss = lambda role, names, batch, idx, cfg, run: seen.append(idx.tolist()) or real(role, names, batch, idx, cfg, run)
+    try:
+        hp.actor_critic_loss = hp_loss
+        batch, stats = hp.ppo_step(learner, tok, p_ids, p_mask, cfg, CPU_RUN)
+    finally:
+        hp.actor_critic_loss = real
+    P, ids = batch["P"], batch["ids"]
+    for i in range(2):  # each group: one prompt, 4 responses
+        assert all(torch.equal(ids[i * 4 + j, :P], p_ids[i]) for j in range(4))
+    resp = batch["resp_mask"]
+    R = batch["score"] - 0.1 * ((batch["logprobs"] - batch["ref_logprobs"]) * resp).sum(1)
+    want = hp.group_advantages(R, 4, mode)
+    torch.testing.assert_close(batch["advantages"], want[:, None] * resp)
+    assert (resp.sum(1) > 0).all() and "returns" not in batch and batch["values"] is None
+    assert sorted(sum(seen, [])) == sorted(list(range(8)) * 2)  # every row once per epoch, one at a time
+    assert seen[:8] != [[i] for i in range(8)]  # shuffled
+    assert stats["skipped"] == 0.0 and "explained_var" not in stats and "critic_grad_norm" not in stats
+
+
 def test_adaptive_kl_moves_beta_toward_the_target():
     assert hp.update_kl_coef(0.1, kl=12.0, target=6.0, n=100, horizon=1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     assert hp.update_kl_coef(0.1, kl=3.0, target=6.0, n=100, horizon=1000) < 0.1
@@ -679,7 +730,7 @@ def base_storages(model):
 
 
 @pytest.mark.parametrize("mode,static_models,lora_sets", [
-    ("hydra", 1, 2), ("jhydra", 1, 1), ("dlora", 2, 2), ("lora", 4, 2), ("full", 4, 0)])
+    ("hydra", 1, 2), ("jhydra", 1, 1), ("dlora", 2, 2), ("lora", 4, 2), ("full", 4, 0), ("rloo", 1, 1), ("grpo", 1, 1)])
 def test_each_mode_holds_exactly_the_papers_models(ckpts, mode, static_models, lora_sets):
     cfg = ppo_config(ckpts, mode)
     roles = hp.build_roles(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
@@ -689,9 +740,14 @@ def test_each_mode_holds_exactly_the_papers_models(ckpts, mode, static_models, l
     adapters = {(id(m), a) for m in hp.models_of(roles) for l in m.modules() if isinstance(l, LoRALinear)
                 for a in l.lora_A}
     assert len(adapters) == lora_sets
-    if mode in ("hydra", "jhydra"):  # reference and reward model are the actor's trunk with LoRA off
+    if mode in ("hydra", "jhydra", *CRITIC_FREE):  # reference and reward model: the actor's trunk with LoRA off
         assert roles["ref"].model is roles["rm"].model is roles["actor"].model
     assert roles["ref"].adapter is hp.LORA_OFF and roles["rm"].adapter is hp.LORA_OFF  # in every mode
+    if mode in CRITIC_FREE:  # no critic role, no value head: one trunk, the actor's adapter, three heads' worth of roles
+        assert set(roles) == {"actor", "ref", "rm"} and roles["actor"].model.value_head is None
+        assert not any("value_head" in n for n, _ in roles["actor"].model.named_parameters())
+        assert {a for l in roles["actor"].model.modules() if isinstance(l, LoRALinear) for a in l.lora_A} == {"actor"}
+        return
     crit = roles["critic"].model
     assert torch.equal(crit.value_head.weight, crit.reward_head.weight)  # the critic starts from the reward model
     assert crit.value_head.weight.data_ptr() != crit.reward_head.weight.data_ptr()  # ... as its own parameters
@@ -707,7 +763,7 @@ def test_one_pass_per_trunk_and_adapter(ckpts):
     assert sorted(sorted(n) for _, n in hp.passes(roles, list(roles))) == [["actor", "critic"], ["ref", "rm"]]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + CRITIC_FREE)
 def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
     cfg = ppo_config(ckpts, mode)
     learner = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
@@ -726,9 +782,10 @@ def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
             if not torch.equal(p, old[n]):
                 changed.add(id(p))
                 assert id(p) in trained, f"{mode}: frozen parameter {n} changed"
-    actor_group, critic_group = opt.param_groups
+    actor_group, *critic_group = opt.param_groups
     assert any(id(p) in changed for p in actor_group["params"]), "the actor did not move"
-    assert any(id(p) in changed for p in critic_group["params"]), "the critic did not move"
+    assert len(critic_group) == (mode not in CRITIC_FREE)
+    assert all(any(id(p) in changed for p in g["params"]) for g in critic_group), "the critic did not move"
     if mode != "full":  # every LoRA mode: the base weights are bit-for-bit those of the checkpoints
         for name, role in roles.items():
             ckpt = cfg.rm if name in ("critic", "rm") and cfg.rm else cfg.sft
@@ -738,7 +795,7 @@ def test_ppo_steps_change_only_what_the_mode_trains(ckpts, mode):
                     assert torch.equal(v, fresh[k.replace(".base.", ".")]), k
 
 
-@pytest.mark.parametrize("mode", ["hydra", "jhydra"])
+@pytest.mark.parametrize("mode", ["hydra", "jhydra", "rloo"])
 def test_reference_is_the_sft_model_exactly(ckpts, mode):
     cfg = ppo_config(ckpts, mode)
     learner = hp.setup_ppo(cfg, harness.checkpoint_loader(cfg, CPU, torch.float32))
@@ -806,7 +863,7 @@ def test_gradient_checkpointing_gives_the_same_update(ckpts, mode):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mode,gc", [(m, False) for m in MODES] + [("hydra", True), ("jhydra", True)])
+@pytest.mark.parametrize("mode,gc", [(m, False) for m in MODES + CRITIC_FREE] + [("hydra", True), ("jhydra", True)])
 def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mode, gc, monkeypatch):
     """1 epoch, minibatch = micro-batch = batch: the update's forward is at theta_old, so its outputs replace the
     scoring pass of the actor (and of the critic when they share it). Same update, exact ratio of 1, fewer passes."""
@@ -827,11 +884,13 @@ def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mod
     (s1, p1, b1, n1), (s2, p2, b2, n2) = results[True], results[False]
     assert torch.equal(b1["ids"], b2["ids"])
     shared = mode == "jhydra"  # actor and critic in one pass
-    scoring = {"hydra": 3, "jhydra": 2, "dlora": 4, "lora": 4, "full": 4}[mode]  # passes in step 2 (+ 2 or 1 update)
-    assert n2 - n1 == 1 and n1 == scoring - 1 + (1 if shared else 2)
+    scoring = {"hydra": 3, "jhydra": 2, "dlora": 4, "lora": 4, "full": 4, "rloo": 2, "grpo": 2}[mode]  # step 2
+    trained = 1 if shared or mode in CRITIC_FREE else 2  # forwards of the update: one per (trunk, adapter) trained
+    assert n2 - n1 == 1 and n1 == scoring - 1 + trained
     assert s1["ratio"] == 1.0 and s1["approx_kl"] == 0.0  # exactly: the old log-probs are this forward's own
     assert set(s1) == set(s2)  # the same metrics either way (ppo() reads kl, score, skipped from them)
-    for k in ("score", "kl", "reward", "explained_var", "pg_loss", "vf_loss", "grad_norm"):
+    torch.testing.assert_close(b1["advantages"], b2["advantages"], atol=1e-5, rtol=1e-4)
+    for k in set(s1) & {"score", "kl", "reward", "explained_var", "pg_loss", "vf_loss", "grad_norm"}:
         assert s1[k] == pytest.approx(s2[k], rel=1e-4, abs=1e-6), k
     for a, b in zip(p1, p2):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
@@ -894,20 +953,21 @@ def cuda_precision(monkeypatch):
     return loaded
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + ["rloo"])
 def test_ppo_runs_with_cuda_precision(ckpts, mode, tmp_path, monkeypatch, capsys):
     """The ppo, generate and export commands with CUDA's precision set-up, on the CPU: fp32 LoRA on bf16 trunks, fp32
     heads on bf16 hidden states, fp32 trained copies beside bf16 frozen ones, checkpoints written from them. The
     reference is still the initial policy exactly (KL 0 at step 1), and every update is finite."""
     loaded = cuda_precision(monkeypatch)
     out = str(tmp_path / mode)
-    harness.ppo(ppo_config(ckpts, mode, out=out, steps=2, grad_checkpointing=mode == "hydra", precision="bf16"))
+    harness.ppo(ppo_config(ckpts, mode, out=out, steps=2, grad_checkpointing=mode in ("hydra", "rloo"),
+                           precision="bf16"))
     # LoRA modes: every trunk frozen, in bf16; full: every copy fp32 (master weights, and frozen ones that match them)
     assert set(loaded) == ({torch.float32} if mode == "full" else {torch.bfloat16})
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [line["step"] for line in lines] == [1, 2] and lines[0]["kl"] == 0.0
-    assert all(line["skipped"] == 0.0 and math.isfinite(line["pg_loss"] + line["vf_loss"] + line["grad_norm"])
-               for line in lines)
+    assert all(line["skipped"] == 0.0 and math.isfinite(line["pg_loss"] + line.get("vf_loss", 0) + line["grad_norm"])
+               for line in lines) and all(("vf_loss" in line) == (mode != "rloo") for line in lines)
     actor, _, _ = harness.load_policy(out, CPU, torch.bfloat16)
     assert next(actor.model.lm.parameters()).dtype == torch.bfloat16  # the saved policy, for sampling on CUDA
     capsys.readouterr()
@@ -1459,6 +1519,9 @@ def test_compare_runs_every_configuration_under_one_budget(tmp_path, monkeypatch
         held[os.path.basename(cfg.out)] = (len(trunks), sets, cfg.rm)
         return roles
     monkeypatch.setattr(hp, "build_roles", recording)
+    sampled, rollout = [], hp.rollout  # the responses of every PPO step's rollout
+    monkeypatch.setattr(hp, "rollout", lambda *a, **kw: (lambda r: sampled.append(r[0]["ids"].shape[0]) or r)(
+        rollout(*a, **kw)))
     refs, evaluate = [], hp.evaluate_ppo  # the reference of every evaluation: each run's own, then the baseline's
     monkeypatch.setattr(hp, "evaluate_ppo",
                         lambda roles, *a, **kw: refs.append(roles["ref"]) or evaluate(roles, *a, **kw))
@@ -1470,7 +1533,8 @@ def test_compare_runs_every_configuration_under_one_budget(tmp_path, monkeypatch
     printed = capsys.readouterr().out
     # Table 2: (static models, LoRA sets); the ablation is LoRA-PPO with Hydra-SFT as its reward model.
     assert {k: v[:2] for k, v in held.items()} == {"ppo-hydra": (1, 2), "ppo-jhydra": (1, 1), "ppo-dlora": (2, 2),
-                                                    "ppo-lora": (4, 2), "ppo-lora-hydra-rm": (4, 2), "ppo-full": (4, 0)}
+                                                    "ppo-lora": (4, 2), "ppo-lora-hydra-rm": (4, 2), "ppo-full": (4, 0),
+                                                    "ppo-rloo": (1, 1), "ppo-grpo": (1, 1)}
     assert held["ppo-lora-hydra-rm"][2] == str(out / "hydra-sft") and held["ppo-lora"][2] == str(out / "rm")
     baseline = refs[len(compare.ROWS):]  # one common baseline for every row: the plain SFT model, LoRA off
     assert len(baseline) == len(compare.ROWS) and all(r.model is baseline[0].model for r in baseline)
@@ -1482,17 +1546,23 @@ def test_compare_runs_every_configuration_under_one_budget(tmp_path, monkeypatch
     for name in (row[1] for row in compare.ROWS):
         assert sum(line.startswith(f"| {name} |") for line in printed.splitlines()) == 1, name
     for r in result["rows"]:
-        for k in ("win_rate", "vs_sft", "kl", "length", "s_per_step", "max_kl", "explained_var", "vf_loss"):
+        critic = r["mode"] not in CRITIC_FREE  # the critic-free rows have no value loss or explained variance
+        for k in ("win_rate", "vs_sft", "kl", "length", "s_per_step", "max_kl") + ("explained_var", "vf_loss") * critic:
             assert math.isfinite(r[k]), (r["name"], k)
+        assert critic or r["explained_var"] is r["vf_loss"] is None
         steps = [json.loads(line) for line in (out / f"ppo-{r['key']}" / "metrics.jsonl").read_text().splitlines()]
-        assert r["max_kl"] == max(m["kl"] for m in steps) and r["vf_loss"] > 0  # the run's own training curve
+        assert r["max_kl"] == max(m["kl"] for m in steps) and (not critic or r["vf_loss"] > 0)  # its own curve
         for k in ("win_rate", "vs_sft"):
             assert r[k + "_ci"][0] <= r[k] <= r[k + "_ci"][1]
     assert all(0 <= a <= 1 for a in result["rm_accuracy"].values()) and result["judge"] == "gold"
-    # One budget: the runs differ only in mode and checkpoints; 0 learning rates: each mode's own default (MODES).
+    # One budget: the runs differ only in mode and checkpoints (and the critic-free ones sample their responses 4 to
+    # a prompt); 0 learning rates: each mode's own default (MODES). Every row samples --batch-size responses a step.
     configs = [json.loads((out / f"ppo-{row[0]}" / "run.json").read_text()) for row in compare.ROWS]
     rest = [{k: v for k, v in c.items() if k not in ("mode", "sft", "rm", "out")} for c in configs]
     assert all(r == rest[0] for r in rest) and rest[0]["actor_lr"] == rest[0]["critic_lr"] == 0
+    assert {c["mode"]: hp.group_size(harness.PPOConfig(**c)) for c in configs} == dict(
+        hydra=1, jhydra=1, dlora=1, lora=1, full=1, rloo=4, grpo=4)
+    assert sampled == [4] * 2 * len(compare.ROWS)  # --batch-size 4: 4 responses a step in every row
     sfts = [json.loads((out / f / "summary.json").read_text())["config"] for f in compare.SFT_TASKS]
     assert len({(c["steps"], c["lr"], c["batch_size"], c["seed"]) for c in sfts}) == 1
 
@@ -1919,6 +1989,13 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     (P + " --device foo", "--device foo: not a device", None),
     pytest.param(P + " --device cuda", "--device cuda: no such CUDA device", None, marks=NO_CUDA),
     (P + " --mode nope", "--mode: invalid choice: 'nope'", None),
+    # critic-free modes: k responses per prompt must fill the batch, k >= 2, no critic to set
+    (P + " --mode rloo", "--batch-size 2 must be a multiple of the responses per prompt, 4 (--group-size 0", None),
+    (P + " --mode rloo --group-size 1", "--mode rloo compares the responses to one prompt: --group-size 2 or more",
+     None),
+    (P + " --mode grpo --group-size 2 --critic-lr 1e-4", "--mode grpo has no critic", None),
+    (P + " --group-size 3", "--batch-size 2 must be a multiple of --group-size 3", None),
+    (PIPE + " --mode grpo", "--batch-size 2 must be a multiple of the responses per prompt, 4", None),
     (P + " --steps abc", "--steps: invalid int value: 'abc'", None),
     (P + " --bogus 1", "unrecognized arguments: --bogus 1", None),
     ("generate --run {run} --num-samples 0", "--num-samples 0: must be >= 1", None),

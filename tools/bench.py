@@ -15,7 +15,8 @@ logits), the memory model's prediction beside it (predict), the device's own fig
 torch.cuda.max_memory_allocated; CPU: the subprocess's peak RSS, which also counts Python, libraries and what
 glibc keeps), latency per sample of a whole PPO step split into generate / score / update (median over --steps
 steps after one warm-up step; the memory is measured in one more step), and tokens (prompt + response) per second.
-`sft` is one full fine-tuning step of the SFT model: the paper's "PPO needs over 3x SFT" baseline.
+`sft` is one full fine-tuning step of the SFT model: the paper's "PPO needs over 3x SFT" baseline. rloo and grpo
+(Hydra without a critic) sample --batch responses, 4 to a prompt (2 where --batch is not a multiple of 4).
 """
 import argparse
 import collections
@@ -34,7 +35,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root (harness, hydra_ppo)
 
-CONFIGS = ("sft", "full", "lora", "dlora", "jhydra", "hydra")
+CONFIGS = ("sft", "full", "lora", "dlora", "jhydra", "hydra", "rloo", "grpo")
+CRITIC_FREE = ("rloo", "grpo")  # Hydra without a critic: --batch responses, 2 or 4 to a prompt
 
 # The real architectures' sizes; weights are random (latency and memory do not depend on their values).
 PRESETS = {
@@ -199,8 +201,10 @@ def child(args):
         # EOS: an id past the vocabulary, never sampled, so that every response runs the full R tokens.
         tok = types.SimpleNamespace(**{**token_ids(config), "eos_token_id": config.vocab_size})
 
+        k = hp.group_size(cfg)  # rloo, grpo: B responses to B / k prompts
+
         def step():
-            batch, stats = hp.ppo_step(learner, tok, p_ids, p_mask, cfg, run)
+            batch, stats = hp.ppo_step(learner, tok, p_ids[:B // k], p_mask[:B // k], cfg, run)
             assert batch["ids"].shape[1] == P + R, "generation stopped before the full response length"
             return {k: stats[k] for k in ("time_generate", "time_score", "time_update")}
     times, stamps = [], []
@@ -253,6 +257,7 @@ def ppo_config(args, B):
     import harness
     micro = args.micro_batch or B
     return harness.PPOConfig(mode=args.config, batch_size=B, minibatch_size=B, micro_batch_size=micro,
+                             group_size=(4 if B % 4 == 0 else 2) if args.config in CRITIC_FREE else 1,
                              max_prompt_len=args.prompt_len, max_response_len=args.response_len, lora_r=args.lora_r,
                              lora_alpha=2.0 * args.lora_r, grad_checkpointing=args.grad_checkpointing,
                              fold_lora=args.fold_lora, device=args.device)
@@ -269,7 +274,7 @@ def table2(name):
     import hydra_ppo as hp
     if name == "sft":
         return 1, 0
-    roles = [hp.MODES[name][r] for r in hp.ROLES]  # (trunk, adapter)
+    roles = [hp.MODES[name][r] for r in hp.ROLES if hp.MODES[name][r]]  # (trunk, adapter); rloo, grpo: no critic
     return len({trunk for trunk, _ in roles}), len({a for _, a in roles if a is not hp.LORA_OFF})
 
 # Bytes the backward keeps per token and decoder layer (no checkpointing): cH * H + cF * F, by family and bytes per
@@ -517,6 +522,9 @@ def check_args(args):
         fail(f"--configs {args.configs}: choose from {','.join(CONFIGS)}")
     if len(set(configs)) < len(configs):
         fail(f"--configs {args.configs}: names a configuration twice")
+    odd = [c for c in configs if c in CRITIC_FREE]
+    if odd and args.batch % 2 and not args.budget_gb and not args.predict:
+        fail(f"--batch {args.batch}: {', '.join(odd)} sample 2 or more responses to each prompt; give an even --batch")
     if args.scale:
         return None  # the presets of SCALE, at --batch
     config = checked_model(args)
@@ -601,7 +609,8 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
     rows, t0 = [], time.time()
     for name in configs:
-        batch = largest_batch(measured_fits(args, name), args.max_batch) if args.budget_gb else args.batch
+        fits, pair = measured_fits(args, name), 2 if name in CRITIC_FREE else 1  # rloo, grpo: even batches only
+        batch = pair * largest_batch(lambda b: fits(pair * b), args.max_batch // pair) if args.budget_gb else args.batch
         row = run_child(args, name, batch, args.steps) if batch else dict(config=name, batch=0, oom=True)
         rows.append(row)
         print(f"{name}: {row}", file=sys.stderr, flush=True)

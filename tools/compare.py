@@ -1,12 +1,15 @@
-"""The paper's five PPO configurations side by side, under one budget, plus the ablation of its open question 1.
+"""The paper's five PPO configurations side by side, under one budget, plus the ablation of its open question 1 and
+Hydra without a critic (RLOO, GRPO).
 
     python tools/compare.py --model M --data D --out DIR --seed S [--ppo-steps N ...]
 
 From one data split and seed: Hydra-SFT, and separately SFT and a reward model (same steps and learning rate); then
 PPO in each configuration of Table 2 with the same prompts, steps, batch, learning-rate rule (hydra_ppo.MODES), LoRA
 rank, seed and evaluation prompts; and LoRA-PPO once more with Hydra-SFT's reward head as its reward model (the
-paper's open question 1: is it the better reward model or the shared model?). Every policy is judged against its own
-SFT policy and against one common baseline, the plain SFT model. Prints a markdown table, writes DIR/compare.json.
+paper's open question 1: is it the better reward model or the shared model?); then Hydra with RLOO and with GRPO
+(one trunk, one LoRA set, no critic). Every row samples --batch-size responses per step (the critic-free ones 4 to a
+prompt, --group-size). Every policy is judged against its own SFT policy and against one common baseline, the plain
+SFT model. Prints a markdown table, writes DIR/compare.json.
 """
 import json
 import os
@@ -27,8 +30,11 @@ ROWS = [("hydra", "Hydra-PPO", "hydra", "hydra-sft", "", 55.52),
         ("dlora", "LoRA-PPO, dynamic LoRA", "dlora", "sft", "rm", None),
         ("lora", "LoRA-PPO", "lora", "sft", "rm", 50.68),
         ("lora-hydra-rm", "LoRA-PPO + Hydra-SFT's RM", "lora", "sft", "hydra-sft", None),
-        ("full", "PPO (full fine-tuning)", "full", "sft", "rm", None)]
+        ("full", "PPO (full fine-tuning)", "full", "sft", "rm", None),
+        ("rloo", "Hydra-RLOO (no critic)", "rloo", "hydra-sft", "", None),
+        ("grpo", "Hydra-GRPO (no critic)", "grpo", "hydra-sft", "", None)]
 PAPER_BASELINES = "SFT 48.55, Hydra-SFT 48.50"
+CRITIC_FREE = [mode for mode, row in hp.MODES.items() if row["critic"] is hp.NO_CRITIC]
 SFT_TASKS = {"hydra-sft": "hydra", "sft": "sft", "rm": "rm"}  # folder -> sft --task
 AUTO = ("max_prompt_len", "max_response_len", "sft_steps", "sft_lr", "lora_r", "lora_alpha", "kl_coef",
         "eval_samples")
@@ -60,7 +66,9 @@ def stage_configs(cfg):
                               rm=path(rm) if rm else "", steps=cfg.ppo_steps, batch_size=cfg.batch_size,
                               minibatch_size=cfg.minibatch_size, micro_batch_size=cfg.micro_batch_size,
                               lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, actor_lr=cfg.actor_lr,
-                              critic_lr=cfg.critic_lr, kl_coef=cfg.kl_coef, reward_norm=cfg.reward_norm,
+                              critic_lr=0.0 if mode in CRITIC_FREE else cfg.critic_lr,
+                              group_size=cfg.group_size if mode in CRITIC_FREE else 0,
+                              kl_coef=cfg.kl_coef, reward_norm=cfg.reward_norm,
                               eval_prompts=cfg.eval_prompts,
                               eval_samples=cfg.eval_samples)
             for key, _, mode, sft, rm, _ in ROWS}
@@ -121,7 +129,7 @@ def training_stats(run_dir, last=5):
     value loss averaged over the last steps (the paper found J-Hydra-PPO unstable)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         lines = [json.loads(line) for line in fh]
-    mean = lambda key, rows: sum(r[key] for r in rows) / len(rows)
+    mean = lambda key, rows: sum(r[key] for r in rows) / len(rows) if key in rows[0] else None  # None: no critic
     return dict(s_per_step=sum(r["time_generate"] + r["time_score"] + r["time_update"] for r in lines) / len(lines),
                 max_kl=max(r["kl"] for r in lines), explained_var=mean("explained_var", lines[-last:]),
                 vf_loss=mean("vf_loss", lines[-last:]))
@@ -162,13 +170,13 @@ def table(result):
              "explained var. | value loss | s / step | peak GPU GB | paper: GPT-4 win-rate % |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {ci(r, 'win_rate')} | {ci(r, 'vs_sft')} | {r['kl']:.2f} | {r['length']:.1f} | "
-              f"{r['max_kl']:.1f} | {r['explained_var']:.2f} | {r['vf_loss']:.3f} | {r['s_per_step']:.2f} | "
+              f"{r['max_kl']:.1f} | {dash(r['explained_var'], '.2f')} | {dash(r['vf_loss'], '.3f')} | {r['s_per_step']:.2f} | "
               f"{dash(r['peak_gb'], '.1f')} | {dash(r['paper'], '.2f')} |" for r in result["rows"]]
     return "\n".join(lines)
 
 
 def compare(cfg: CompareConfig):
-    """The three SFT stages, the six PPO runs, the evaluation against the common baseline, the table."""
+    """The three SFT stages, the eight PPO runs, the evaluation against the common baseline, the table."""
     harness.validate(cfg)
     given = getattr(cfg, "given", set())
     cfg = harness.pipeline_settings(cfg, only=AUTO)
@@ -180,6 +188,8 @@ def compare(cfg: CompareConfig):
     sfts, ppos = stage_configs(cfg)
     for c in (*sfts.values(), *ppos.values()):  # every stage's flags before the first one runs
         harness.validate(c)
+    for c in ppos.values():
+        harness.check_group(c)
     harness.claim_out(cfg.out, cfg.overwrite or cfg.resume, stale=() if cfg.resume else ("compare.json", RUN_FILE),
                  inputs=harness.local_inputs(cfg))
     judge = precheck(cfg, sfts, ppos)  # None: the separate reward model judges
