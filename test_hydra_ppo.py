@@ -1571,6 +1571,8 @@ def test_compare_runs_every_configuration_under_one_budget(tmp_path, monkeypatch
     ("--bogus", "unrecognized arguments: --bogus"),
     ("--ppo-steps 0", "--ppo-steps 0: must be >= 1"),
     ("--minibatch-size 3", "--batch-size 32 must be a multiple of --minibatch-size 3"),
+    ("--batch-size 6 --minibatch-size 6 --micro-batch-size 6 --sft-batch-size 6",
+     "--batch-size 6 must be a multiple of the responses per prompt, 4 (--group-size 0: the default of --mode rloo)"),
     ("--actor-lr 2", "--actor-lr 2.0: must be <= 1"),
     # every check a stage would make later, before the first stage, naming compare.py's own flag
     ("--batch-size 4096 --minibatch-size 16", "--batch-size 4096: more than the 1800 training pairs"),
@@ -1600,7 +1602,8 @@ def test_compare_ctrl_c_says_what_it_kept_and_resume_goes_on(tmp_path, monkeypat
     only what was not finished, and a --resume with other settings is refused."""
     argv = ["--out", str(tmp_path / "cmp"), "--device", "cpu", "--eval-frac", "0.02", "--sft-steps", "2",
             "--sft-batch-size", "4", "--ppo-steps", "1", "--batch-size", "2", "--minibatch-size", "2",
-            "--micro-batch-size", "2", "--max-response-len", "4", "--eval-prompts", "2", "--eval-samples", "1"]
+            "--micro-batch-size", "2", "--max-response-len", "4", "--eval-prompts", "2", "--eval-samples", "1",
+            "--group-size", "2"]
     ran, real_sft, real_ppo = [], harness.sft, harness.ppo
 
     def ppo(c, **kw):
