@@ -36,8 +36,9 @@ The flags: eps --cliprange, eps_v --cliprange-value, gamma --gamma, lam --lam, v
 holds every hyperparameter with its default and its meaning).
 
 Read in this order: HydraModel (the two heads), sft_loss (Hydra-SFT), the PPO maths (compute_gae, ppo_policy_loss,
-ppo_value_loss), MODES and build_roles (which models each configuration holds), generate, then ppo_step (one PPO
-iteration: rollout, steps 1-4; ppo_update, step 5; update_kl_coef, step 6), and the loops sft_loop and ppo_loop.
+ppo_value_loss; group_advantages without a critic), MODES and build_roles (which models each configuration holds),
+generate, then ppo_step (one PPO iteration: rollout, steps 1-4; ppo_update, step 5; update_kl_coef, step 6), and
+the loops sft_loop and ppo_loop.
 """
 import math
 import time
@@ -340,15 +341,15 @@ LORA_OFF = None
 NO_CRITIC = None
 HEADS = dict(actor="lm", critic="value", ref="lm", rm="reward")
 ROLES = tuple(HEADS)
-#           actor                critic               reference              reward model        advantages  lr: a, c
+#           actor              critic             reference              reward model         advantages  lr: a, c
 MODES = {mode: dict(zip(ROLES + ("advantages", "lr"), row)) for mode, row in dict(
-    full=  (("sft", LORA_OFF),   ("rm", LORA_OFF),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), "gae", (5e-7, 1e-6)),
-    lora=  (("sft", "actor"),    ("rm", "critic"),    ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), "gae", (5e-4, 5e-4)),
-    dlora= (("sft", "actor"),    ("rm", "critic"),    ("sft", LORA_OFF),      ("rm", LORA_OFF),      "gae", (5e-4, 5e-4)),
-    jhydra=(("sft", "shared"),   ("sft", "shared"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     "gae", (5e-4, 5e-4)),
-    hydra= (("sft", "actor"),    ("sft", "critic"),   ("sft", LORA_OFF),      ("sft", LORA_OFF),     "gae", (5e-4, 5e-4)),
-    rloo=  (("sft", "actor"),    NO_CRITIC,           ("sft", LORA_OFF),      ("sft", LORA_OFF),     "rloo", (5e-4, None)),
-    grpo=  (("sft", "actor"),    NO_CRITIC,           ("sft", LORA_OFF),      ("sft", LORA_OFF),     "grpo", (5e-4, None)),
+    full=  (("sft", LORA_OFF), ("rm", LORA_OFF),  ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), "gae",  (5e-7, 1e-6)),
+    lora=  (("sft", "actor"),  ("rm", "critic"),  ("sft copy", LORA_OFF), ("rm copy", LORA_OFF), "gae",  (5e-4, 5e-4)),
+    dlora= (("sft", "actor"),  ("rm", "critic"),  ("sft", LORA_OFF),      ("rm", LORA_OFF),      "gae",  (5e-4, 5e-4)),
+    jhydra=(("sft", "shared"), ("sft", "shared"), ("sft", LORA_OFF),      ("sft", LORA_OFF),     "gae",  (5e-4, 5e-4)),
+    hydra= (("sft", "actor"),  ("sft", "critic"), ("sft", LORA_OFF),      ("sft", LORA_OFF),     "gae",  (5e-4, 5e-4)),
+    rloo=  (("sft", "actor"),  NO_CRITIC,         ("sft", LORA_OFF),      ("sft", LORA_OFF),     "rloo", (5e-4, None)),
+    grpo=  (("sft", "actor"),  NO_CRITIC,         ("sft", LORA_OFF),      ("sft", LORA_OFF),     "grpo", (5e-4, None)),
 ).items()}  # MODES["hydra"]["ref"] == ("sft", LORA_OFF)
 GROUP_SIZE = 4  # k, responses per prompt, of rloo and grpo where --group-size is 0 (GAE modes: 1)
 
@@ -580,7 +581,8 @@ def rewards_and_advantages(batch, cfg):
     # 4. Advantages: GAE over the response tokens, whitened over real tokens.
     advantages, returns = compute_gae(rewards, values, resp_mask, cfg.gamma, cfg.lam)
     batch["advantages"], batch["returns"] = masked_whiten(advantages, resp_mask) * resp_mask, returns
-    return dict(stats, reward=rewards.sum(1).mean().item(), explained_var=explained_variance(values, returns, resp_mask))
+    return dict(stats, reward=rewards.sum(1).mean().item(),
+                explained_var=explained_variance(values, returns, resp_mask))
 
 
 def rollout(learner, tok, p_ids, p_mask, cfg, run, fast=False):
