@@ -6,7 +6,7 @@ commands around hydra_ppo's loops (logs, evaluation, resumable checkpoints), gen
 
     python hydra_ppo.py                                       # the whole method offline: Hydra-SFT, Hydra-PPO, verdict
     python hydra_ppo.py sft --model M --data D --out DIR      # Hydra-SFT: one model, an LM head and a reward head
-    python hydra_ppo.py ppo --mode hydra --sft DIR --data D   # PPO in one of the paper's five configurations
+    python hydra_ppo.py ppo --mode hydra --sft DIR --data D   # PPO in one of the paper's five configurations (or rloo, grpo)
     python hydra_ppo.py SUBCOMMAND --help                     # every flag with its default (also generate, export)
 """
 import argparse
@@ -117,8 +117,8 @@ class SFTConfig(Common):
 
 @dataclass
 class PPOConfig(Common):
-    """PPO with LoRA from an SFT checkpoint, in one of the paper's five configurations (--mode). It writes the
-    policy, metrics.jsonl and summary.json (SFT vs PPO on held-out prompts)."""
+    """PPO with LoRA from an SFT checkpoint, in one of the paper's five configurations or Hydra without a critic
+    (--mode). It writes the policy, metrics.jsonl and summary.json (SFT vs PPO on held-out prompts)."""
     mode: str = arg("hydra", "which models PPO holds (paper, Table 2): hydra | jhydra | dlora | lora | full; beyond "
                              "the paper, Hydra without a critic: rloo | grpo (their advantage estimators)",
                     choices=tuple(hp.MODES))
@@ -128,7 +128,7 @@ class PPOConfig(Common):
     steps: int = arg(20, "PPO iterations (each: one rollout batch, then --ppo-epochs over it)", ge=1)
     batch_size: int = arg(16, "responses per rollout (to batch_size / group size prompts)", ge=1)
     group_size: int = arg(0, "k, responses sampled per prompt, compared by rloo and grpo (0: 4 for them, 1 for the "
-                             "PPO modes)", ge=0, divides="batch_size")
+                             "PPO modes; k > 1 there samples each prompt k times)", ge=0, divides="batch_size")
     minibatch_size: int = arg(8, "rollouts per optimizer step", ge=1, divides="batch_size")
     micro_batch_size: int = arg(8, "rollouts per forward pass; minibatch / micro = gradient accumulation",
                                 ge=1, divides="minibatch_size")
@@ -1101,8 +1101,11 @@ def check_group(cfg):
     if hp.MODES[cfg.mode]["advantages"] != "gae":
         check(k >= 2, f"--mode {cfg.mode} compares the responses to one prompt: --group-size 2 or more (0: "
                       f"{hp.GROUP_SIZE})")
-        check(not cfg.critic_lr and not cfg.whiten_rewards, f"--mode {cfg.mode} has no critic and rewards whole "
-                                                            f"responses: drop --critic-lr and --whiten-rewards")
+        default = PPOConfig()  # the flags of the critic and of GAE, which a critic-free mode would ignore
+        unused = ["--" + f.replace("_", "-") for f in ("critic_lr", "whiten_rewards", "vf_coef", "gamma", "lam",
+                                                      "cliprange_value") if getattr(cfg, f) != getattr(default, f)]
+        check(not unused, f"--mode {cfg.mode} has no critic" + (" and rewards whole responses" if unused != [
+            "--critic-lr"] else "") + f": drop {', '.join(unused)}")
 
 
 def check_ppo_config(cfg):
@@ -1205,6 +1208,8 @@ def load_run_config(run_dir, flag):
     check(os.path.exists(run_dir), f"{flag} {run_dir}: not found")
     check(os.path.isfile(path), f"{flag} {run_dir}: not a PPO output folder (no {RUN_FILE})")
     saved = read_file(path, read_json)
+    if isinstance(saved, dict):
+        saved.setdefault("group_size", 1)  # a run from before --group-size sampled one response per prompt
     check(isinstance(saved, dict) and set(saved) <= {f.name for f in fields(PPOConfig)},
           f"{path}: not a PPO run's configuration (damaged?)")
     for f in fields(PPOConfig):  # ppo writes every field: one missing or of another type was edited or damaged
@@ -1497,8 +1502,8 @@ class Budget(Common):
     sft_lr: float = arg(0.0, "SFT learning rate (0: auto)", ge=0, le=1, why=LR_WHY)
     ppo_steps: int = arg(60, "PPO iterations", ge=1)
     batch_size: int = arg(32, "PPO responses per rollout", ge=1)
-    group_size: int = arg(0, "responses per prompt (0: 4 for rloo and grpo, 1 for the PPO modes)", ge=0,
-                          divides="batch_size")
+    group_size: int = arg(0, "responses per prompt (0: 4 for rloo and grpo, 1 for the PPO modes; compare.py: for its "
+                             "rloo and grpo rows only)", ge=0, divides="batch_size")
     minibatch_size: int = arg(16, "PPO rollouts per optimizer step", ge=1, divides="batch_size")
     micro_batch_size: int = arg(16, "rollouts (and SFT pairs) per forward pass", ge=1,
                                 divides="minibatch_size")
@@ -1633,6 +1638,7 @@ def pick_judge(cfg):
 def pipeline(cfg: PipelineConfig):
     t0 = time.time()
     validate(cfg)
+    given = getattr(cfg, "given", set())
     cfg = pipeline_settings(cfg)
     common = {f.name: getattr(cfg, f.name) for f in fields(Common)}
     judge = pick_judge(cfg)
@@ -1644,7 +1650,8 @@ def pipeline(cfg: PipelineConfig):
                         steps=cfg.ppo_steps, batch_size=cfg.batch_size, group_size=cfg.group_size,
                         minibatch_size=cfg.minibatch_size, micro_batch_size=cfg.micro_batch_size, lora_r=cfg.lora_r,
                         lora_alpha=cfg.lora_alpha, actor_lr=cfg.actor_lr,
-                        critic_lr=0.0 if hp.MODES[cfg.mode]["critic"] is hp.NO_CRITIC else cfg.critic_lr,
+                        critic_lr=cfg.critic_lr if hp.MODES[cfg.mode]["critic"] is not hp.NO_CRITIC or "critic_lr" in
+                        given else 0.0,  # not the auto rate, for a critic the mode does not have
                         kl_coef=cfg.kl_coef, reward_norm=cfg.reward_norm, eval_prompts=cfg.eval_prompts,
                         eval_samples=cfg.eval_samples)
     check(cfg.sft_batch_size % sft_cfg.micro_batch_size == 0, f"--sft-batch-size {cfg.sft_batch_size} must be a "

@@ -5,12 +5,13 @@ it, it is the whole of it. harness.py runs it for real (flags, data, checkpoints
     python hydra_ppo.py                                       # the whole method offline: Hydra-SFT, Hydra-PPO, verdict
     python hydra_ppo.py sft --model M --data D --out DIR      # Hydra-SFT: one model, an LM head and a reward head
     python hydra_ppo.py ppo --mode hydra --sft DIR --data D   # PPO in one of the paper's five configurations
+    python hydra_ppo.py ppo --mode rloo --sft DIR --data D    # beyond the paper: Hydra without a critic (or grpo)
 
 Hydra-RLHF in three sentences. Hydra-SFT trains one decoder with two heads, the LM head on the chosen responses and
 a reward head on (chosen, rejected) pairs. Hydra-PPO then adds LoRA adapters for the actor and the critic: with LoRA
 off, the same weights are the reference policy and the reward model, so PPO's four models fit in one (MODES below).
 The five PPO configurations of the paper's Table 2 differ only in which trunks they hold and which adapter each of
-the four roles reads (MODES).
+the four roles reads (MODES); the two critic-free ones of MODES drop the critic.
 
 The objective, written once. A rollout samples responses y = (y_1 .. y_T) to prompts x from pi_theta (the actor;
 temperature tau, --temperature). Its per-token rewards carry the KL to the reference policy pi_ref:

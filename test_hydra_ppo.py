@@ -889,6 +889,8 @@ def test_one_pass_setting_gives_the_two_pass_update_with_fewer_passes(ckpts, mod
     assert n2 - n1 == 1 and n1 == scoring - 1 + trained
     assert s1["ratio"] == 1.0 and s1["approx_kl"] == 0.0  # exactly: the old log-probs are this forward's own
     assert set(s1) == set(s2)  # the same metrics either way (ppo() reads kl, score, skipped from them)
+    critic = {"explained_var", "vf_loss", "critic_grad_norm"}
+    assert critic <= set(s1) if mode not in CRITIC_FREE else not critic & set(s1)
     torch.testing.assert_close(b1["advantages"], b2["advantages"], atol=1e-5, rtol=1e-4)
     for k in set(s1) & {"score", "kl", "reward", "explained_var", "pg_loss", "vf_loss", "grad_norm"}:
         assert s1[k] == pytest.approx(s2[k], rel=1e-4, abs=1e-6), k
@@ -1996,7 +1998,11 @@ BAD = [  # command line (str.format with the `work` paths), what its one error l
     (P + " --mode rloo", "--batch-size 2 must be a multiple of the responses per prompt, 4 (--group-size 0", None),
     (P + " --mode rloo --group-size 1", "--mode rloo compares the responses to one prompt: --group-size 2 or more",
      None),
-    (P + " --mode grpo --group-size 2 --critic-lr 1e-4", "--mode grpo has no critic", None),
+    (P + " --mode grpo --group-size 2 --critic-lr 1e-4", "--mode grpo has no critic: drop --critic-lr", None),
+    (P + " --mode rloo --group-size 2 --whiten-rewards --vf-coef 0.5", "--mode rloo has no critic and rewards whole "
+     "responses: drop --whiten-rewards, --vf-coef", None),
+    (P + " --mode grpo --group-size 1", "--mode grpo compares the responses to one prompt: --group-size 2 or more", None),
+    (PIPE + " --mode rloo --group-size 2 --critic-lr 1e-3", "--mode rloo has no critic: drop --critic-lr", None),
     (P + " --group-size 3", "--batch-size 2 must be a multiple of --group-size 3", None),
     (PIPE + " --mode grpo", "--batch-size 2 must be a multiple of the responses per prompt, 4", None),
     (P + " --steps abc", "--steps: invalid int value: 'abc'", None),
@@ -2712,7 +2718,8 @@ def bench_child(capsys, *argv):
 
 SHAPES = [("tiny", "fp32", c) for c in ("sft", "full", "lora", "dlora", "jhydra", "hydra")] + \
          [("tiny-llama", "bf16", c) for c in ("sft", "full", "lora", "dlora", "jhydra", "hydra")] + \
-         [("opt-125m", "fp32", c) for c in ("lora", "hydra")]  # 4 trunks and 1; ~20 s each (bf16 is slower on CPUs)
+         [("opt-125m", "fp32", c) for c in ("lora", "hydra")] + \
+         [("tiny", "fp32", "rloo"), ("tiny-llama", "bf16", "grpo")]  # opt-125m: 4 trunks and 1, ~20 s each
 
 
 @pytest.mark.parametrize("preset,precision,config", SHAPES)

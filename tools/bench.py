@@ -38,6 +38,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 CONFIGS = ("sft", "full", "lora", "dlora", "jhydra", "hydra", "rloo", "grpo")
 CRITIC_FREE = ("rloo", "grpo")  # Hydra without a critic: --batch responses, 2 or 4 to a prompt
 
+
+def group_of(name, batch=0):
+    """Responses per prompt: 4 for rloo and grpo (2 for a --batch that is even but not a multiple of 4), else 1."""
+    return (4 if batch % 4 == 0 else 2) if name in CRITIC_FREE else 1
+
 # The real architectures' sizes; weights are random (latency and memory do not depend on their values).
 PRESETS = {
     "tiny": ("opt", dict(hidden_size=64, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000)),
@@ -257,7 +262,7 @@ def ppo_config(args, B):
     import harness
     micro = args.micro_batch or B
     return harness.PPOConfig(mode=args.config, batch_size=B, minibatch_size=B, micro_batch_size=micro,
-                             group_size=(4 if B % 4 == 0 else 2) if args.config in CRITIC_FREE else 1,
+                             group_size=group_of(args.config, B),
                              max_prompt_len=args.prompt_len, max_response_len=args.response_len, lora_r=args.lora_r,
                              lora_alpha=2.0 * args.lora_r, grad_checkpointing=args.grad_checkpointing,
                              fold_lora=args.fold_lora, device=args.device)
@@ -455,8 +460,9 @@ def prediction_table(args, config, sizes, configs):
              "|---|---|---|---|" + "---|" * len(CATEGORIES)]
     rows = []
     for name in configs:
-        fits = lambda b: predicted(args, config, sizes, name, b)[0] <= args.budget_gb * 2**30
-        batch = largest_batch(fits, args.max_batch) if args.budget_gb else args.batch
+        k = group_of(name)  # rloo, grpo: whole groups of 4 only
+        fits = lambda b: predicted(args, config, sizes, name, k * b)[0] <= args.budget_gb * 2**30
+        batch = k * largest_batch(fits, args.max_batch // k) if args.budget_gb else args.batch
         total, phase, parts = predicted(args, config, sizes, name, max(batch, 1))
         capped = bool(args.budget_gb) and batch == args.max_batch
         shown = f"{batch} (the --max-batch cap)" if capped else batch if batch else "none (batch 1:)"
@@ -559,7 +565,7 @@ def main(argv=None):
     p.add_argument("--preset", default="", choices=list(PRESETS), help="architecture (random init); default opt-125m")
     p.add_argument("--model", default="", help="instead of --preset: a local folder or hub name (its config only)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
-    p.add_argument("--batch", type=int, default=8, help="prompts per PPO step (ignored with --budget-gb)")
+    p.add_argument("--batch", type=int, default=8, help="responses per PPO step (ignored with --budget-gb)")
     p.add_argument("--budget-gb", type=float, default=0.0, help="> 0: each configuration's largest batch within it")
     p.add_argument("--max-batch", type=int, default=256, help="upper bound of the --budget-gb search")
     p.add_argument("--micro-batch", type=int, default=0, help="rows per forward pass in score/update (0: = batch)")
@@ -609,8 +615,8 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
     rows, t0 = [], time.time()
     for name in configs:
-        fits, pair = measured_fits(args, name), 2 if name in CRITIC_FREE else 1  # rloo, grpo: even batches only
-        batch = pair * largest_batch(lambda b: fits(pair * b), args.max_batch // pair) if args.budget_gb else args.batch
+        fits, k = measured_fits(args, name), group_of(name)  # rloo, grpo: whole groups of 4 only
+        batch = k * largest_batch(lambda b: fits(k * b), args.max_batch // k) if args.budget_gb else args.batch
         row = run_child(args, name, batch, args.steps) if batch else dict(config=name, batch=0, oom=True)
         rows.append(row)
         print(f"{name}: {row}", file=sys.stderr, flush=True)

@@ -42,9 +42,10 @@ AUTO = ("max_prompt_len", "max_response_len", "sft_steps", "sft_lr", "lora_r", "
 
 @dataclass
 class CompareConfig(harness.Budget):
-    """All five PPO configurations of the paper (Table 2) and the open question 1 ablation, under one budget. Flags
-    whose default is 0 ("auto") take their value from hydra_ppo.PIPELINE_SETTINGS by model size, except the PPO
-    learning rates: 0 there is each mode's own default (hydra_ppo.MODES), the paper's rule."""
+    """All five PPO configurations of the paper (Table 2), the open question 1 ablation and Hydra without a critic
+    (rloo, grpo), under one budget. Flags whose default is 0 ("auto") take their value from
+    hydra_ppo.PIPELINE_SETTINGS by model size, except the PPO learning rates: 0 there is each mode's own default
+    (hydra_ppo.MODES), the paper's rule."""
     out: str = arg("out/compare", "output folder: DIR/hydra-sft, DIR/sft, DIR/rm, DIR/ppo-MODE, compare.json")
     actor_lr: float = arg(0.0, "PPO actor learning rate for every mode (0: each mode's default, MODES)", ge=0, le=1,
                           why=LR_WHY)
@@ -157,6 +158,7 @@ def check_resume(cfg):
     path = os.path.join(cfg.out, RUN_FILE)
     hp.check(os.path.isfile(path), f"--resume: {cfg.out} holds no comparison to go on with (no {RUN_FILE})")
     saved, now = harness.read_file(path, harness.read_json), plan(cfg)
+    saved.setdefault("group_size", 0)  # a comparison from before --group-size: the default
     differ = [f"--{k.replace('_', '-')} {saved.get(k)} then, {now[k]} now" for k in now if saved.get(k) != now[k]]
     hp.check(not differ, f"--resume: {cfg.out} was started with other settings ({'; '.join(differ[:3])}); give "
                          f"the same flags")

@@ -3,7 +3,8 @@
     python tools/plot_metrics.py out/demo/ppo/metrics.jsonl docs/demo_ppo.png
 
 Four panels per PPO step: the reward model's score, the KL to the reference policy, the critic's explained
-variance and the policy's entropy (README: "What healthy metrics look like").
+variance (left out for rloo and grpo, which have no critic) and the policy's entropy (README: "What healthy metrics
+look like").
 """
 import json
 import sys
@@ -20,8 +21,9 @@ def main(src, dst):
     rows = [r for r in rows if "kl" in r]  # PPO lines only
     if not rows:
         sys.exit(f"{src}: no PPO metrics lines")
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2), dpi=100)
-    for ax, (key, title) in zip(axes, PANELS):
+    panels = [(key, title) for key, title in PANELS if any(key in r for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), dpi=100)
+    for ax, (key, title) in zip(axes, panels):
         ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], lw=1.5)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("PPO step")
