@@ -1202,6 +1202,17 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(ckpts, tmp_path):
     assert resumed == metrics_without_time(whole / "metrics.jsonl")  # and exactly the uninterrupted run
 
 
+def test_critic_free_resume_gives_the_uninterrupted_run(ckpts, tmp_path):
+    """rloo: one parameter group, no value head in the policy file; 2 steps, then --resume to 3, is the 3-step run."""
+    cfg = ppo_config(ckpts, "rloo", steps=3, save_every=1, eval_prompts=2)
+    harness.ppo(replace(cfg, out=str(tmp_path / "whole")))
+    harness.ppo(replace(cfg, out=str(tmp_path / "cut"), steps=2))
+    harness.ppo(harness.parse_config(harness.PPOConfig, ["--resume", str(tmp_path / "cut"), "--steps", "3"], "t"))
+    assert metrics_without_time(tmp_path / "cut" / "metrics.jsonl") == metrics_without_time(
+        tmp_path / "whole" / "metrics.jsonl")
+    assert set(torch.load(tmp_path / "cut" / harness.POLICY_FILE, weights_only=True)) == {"actor"}
+
+
 def torchrun(*args, nproc=2, timeout=600):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            os.path.join(HERE, "hydra_ppo.py"), *args], capture_output=True, text=True,
