@@ -55,9 +55,16 @@ def run_all(code, out):
     return printed
 
 
+ADDED = {"group_size"}  # settings added since the old version, whose default there changes nothing (PPO: k = 1)
+
+
+def without_added(d):
+    return {k: without_added(v) for k, v in d.items() if k not in ADDED} if isinstance(d, dict) else d
+
+
 def comparable(path, root, code):
     """A file's content with what may differ between two equal runs taken out: wall-clock times, the scratch root,
-    the checkout's own folder (the default --data is a path inside it)."""
+    the checkout's own folder (the default --data is a path inside it), settings only the new version has (ADDED)."""
     name = os.path.basename(path)
     if name.endswith((".pt", ".bin")):
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -73,7 +80,7 @@ def comparable(path, root, code):
         return [{k: v for k, v in json.loads(l).items() if not k.startswith("time")} for l in text.splitlines()]
     if name.endswith(".json"):
         d = json.loads(text)
-        return {k: v for k, v in d.items() if k != "time_s"} if isinstance(d, dict) else d
+        return without_added({k: v for k, v in d.items() if k != "time_s"}) if isinstance(d, dict) else d
     return text
 
 
