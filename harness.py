@@ -1322,7 +1322,8 @@ def ppo(cfg: PPOConfig, judge=None):
         print(describe_lora(trunk.lm))
     print(f"learning rates: actor {opt.param_groups[0]['lr']:g}, "
           + (f"critic {opt.param_groups[1]['lr']:g}" if len(opt.param_groups) > 1 else "no critic")
-          + ("" if cfg.actor_lr and cfg.critic_lr else f" (--mode {cfg.mode} defaults where a flag is 0)")
+          + ("" if cfg.actor_lr and (cfg.critic_lr or len(opt.param_groups) == 1) else
+             f" (--mode {cfg.mode} defaults where a flag is 0)")
           + (f"; {hp.group_size(cfg)} responses per prompt" if hp.group_size(cfg) > 1 else ""))
     tok = load_tokenizer(cfg.sft)
     rng = random.Random(cfg.seed)
