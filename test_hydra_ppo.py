@@ -13,6 +13,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 import compare  # noqa: E402 (tools/compare.py)
+import critic_ceiling  # noqa: E402 (tools/critic_ceiling.py)
 import harness  # noqa: E402
 import hydra_ppo as hp
 from lora import (LoRALinear, add_lora, describe_lora, folded, load_lora_state_dict, lora_off, lora_parameters,
@@ -1636,6 +1637,29 @@ def test_compare_ctrl_c_says_what_it_kept_and_resume_goes_on(tmp_path, monkeypat
     assert compare.main(argv + ["--resume"]) == 0
     assert ran == ["ppo-" + row[0] for row in compare.ROWS[1:]]  # the finished stages (SFT too) were kept
     assert len(json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]) == len(compare.ROWS)
+
+
+
+def test_critic_ceiling_reads_where_the_critic_reads_and_scores_as_ppo_logs(ckpts, capsys):
+    """tools/critic_ceiling.py (RESULTS.md's yardstick for the critic): its hidden states are the critic's inputs
+    (the value head on them is the critic's values), its explained_var of the starting critic is the one PPO logged
+    for the same rollout, and a bad flag is one error line."""
+    argv = ["--sft", ckpts["hydra"], "--data", DEMO, "--rollouts", "6", "--batch-size", "4", "--max-response-len", "8",
+            "--device", "cpu"]
+    cfg = harness.parse_config(critic_ceiling.CeilingConfig, argv, "critic_ceiling.py")
+    rollouts, value_head = critic_ceiling.sample(cfg)
+    for r in rollouts:
+        m = r["mask"].bool()
+        assert m.any() and torch.allclose(value_head(r["h"]).squeeze(-1)[m], r["values"][m], atol=1e-5)
+        assert abs(critic_ceiling.logged_ev(lambda x: x["values"], [r], cfg.lam) - r["logged"]) < 1e-5
+    first = rollouts[0]["score"]  # PPO's reward normalisation: the first rollout's own moments
+    assert abs(first.std(unbiased=False).item() - 1) < 1e-4 and abs(first.mean().item()) < 1e-5
+    capsys.readouterr()
+    assert critic_ceiling.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fitted on")]
+    assert [line.split()[3] for line in rows] == ["1", "2"]  # 6 rollouts: fits on 1 and 2, judged on the last 4
+    assert critic_ceiling.main(argv + ["--mode", "lora"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 # ---- model families --------------------------------------------------------------------------------------------------
