@@ -1659,7 +1659,8 @@ def test_critic_ceiling_reads_where_the_critic_reads_and_scores_as_ppo_logs(ckpt
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fitted on")]
     assert [line.split()[3] for line in rows] == ["1", "2"]  # 6 rollouts: fits on 1 and 2, judged on the last 4
     assert critic_ceiling.main(argv + ["--mode", "lora"]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --mode")
 
 
 # ---- model families --------------------------------------------------------------------------------------------------
