@@ -69,7 +69,8 @@ def flat(rollouts):
 
 
 def ev(pred, y):
-    return 1 - ((y - pred).var() / y.var()).item()
+    """PPO's explained_variance over every token (no mask)."""
+    return hp.explained_variance(pred, y, torch.ones_like(y))
 
 
 def logged_ev(values_of, rollouts, lam):
