@@ -13,6 +13,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 import compare  # noqa: E402 (tools/compare.py)
+import compare_tables  # noqa: E402 (tools/compare_tables.py)
 import critic_ceiling  # noqa: E402 (tools/critic_ceiling.py)
 import harness  # noqa: E402
 import hydra_ppo as hp
@@ -1661,6 +1662,35 @@ def test_critic_ceiling_reads_where_the_critic_reads_and_scores_as_ppo_logs(ckpt
     assert critic_ceiling.main(argv + ["--mode", "lora"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: --mode")
+
+
+def test_compare_tables_counts_what_the_findings_quote(tmp_path, capsys):
+    """tools/compare_tables.py (RESULTS.md's multi-seed tables): the paper's ordering, the intervals against 0.5, the
+    pairs one seed separates that another reverses; seeds of other budgets are one error line."""
+    def run(seed, wins, **config):  # wins: {key: (vs_sft, lo, hi)}
+        rows = [dict(key=k, name=k.upper(), win_rate=w, win_rate_ci=[lo, hi], vs_sft=w, vs_sft_ci=[lo, hi], kl=1.0,
+                     length=3.0, max_kl=2.0, explained_var=None, vf_loss=None, s_per_step=1.0, paper=None)
+                for k, (w, lo, hi) in wins.items()]
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        (folder / "compare.json").write_text(json.dumps(dict(
+            judge="gold", eval_prompts=4, eval_samples=2, rm_accuracy=dict(hydra_sft=0.7, rm=0.8), rows=rows,
+            config={"seed": seed, "out": str(folder), "ppo_steps": 20, **config})))
+        return str(folder)
+    s0 = run(0, dict(hydra=(0.8, 0.7, 0.9), lora=(0.6, 0.55, 0.65), jhydra=(0.3, 0.2, 0.4)))  # 3 pairs apart
+    s1 = run(1, dict(hydra=(0.5, 0.4, 0.6), lora=(0.7, 0.6, 0.8), jhydra=(0.45, 0.3, 0.6)))  # hydra < lora here
+    capsys.readouterr()
+    out = compare_tables.tables(compare_tables.load([s0, s1]))
+    assert "holds in seeds 0\n" in out  # seed 1 puts LoRA-PPO first
+    assert "- HYDRA: mean 0.650; interval above 0.5 in seeds 0, below in no seed" in out
+    assert "- JHYDRA: mean 0.375; interval above 0.5 in no seed, below in seeds 0" in out
+    assert "apart in a seed: 3 (pair x seed); of them, 1 are in the other order" in out  # hydra > lora in seed 0 only
+    assert "| HYDRA | – | 0.800 [0.700, 0.900] | 0.500 [0.400, 0.600] | 0.800 [0.700, 0.900] |" in out
+    s2 = run(2, dict(hydra=(0.5, 0.4, 0.6), lora=(0.7, 0.6, 0.8), jhydra=(0.45, 0.3, 0.6)), ppo_steps=10)
+    with pytest.raises(SystemExit) as e:
+        compare_tables.main([s0, s2])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--ppo-steps 10, but 20" in err
 
 
 # ---- model families --------------------------------------------------------------------------------------------------
