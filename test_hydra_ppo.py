@@ -1240,6 +1240,19 @@ def test_torchrun_two_cpu_ranks_stay_in_sync(ckpts, tmp_path):
     assert ddp_log != one_log  # two ranks saw twice the prompts: a different run, the same shape
 
 
+def test_torchrun_critic_free_ranks_stay_in_sync(ckpts, tmp_path):
+    """--mode rloo on 2 ranks: each rank samples its own k responses to its own prompts (a group never spans ranks,
+    so every baseline is computed where its rewards are); the LoRA gradients are averaged, the weights stay equal."""
+    r = torchrun("ppo", "--mode", "rloo", "--sft", ckpts["hydra"], "--data", DEMO, "--steps", "2", "--batch-size", "4",
+                 "--group-size", "2", "--micro-batch-size", "2", "--lora-r", "4", "--max-response-len", "8",
+                 "--eval-prompts", "4", "--actor-lr", "1e-2", "--device", "cpu", "--out", str(tmp_path / "ddp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["ranks_in_sync"] is True
+    log = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    assert [m["step"] for m in log] == [1, 2] and "vf_loss" not in log[0]  # no critic
+
+
 def test_ranks_in_sync_detects_a_difference(tmp_path):
     """The fingerprint check itself, on 2 gloo processes where rank 1 holds a different weight."""
     script = tmp_path / "w.py"
@@ -1677,8 +1690,8 @@ def test_compare_tables_counts_what_the_findings_quote(tmp_path, capsys):
             judge="gold", eval_prompts=4, eval_samples=2, rm_accuracy=dict(hydra_sft=0.7, rm=0.8), rows=rows,
             config={"seed": seed, "out": str(folder), "ppo_steps": 20, **config})))
         return str(folder)
-    s0 = run(0, dict(hydra=(0.8, 0.7, 0.9), lora=(0.6, 0.55, 0.65), jhydra=(0.3, 0.2, 0.4)))  # 3 pairs apart
-    s1 = run(1, dict(hydra=(0.5, 0.4, 0.6), lora=(0.7, 0.6, 0.8), jhydra=(0.45, 0.3, 0.6)))  # hydra < lora here
+    s0 = run(0, dict(hydra=(0.8, 0.7, 0.9), lora=(0.6, 0.55, 0.65), jhydra=(0.3, 0.2, 0.4)), resume=False)  # 3 apart
+    s1 = run(1, dict(hydra=(0.5, 0.4, 0.6), lora=(0.7, 0.6, 0.8), jhydra=(0.45, 0.3, 0.6)), resume=True)  # went on
     capsys.readouterr()
     out = compare_tables.tables(compare_tables.load([s0, s1]))
     assert "holds in seeds 0\n" in out  # seed 1 puts LoRA-PPO first

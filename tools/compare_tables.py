@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-SAME = ("seed", "out")  # the settings seeds of one table may differ in
+SAME = ("seed", "out", "resume", "overwrite")  # what seeds of one table may differ in (how a run went on aside)
 
 
 def fail(msg):
