@@ -1244,8 +1244,9 @@ def test_torchrun_critic_free_ranks_stay_in_sync(ckpts, tmp_path):
     """--mode rloo on 2 ranks: each rank samples its own k responses to its own prompts (a group never spans ranks,
     so every baseline is computed where its rewards are); the LoRA gradients are averaged, the weights stay equal."""
     r = torchrun("ppo", "--mode", "rloo", "--sft", ckpts["hydra"], "--data", DEMO, "--steps", "2", "--batch-size", "4",
-                 "--group-size", "2", "--micro-batch-size", "2", "--lora-r", "4", "--max-response-len", "8",
-                 "--eval-prompts", "4", "--actor-lr", "1e-2", "--device", "cpu", "--out", str(tmp_path / "ddp"))
+                 "--group-size", "2", "--minibatch-size", "2", "--micro-batch-size", "2", "--lora-r", "4",
+                 "--max-response-len", "8", "--eval-prompts", "4", "--actor-lr", "1e-2", "--device", "cpu",
+                 "--out", str(tmp_path / "ddp"))
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp["world_size"] == 2 and ddp["ranks_in_sync"] is True
