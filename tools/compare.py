@@ -164,10 +164,18 @@ def check_resume(cfg):
                          f"the same flags")
 
 
+def ci(r, k):
+    """A win-rate and its 95% interval: r[k], r[k + "_ci"]."""
+    return f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}]"
+
+
+def dash(x, f):
+    """x formatted, or a dash where the row has no such number (no critic, no GPU, no paper figure)."""
+    return "–" if x is None else format(x, f)
+
+
 def table(result):
     """The markdown table: one row per configuration."""
-    ci = lambda r, k: f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}]"
-    dash = lambda x, f: "–" if x is None else format(x, f)
     lines = ["| configuration | win-rate vs own SFT [95%] | win-rate vs SFT [95%] | KL | length | max KL | "
              "explained var. | value loss | s / step | peak GPU GB | paper: GPT-4 win-rate % |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

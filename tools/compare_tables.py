@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from compare import ci, dash  # tools/compare.py: how its table writes a win-rate and a missing number
+
 SAME = ("seed", "out", "resume", "overwrite")  # what seeds of one table may differ in (how a run went on aside)
 
 
@@ -41,20 +43,12 @@ def load(folders):
         if differ:
             k = differ[0]
             fail(f"{folder}: --{k.replace('_', '-')} {run['config'].get(k)}, but {first['config'][k]} in "
-                     f"{folders[0]}: seeds of one table differ in --seed and --out only")
+                 f"{folders[0]}: seeds of one table differ in --seed and --out only")
     return runs
 
 
 def seed_list(seeds):
     return "seeds " + ", ".join(map(str, seeds)) if seeds else "no seed"
-
-
-def ci(r, k):
-    return f"{r[k]:.3f} [{r[k + '_ci'][0]:.3f}, {r[k + '_ci'][1]:.3f}]"
-
-
-def num(x, f):
-    return "–" if x is None else format(x, f)
 
 
 def tables(runs):
@@ -68,17 +62,17 @@ def tables(runs):
     head = " | ".join(f"seed {sd}" for sd in seeds)
     out += [f"| configuration | paper: GPT-4 % | vs own SFT: {head} | vs SFT: {head} |",
             "|---|---|" + "---|" * 2 * len(seeds)]
-    out += [f"| {r[0]['name']} | {num(r[0]['paper'], '.2f')} | " + " | ".join(ci(x, "win_rate") for x in r) + " | "
+    out += [f"| {r[0]['name']} | {dash(r[0]['paper'], '.2f')} | " + " | ".join(ci(x, "win_rate") for x in r) + " | "
             + " | ".join(ci(x, "vs_sft") for x in r) + " |" for r in rows]
     out += ["", f"How each run trained (seeds {s}):", "",
             "| configuration | KL | length | largest KL of a step | explained var. (last 5) | value loss (last 5) | "
             "s / step |", "|---|---|---|---|---|---|---|"]
     cols = (("kl", ".1f"), ("length", ".1f"), ("max_kl", ".1f"), ("explained_var", ".2f"), ("vf_loss", ".2f"),
             ("s_per_step", ".1f"))
-    out += [f"| {r[0]['name']} | " + " | ".join(" / ".join(num(x[k], f) for x in r) for k, f in cols) + " |"
+    out += [f"| {r[0]['name']} | " + " | ".join(" / ".join(dash(x[k], f) for x in r) for k, f in cols) + " |"
             for r in rows]
     out += ["", "Against the common SFT:", ""]
-    for i, (sd, run) in enumerate(zip(seeds, runs)):
+    for sd, run in zip(seeds, runs):
         order = sorted(run["rows"], key=lambda r: -r["vs_sft"])
         out.append(f"- seed {sd}, best first: " + ", ".join(f"{r['name']} {r['vs_sft']:.3f}" for r in order))
     for r in rows:
