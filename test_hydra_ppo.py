@@ -1,4 +1,5 @@
 """Invariant and behaviour tests on tiny CPU models. Run: python -m pytest -q"""
+import glob
 import json
 import math
 import os
@@ -2593,6 +2594,19 @@ def test_results_demo_row_is_what_the_demo_gives(tmp_path):
                         f"{torch.get_num_threads()}). The code changed what the demo computes: regenerate the rows "
                         f"with `python test_hydra_ppo.py --demo-table` if that was meant.")
 
+
+def test_results_comparison_tables_are_what_the_kept_runs_give():
+    """RESULTS.md's HH comparison tables are what tools/compare_tables.py prints from the compare.json files kept in
+    results/: every line it prints is in RESULTS.md as it stands (a table edited by hand, or a kept file changed, fails)."""
+    folders = sorted(glob.glob(os.path.join(HERE, "results", "cmp-hh-s*")))
+    assert folders, "results/cmp-hh-s*: no kept comparison"
+    text = open(RESULTS, encoding="utf-8").read()
+    section = text.split("### The HH-style task")[1].split("\n### ")[0]
+    out = compare_tables.tables(compare_tables.load(folders))
+    missing = [line for line in out.splitlines() if line.strip() and line not in section]
+    assert not missing, f"RESULTS.md's HH tables differ from compare_tables.py on {folders}: {missing[:3]}"
+    command = re.search(r"python tools/compare_tables\.py ([^#\n]*)", section).group(1).split()
+    assert command == [os.path.relpath(f, HERE) for f in folders]  # the printed command names the kept files
 
 def test_results_scale_table_is_what_bench_predicts(capsys):
     """RESULTS.md's scale table (memory model, 125M to 70B) is what its printed command gives now: the command is
