@@ -2603,10 +2603,11 @@ def test_results_comparison_tables_are_what_the_kept_runs_give():
     text = open(RESULTS, encoding="utf-8").read()
     section = text.split("### The HH-style task")[1].split("\n### ")[0]
     out = compare_tables.tables(compare_tables.load(folders))
-    missing = [line for line in out.splitlines() if line.strip() and line not in section]
+    missing = [line for line in out.splitlines() if line.strip() and line not in section.splitlines()]  # whole lines
     assert not missing, f"RESULTS.md's HH tables differ from compare_tables.py on {folders}: {missing[:3]}"
     command = re.search(r"python tools/compare_tables\.py ([^#\n]*)", section).group(1).split()
     assert command == [os.path.relpath(f, HERE) for f in folders]  # the printed command names the kept files
+
 
 def test_results_scale_table_is_what_bench_predicts(capsys):
     """RESULTS.md's scale table (memory model, 125M to 70B) is what its printed command gives now: the command is
