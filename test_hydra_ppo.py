@@ -2595,16 +2595,19 @@ def test_results_demo_row_is_what_the_demo_gives(tmp_path):
                         f"with `python test_hydra_ppo.py --demo-table` if that was meant.")
 
 
-def test_results_comparison_tables_are_what_the_kept_runs_give():
-    """RESULTS.md's HH comparison tables are what tools/compare_tables.py prints from the compare.json files kept in
-    results/: every line it prints is in RESULTS.md as it stands (a table edited by hand, or a kept file changed, fails)."""
-    folders = sorted(glob.glob(os.path.join(HERE, "results", "cmp-hh-s*")))
-    assert folders, "results/cmp-hh-s*: no kept comparison"
+@pytest.mark.parametrize("runs, heading", [("cmp-review-s*", "### The review task"),
+                                           ("cmp-hh-s*", "### The HH-style task")])
+def test_results_comparison_tables_are_what_the_kept_runs_give(runs, heading):
+    """RESULTS.md's comparison tables, review and HH, are what tools/compare_tables.py prints from the compare.json
+    files kept in results/: every line it prints is in RESULTS.md as it stands (a table edited by hand, or a kept file
+    changed, fails), and the command printed beside them names exactly those files."""
+    folders = sorted(glob.glob(os.path.join(HERE, "results", runs)))
+    assert folders, f"results/{runs}: no kept comparison"
     text = open(RESULTS, encoding="utf-8").read()
-    section = text.split("### The HH-style task")[1].split("\n### ")[0]
+    section = text.split(heading)[1].split("\n### ")[0]
     out = compare_tables.tables(compare_tables.load(folders))
     missing = [line for line in out.splitlines() if line.strip() and line not in section.splitlines()]  # whole lines
-    assert not missing, f"RESULTS.md's HH tables differ from compare_tables.py on {folders}: {missing[:3]}"
+    assert not missing, f"RESULTS.md under {heading!r} differs from compare_tables.py on {folders}: {missing[:3]}"
     command = re.search(r"python tools/compare_tables\.py ([^#\n]*)", section).group(1).split()
     assert command == [os.path.relpath(f, HERE) for f in folders]  # the printed command names the kept files
 
