@@ -2599,9 +2599,9 @@ def test_results_demo_row_is_what_the_demo_gives(tmp_path):
                                            ("cmp-hh-s*", "### The HH-style task through"),
                                            ("cmp-hh45-s*", "### The HH-style task in 45 minutes")])
 def test_results_comparison_tables_are_what_the_kept_runs_give(runs, heading):
-    """RESULTS.md's comparison tables, review and HH (both budgets), are what tools/compare_tables.py prints from the compare.json
-    files kept in results/: every line it prints is in RESULTS.md as it stands (a table edited by hand, or a kept file
-    changed, fails), and the command printed beside them names exactly those files."""
+    """RESULTS.md's comparison tables, review and HH (both budgets), are what tools/compare_tables.py prints from the
+    compare.json files kept in results/: every line it prints is in RESULTS.md as it stands (a table edited by hand, or
+    a kept file changed, fails), and the command printed beside them names exactly those files."""
     folders = sorted(glob.glob(os.path.join(HERE, "results", runs)))
     assert folders, f"results/{runs}: no kept comparison"
     text = open(RESULTS, encoding="utf-8").read()
